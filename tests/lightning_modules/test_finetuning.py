@@ -1,0 +1,137 @@
+"""FreezeUnfreeze at the tensor level: requires_grad, BatchNorm mode and statistics, param groups, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_modules.finetuning import FreezeUnfreeze
+from lightning_modules.module import FineTuneModule
+
+
+def _loader(n: int = 16) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.rand(n, 3, 32, 32, generator=g), torch.arange(n) % 3), batch_size=8)
+
+
+def _model() -> FineTuneModule:
+    return FineTuneModule(backbone="timm/test_resnet", weights="none", image_size=32, num_classes=3)
+
+
+def _bn_stats(model: FineTuneModule, stage: str) -> list[torch.Tensor]:
+    backbone = model.backbone
+    return [
+        m.running_mean.clone()
+        for m in backbone.stage_modules(backbone.stage(stage))
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None
+    ]
+
+
+class Recorder(pl.Callback):
+    """Records, at the first batch of each epoch, what trains and how BatchNorm behaves."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, dict[str, Any]] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx:
+            return
+        backbone = pl_module.backbone
+        state: dict[str, Any] = {"groups": [(g["name"], g["lr"]) for g in trainer.optimizers[0].param_groups]}
+        for stage in backbone.stages:
+            params = list(backbone.stage_parameters(stage))
+            bns = [m for m in backbone.stage_modules(stage) if isinstance(m, nn.BatchNorm2d)]
+            state[stage.name] = {
+                "requires_grad": {p.requires_grad for p in params},
+                "bn_training": {m.training for m in bns},
+                "bn_stats": _bn_stats(pl_module, stage.name),
+            }
+        self.epochs[trainer.current_epoch] = state
+
+
+def _fit(tmp_path: Path, callback: pl.Callback, epochs: int, model: FineTuneModule | None = None) -> tuple:
+    model = model or _model()
+    recorder = Recorder()
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[callback, recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, train_dataloaders=_loader())
+    return model, recorder, trainer
+
+
+def test_frozen_phase_freezes_params_and_batchnorm(tmp_path: Path) -> None:
+    model = _model()
+    before = {s.name: _bn_stats(model, s.name) for s in model.backbone.stages}
+    model, rec, _ = _fit(tmp_path, FreezeUnfreeze(unfreeze_at_epoch=None), epochs=2, model=model)
+    for epoch in (0, 1):
+        state = rec.epochs[epoch]
+        assert state["groups"] == [("head", pytest.approx(1e-3))]
+        for stage in model.backbone.stage_names():
+            assert state[stage]["requires_grad"] == {False}
+            assert state[stage]["bn_training"] == {False}, "frozen BatchNorm must be in eval mode"
+    for stage, stats in before.items():  # running statistics never moved
+        for old, new in zip(stats, _bn_stats(model, stage), strict=True):
+            assert torch.equal(old, new), stage
+    assert all(p.requires_grad for p in model.head.parameters())
+
+
+def test_unfreeze_adds_named_groups_with_their_lr(tmp_path: Path) -> None:
+    model = _model()
+    stem_before = _bn_stats(model, "stem")
+    layer4_before = _bn_stats(model, "layer4")
+    model, rec, trainer = _fit(tmp_path, FreezeUnfreeze(unfreeze_at_epoch=1, stages=2, lr=0.01), epochs=2, model=model)
+    assert rec.epochs[0]["layer4"]["requires_grad"] == {False}
+    state = rec.epochs[1]
+    assert state["groups"] == [("head", pytest.approx(1e-3)), ("layer4", 0.01), ("layer3", 0.01)]
+    for stage in ("layer3", "layer4"):
+        assert state[stage]["requires_grad"] == {True}
+        assert state[stage]["bn_training"] == {True}
+    for stage in ("stem", "layer1", "layer2"):
+        assert state[stage]["requires_grad"] == {False}
+        assert state[stage]["bn_training"] == {False}
+    assert all(torch.equal(a, b) for a, b in zip(stem_before, _bn_stats(model, "stem"), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(layer4_before, _bn_stats(model, "layer4"), strict=True))
+    groups = trainer.optimizers[0].param_groups
+    assert sum(len(g["params"]) for g in groups) == len({id(p) for g in groups for p in g["params"]})
+
+
+def test_default_lr_is_head_lr_times_factor_and_train_bn_false_keeps_bn_frozen(tmp_path: Path) -> None:
+    _, rec, _ = _fit(tmp_path, FreezeUnfreeze(unfreeze_at_epoch=1, stages=["layer2"], lr_factor=0.5, train_bn=False), 2)
+    state = rec.epochs[1]
+    assert state["groups"][1] == ("layer2", pytest.approx(5e-4))
+    assert state["layer2"]["bn_training"] == {False}
+    assert state["layer2"]["requires_grad"] == {True, False}  # convs train, BatchNorm affine stays frozen
+
+
+def test_resume_after_unfreeze_keeps_stages_trainable(tmp_path: Path) -> None:
+    ckpt = tmp_path / "after_unfreeze.ckpt"
+    _, _, trainer = _fit(tmp_path, FreezeUnfreeze(unfreeze_at_epoch=1, stages=1, lr=0.01), epochs=2)
+    trainer.save_checkpoint(ckpt)
+    model = _model()
+    recorder = Recorder()
+    resumed = pl.Trainer(
+        max_epochs=3,
+        callbacks=[FreezeUnfreeze(unfreeze_at_epoch=1, stages=1, lr=0.01), recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    resumed.fit(model, train_dataloaders=_loader(), ckpt_path=ckpt)
+    state = recorder.epochs[2]
+    assert state["groups"] == [("head", pytest.approx(1e-3)), ("layer4", 0.01)]
+    assert state["layer4"]["requires_grad"] == {True}
+    assert state["layer3"]["requires_grad"] == {False}

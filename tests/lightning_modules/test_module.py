@@ -1,0 +1,53 @@
+"""FineTuneModule: head shapes, metrics keys, and only trainable parameters reach the optimizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_modules.errors import ConfigError
+from lightning_modules.module import FineTuneModule, build_head
+
+
+def test_mlp_head_layers() -> None:
+    head = build_head(16, 4, hidden=[8, 6], dropout=0.3)
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(16, 8), (8, 6), (6, 4)]
+    assert sum(isinstance(m, nn.Dropout) and m.p == 0.3 for m in head) == 2
+    assert head(torch.rand(5, 16)).shape == (5, 4)
+
+
+def test_optimizer_gets_only_trainable_params() -> None:
+    model = FineTuneModule(backbone="scratch/mlp", weights="none", image_size=8, num_classes=3)
+    for p in model.backbone.parameters():
+        p.requires_grad = False
+    optimizer = model.configure_optimizers()
+    assert [g["name"] for g in optimizer.param_groups] == ["head"]
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.head.parameters()}
+
+
+def test_scheduler_is_injected_and_plateau_gets_a_monitor() -> None:
+    model = FineTuneModule(
+        backbone="scratch/mlp",
+        weights="none",
+        image_size=8,
+        num_classes=3,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max"),
+        scheduler_monitor="val/acc",
+    )
+    config = model.configure_optimizers()
+    assert isinstance(config["optimizer"], torch.optim.SGD)
+    assert config["lr_scheduler"]["monitor"] == "val/acc"
+
+
+def test_class_names_must_match_num_classes() -> None:
+    with pytest.raises(ConfigError, match="3 names for 2 classes"):
+        FineTuneModule(backbone="scratch/mlp", weights="none", image_size=8, num_classes=2, class_names=["a", "b", "c"])
+
+
+def test_hparams_are_primitive_for_weights_only_loading() -> None:
+    model = FineTuneModule(backbone="scratch/mlp", weights="none", image_size=8, num_classes=2, class_names=["a", "b"])
+    primitive = (str, int, float, bool, type(None), list)
+    assert all(isinstance(v, primitive) for v in model.hparams.values())
