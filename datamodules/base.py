@@ -105,6 +105,7 @@ class ImageClassificationDataModule(LightningDataModule):
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()  # into hparams.yaml and checkpoints, data_config included
         self.batch_size = batch_size
         self.num_workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
         self.val_fraction = val_fraction

@@ -14,7 +14,7 @@ from torchvision.transforms import InterpolationMode, v2
 from lightning_modules.backbones import DataConfig
 from lightning_modules.errors import ConfigError
 
-AUGMENT_PRESETS = ("none", "basic", "notebook", "randaugment", "trivialaugment")
+AUGMENT_PRESETS = ("none", "basic", "affine", "notebook", "randaugment", "trivialaugment")
 
 
 class ToChannels(torch.nn.Module):
@@ -53,17 +53,19 @@ def _tail(cfg: DataConfig) -> list[Any]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
 
 
+def _resize_crop(cfg: DataConfig) -> list[Any]:
+    size = cfg.input_size[1]
+    scale = int(size / cfg.crop_pct) if cfg.crop_pct else size
+    return [v2.Resize(scale, interpolation=_interpolation(cfg.interpolation), antialias=True), v2.CenterCrop(size)]
+
+
 def eval_transform(data_config: DataConfig) -> v2.Compose:
     """Resize to size / crop_pct, center-crop to size, scale to [0, 1] and normalise (timm's eval pipeline)."""
-    size = data_config.input_size[1]
-    scale = int(size / data_config.crop_pct) if data_config.crop_pct else size
-    interp = _interpolation(data_config.interpolation)
-    resize = [v2.Resize(scale, interpolation=interp, antialias=True), v2.CenterCrop(size)]
-    return v2.Compose(_head(data_config) + resize + _tail(data_config))
+    return v2.Compose(_head(data_config) + _resize_crop(data_config) + _tail(data_config))
 
 
 def train_transform(data_config: DataConfig, augment: str = "basic") -> v2.Compose:
-    """Training pipeline for an augmentation preset: none, basic, notebook, randaugment or trivialaugment."""
+    """Training pipeline for an augmentation preset (`AUGMENT_PRESETS`)."""
     if augment == "none":
         return eval_transform(data_config)
     size = data_config.input_size[1]
@@ -71,6 +73,8 @@ def train_transform(data_config: DataConfig, augment: str = "basic") -> v2.Compo
     crop = v2.RandomResizedCrop(size, interpolation=interp, antialias=True)
     presets: dict[str, list[Any]] = {
         "basic": [crop, v2.RandomHorizontalFlip()],
+        # small shifts, turns and zooms, no flip: for digits, characters and other orientation-bound images
+        "affine": [*_resize_crop(data_config), v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))],
         "notebook": [
             v2.RandomResizedCrop(size, scale=(0.8, 1.0), interpolation=interp, antialias=True),
             v2.RandomHorizontalFlip(),

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_modules.errors import ConfigError
+from lightning_modules.errors import ConfigError, close_names
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -219,9 +219,9 @@ def _build_timm(arch: str, weights: str, data_config: DataConfig) -> tuple[nn.Mo
     import timm
     from timm.models import group_parameters
 
-    if arch.split(".")[0] not in timm.list_models():
-        close = timm.list_models(f"*{arch.split('.')[0][:6]}*")[:8]
-        raise ConfigError(f"timm has no model {arch!r}; close names: {close}")
+    names = timm.list_models()
+    if arch.split(".")[0] not in names:
+        raise ConfigError(f"timm has no model {arch!r}; close names: {close_names(arch, names)}")
     pretrained = weights == "pretrained"
     model: Any = timm.create_model(arch, pretrained=pretrained, in_chans=data_config.input_size[0])
     classifier = model.pretrained_cfg.get("classifier") or "classifier"
@@ -243,8 +243,7 @@ def _build_torchvision(arch: str, weights: str, data_config: DataConfig) -> tupl
 
     names = torchvision.models.list_models(module=torchvision.models)
     if arch not in names:
-        close = [n for n in names if n.startswith(arch[:4])][:8]
-        raise ConfigError(f"torchvision has no classification model {arch!r}; close names: {close}")
+        raise ConfigError(f"torchvision has no classification model {arch!r}; close names: {close_names(arch, names)}")
     tv_weights = None if weights == "none" or is_weights_file(weights) else _torchvision_weights(arch, weights)
     model = torchvision.models.get_model(arch, weights=tv_weights)
     classifier = _last_linear(model, arch)

@@ -32,7 +32,7 @@ class RunConfigCallback(SaveConfigCallback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Write the config once per run directory and subcommand (a resumed fit rewrites its own)."""
         if stage != "fit":
-            self.config_filename = f"config_{stage}.yaml"
+            self.config_filename = f"config_{getattr(stage, 'value', stage)}.yaml"
         super().setup(trainer, pl_module, stage)
 
 
@@ -73,6 +73,19 @@ class FinetuneCLI(LightningCLI):
         if config.model.weights == "pretrained":
             config.model.weights = "none"  # the checkpoint holds every weight; do not download
 
+    def _print_run_dir(self) -> None:
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            print(f"Run directory: {self.trainer.log_dir}")
+
+    def after_fit(self) -> None:
+        """Say where the run went: events, checkpoints, config."""
+        best = str(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
+        if self.trainer.is_global_zero and best:
+            print(f"Best checkpoint: {best}")
+        self._print_run_dir()
+
+    after_validate = after_test = after_predict = _print_run_dir
+
 
 def _tensorboard_logger(trainer_config: Namespace) -> Namespace | None:
     """The init args of the configured TensorBoardLogger, if there is one."""
@@ -97,6 +110,12 @@ def resolve_checkpoint(which: str, logger: Namespace | None) -> Path:
     raise ConfigError(f"no {which}*.ckpt under {root}/*/checkpoints; train first with `ftlab fit`")
 
 
+def _with_defaults(run: bool) -> dict[str, Any]:
+    """Parser kwargs that read `defaults_file()` first: per subcommand, or on the single parser when not running."""
+    kwargs = {"default_config_files": defaults_file()}
+    return {cmd: kwargs for cmd in ("fit", "validate", "test", "predict")} if run else kwargs
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> FinetuneCLI:
     """Build the CLI; `args` defaults to the command line."""
     return FinetuneCLI(
@@ -105,9 +124,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> FinetuneCLI:
         subclass_mode_data=True,
         save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={
-            cmd: {"default_config_files": defaults_file()} for cmd in ("fit", "validate", "test", "predict")
-        },
+        parser_kwargs=_with_defaults(run),
         args=args,
         run=run,
         auto_configure_optimizers=False,

@@ -3,3 +3,10 @@
 
 class ConfigError(ValueError):
     """A config value, path or file the user gave is wrong; the message names it and says what to do."""
+
+
+def close_names(name: str, candidates: list[str], n: int = 5) -> list[str]:
+    """The candidates most similar to a misspelt name, best first."""
+    import difflib
+
+    return difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)

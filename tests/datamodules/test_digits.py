@@ -42,7 +42,11 @@ def test_images_follow_the_backbone_data_config() -> None:
     dm = _dm(data_config=data_config_dict("timm/efficientnet_lite0", "embedded", 48))
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (32, 3, 48, 48) and x.dtype == torch.float32
-    assert torch.equal(x[:, 0], x[:, 1])  # grayscale repeated to three channels
+    cfg = dm.data_config
+    pixels = x * torch.tensor(cfg.std).view(1, 3, 1, 1) + torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    assert torch.allclose(pixels[:, 0], pixels[:, 1], atol=1e-5)  # grayscale repeated to three channels
+    assert torch.allclose(pixels[:, 0], pixels[:, 2], atol=1e-5)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
     assert y.dtype == torch.int64 and int(y.min()) >= 0 and int(y.max()) <= 9
     gray = _dm(data_config=data_config_dict("scratch/mlp", "none", 16, 1))
     x, _ = next(iter(gray.val_dataloader()))

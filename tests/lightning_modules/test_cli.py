@@ -27,8 +27,8 @@ def test_every_experiment_runs_fast_dev_run(in_tmp: Path, experiment: str) -> No
 def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) -> None:
     override = in_tmp / "override.yaml"
     override.write_text("trainer:\n  max_epochs: 2\nmodel:\n  image_size: 32\n")
-    run = cli_main(["fit", "--config", "experiments/quickstart.yaml", "--config", str(override), *FAST], run=False)
-    config = run.config["fit"]
+    run = cli_main(["--config", "experiments/quickstart.yaml", "--config", str(override), *FAST], run=False)
+    config = run.config
     assert config.trainer.max_epochs == 2
     assert config.seed_everything == 42  # from defaults.yaml
     names = [c.class_path.rsplit(".", 1)[-1] for c in config.trainer.callbacks]
@@ -57,7 +57,10 @@ def test_fit_saves_config_and_test_best_reuses_the_run_directory(in_tmp: Path) -
     run_dir = _fit_quick(in_tmp)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["backbone"] == "timm/efficientnet_lite0"
-    assert saved["data"]["init_args"]["data_config"]["input_size"] == [3, 32, 32]
+    assert saved["model"]["image_size"] == 32
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    assert hparams["data_config"]["input_size"] == [3, 32, 32]  # the linked preprocessing is recorded
+    assert hparams["class_names"] == [str(d) for d in range(10)]
     best = list((run_dir / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 1 and (run_dir / "checkpoints" / "last.ckpt").is_file()
     run = cli_main(
@@ -73,7 +76,7 @@ def test_fit_saves_config_and_test_best_reuses_the_run_directory(in_tmp: Path) -
             "--data.init_args.num_workers=0",
         ]
     )
-    assert Path(str(run.trainer.log_dir)) == run_dir
+    assert Path(str(run.trainer.log_dir)).resolve() == run_dir.resolve()
     assert (run_dir / "config_test.yaml").is_file()
     assert "test/acc" in run.trainer.callback_metrics
     assert not (in_tmp / "runs" / "quickstart" / "version_1").exists()
