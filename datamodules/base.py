@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from PIL import Image
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
+from datamodules.images import BadSample, bad_reason, check_header, read_rgb, write_bad_images
 from datamodules.transforms import eval_transform, train_transform
 from lightning_modules.backbones import DataConfig
 from lightning_modules.errors import ConfigError
@@ -51,6 +55,40 @@ class Subset(LabeledDataset):
         return self.dataset[self.indices[index]]
 
 
+class ImageFiles(LabeledDataset):
+    """Image files with labels. Files failing the header check are left out at construction and listed in
+    `rejected`; a file that fails to decode later comes back as a `BadSample`, never as another image."""
+
+    def __init__(self, files: Sequence[tuple[Path, int]]) -> None:
+        self.rejected: list[BadSample] = []
+        self.paths: list[str] = []
+        self.targets: list[int] = []
+        for path, label in files:
+            reason = check_header(path)
+            if reason is None:
+                self.paths.append(str(path))
+                self.targets.append(label)
+            else:
+                self.rejected.append(BadSample(str(path), reason))
+
+    def __getitem__(self, index: int) -> tuple[Image.Image | BadSample, int]:
+        path = self.paths[index]
+        try:
+            return read_rgb(path), self.targets[index]
+        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            return BadSample(path, bad_reason(err)), self.targets[index]
+
+
+def collate_skip_bad(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, list[BadSample]]:
+    """Collate the good samples into (images, labels); the bad ones ride along as a third element."""
+    good = [s for s in batch if not isinstance(s[0], BadSample)]
+    bad = [s[0] for s in batch if isinstance(s[0], BadSample)]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    images, labels = default_collate(good)
+    return images, labels, bad
+
+
 class Transformed(Dataset):
     """Applies an image transform to a labeled dataset: yields (tensor, label)."""
 
@@ -61,9 +99,9 @@ class Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | BadSample, int]:
         image, label = self.dataset[index]
-        return self.transform(image), label
+        return (image if isinstance(image, BadSample) else self.transform(image)), label
 
 
 def stratified_split(dataset: LabeledDataset, fraction: float, seed: int) -> tuple[LabeledDataset, LabeledDataset]:
@@ -71,7 +109,11 @@ def stratified_split(dataset: LabeledDataset, fraction: float, seed: int) -> tup
     if not 0 < fraction < 1:
         raise ConfigError(f"split fraction must be between 0 and 1, got {fraction}")
     indices = np.arange(len(dataset))
-    rest, part = train_test_split(indices, test_size=fraction, random_state=seed, stratify=list(dataset.targets))
+    try:
+        rest, part = train_test_split(indices, test_size=fraction, random_state=seed, stratify=list(dataset.targets))
+    except ValueError as err:  # too few samples per class to stratify: a plain seeded split
+        warnings.warn(f"split not stratified ({err})", stacklevel=2)
+        rest, part = train_test_split(indices, test_size=fraction, random_state=seed)
     return Subset(dataset, sorted(rest.tolist())), Subset(dataset, sorted(part.tolist()))
 
 
@@ -85,7 +127,7 @@ class ImageClassificationDataModule(LightningDataModule):
     Args:
         batch_size: samples per batch (per device under DDP).
         num_workers: loader processes; default: the CPU count, at most 8.
-        val_fraction: part of train held out for validation when the data has no val split.
+        val_fraction: part of train (after any test carve) held out for validation when the data has no val split.
         test_fraction: part of train held out for testing when the data has no test split.
         split_seed: seed of every split, independent of the training seed.
         augment: training augmentation preset: none, basic, notebook, randaugment, trivialaugment.
@@ -115,7 +157,8 @@ class ImageClassificationDataModule(LightningDataModule):
         self.data_config = DataConfig.from_dict(data_config) if data_config else DataConfig()
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         train_transform(self.data_config, augment)  # fail on a bad preset now, not at setup
-        self.datasets: dict[str, Dataset] = {}
+        self.datasets: dict[str, Transformed] = {}
+        self.skipped: set[tuple[str, str, str]] = set()  # (split, path, reason) of files that could not be read
 
     # ------------------------------------------------------------------------------ what subclasses provide
 
@@ -140,6 +183,8 @@ class ImageClassificationDataModule(LightningDataModule):
         if self.datasets:
             return
         raw = self.build_splits()
+        for split, dataset in raw.items():
+            self.skipped |= {(split, b.path, b.reason) for b in getattr(dataset, "rejected", [])}
         train = raw["train"]
         if "test" not in raw:
             train, raw["test"] = stratified_split(train, self.test_fraction, self.split_seed)
@@ -160,7 +205,29 @@ class ImageClassificationDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            collate_fn=collate_skip_bad,
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the batch's unreadable files; the model sees only (images, labels)."""
+        if isinstance(batch, list | tuple) and len(batch) == 3 and isinstance(batch[2], list):
+            split = (
+                "train"
+                if self.trainer and self.trainer.training
+                else "val"
+                if self.trainer and (self.trainer.validating or self.trainer.sanity_checking)
+                else "test"
+            )
+            self.skipped |= {(split, b.path, b.reason) for b in batch[2]}
+            return batch[0], batch[1]
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        """Merge the files that could not be read into `bad_images.csv` in the run directory."""
+        rows = _gather(self.skipped)
+        log_dir = self.trainer.log_dir if self.trainer is not None else None
+        if rows and log_dir and self.trainer is not None and self.trainer.is_global_zero:
+            write_bad_images(Path(log_dir) / "bad_images.csv", sorted(rows))
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""
@@ -177,3 +244,14 @@ class ImageClassificationDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The test split, for `ftlab predict` on a DataModule."""
         return self._loader("test")
+
+
+def _gather(rows: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+    """Union of every process's rows under DDP; the rows themselves otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return set(rows)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, sorted(rows))
+    return {tuple(r) for part in parts for r in part}  # type: ignore[misc]

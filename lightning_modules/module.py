@@ -94,8 +94,10 @@ class FineTuneModule(LightningModule):
         """Logits of shape (batch, num_classes)."""
         return self.head(self.backbone(x))
 
-    def _shared_step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor | None:
         x, y = batch[0], batch[1]
+        if y.numel() == 0:  # every image of the batch was unreadable (and reported); nothing to learn from
+            return None
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
         metrics: MetricCollection = self.metrics[f"{stage}_metrics"]  # type: ignore[assignment]
@@ -105,7 +107,7 @@ class FineTuneModule(LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(y))
         return loss
 
-    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """Cross-entropy on one batch; updates train metrics."""
         return self._shared_step(batch, "train")
 

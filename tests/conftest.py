@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,3 +29,15 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "experiments").symlink_to(REPO / "experiments")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def quiet_trainer(root: Path, **kwargs: Any) -> pl.Trainer:
+    """A Trainer for tests: no logger, checkpoints, progress bar or summary unless asked for."""
+    defaults: dict[str, Any] = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(root),
+    }
+    return pl.Trainer(**{**defaults, **kwargs})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -10,6 +12,7 @@ import torch
 from datamodules import DigitsDataModule
 from lightning_modules.backbones import data_config_dict
 from lightning_modules.module import FineTuneModule
+from tests.conftest import quiet_trainer
 
 
 def _dm(**kwargs: object) -> DigitsDataModule:
@@ -19,7 +22,7 @@ def _dm(**kwargs: object) -> DigitsDataModule:
 
 
 def _indices(dm: DigitsDataModule, split: str) -> list[int]:
-    subset = dm.datasets[split].dataset  # type: ignore[attr-defined]
+    subset: Any = dm.datasets[split].dataset
     indices = subset.indices
     parent = subset.dataset
     return [parent.indices[i] for i in indices] if hasattr(parent, "indices") else list(indices)
@@ -57,21 +60,14 @@ def test_images_follow_the_backbone_data_config() -> None:
 def test_default_size_is_the_backbone_input_size() -> None:
     dm = _dm(data_config=data_config_dict("timm/test_resnet", "none"))
     x, _ = dm.datasets["test"][0]
-    assert x.shape == (3, 160, 160)
+    assert isinstance(x, torch.Tensor) and x.shape == (3, 160, 160)
 
 
-def test_short_training_on_digits_beats_chance_by_far(tmp_path: object) -> None:
+def test_short_training_on_digits_beats_chance_by_far(tmp_path: Path) -> None:
     pl.seed_everything(0)
     dm = DigitsDataModule(num_workers=0, batch_size=64, data_config=data_config_dict("scratch/mlp", "none", 8, 1))
     model = FineTuneModule(backbone="scratch/mlp", weights="none", image_size=8, in_chans=1, num_classes=10)
-    trainer = pl.Trainer(
-        max_epochs=8,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=8)
     trainer.fit(model, datamodule=dm)
     result = trainer.test(model, datamodule=dm, verbose=False)[0]
     assert result["test/acc"] > 0.85, result  # chance is 0.10

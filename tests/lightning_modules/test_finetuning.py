@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_modules.finetuning import FreezeUnfreeze
 from lightning_modules.module import FineTuneModule
+from tests.conftest import quiet_trainer
 
 
 def _loader(n: int = 16) -> DataLoader:
@@ -58,15 +59,7 @@ class Recorder(pl.Callback):
 def _fit(tmp_path: Path, callback: pl.Callback, epochs: int, model: FineTuneModule | None = None) -> tuple:
     model = model or _model()
     recorder = Recorder()
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        callbacks=[callback, recorder],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=epochs, callbacks=[callback, recorder])
     trainer.fit(model, train_dataloaders=_loader())
     return model, recorder, trainer
 
@@ -121,14 +114,8 @@ def test_resume_after_unfreeze_keeps_stages_trainable(tmp_path: Path) -> None:
     trainer.save_checkpoint(ckpt)
     model = _model()
     recorder = Recorder()
-    resumed = pl.Trainer(
-        max_epochs=3,
-        callbacks=[FreezeUnfreeze(unfreeze_at_epoch=1, stages=1, lr=0.01), recorder],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    resumed = quiet_trainer(
+        tmp_path, max_epochs=3, callbacks=[FreezeUnfreeze(unfreeze_at_epoch=1, stages=1, lr=0.01), recorder]
     )
     resumed.fit(model, train_dataloaders=_loader(), ckpt_path=ckpt)
     state = recorder.epochs[2]

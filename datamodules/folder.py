@@ -1,0 +1,100 @@
+"""Image folders: `root/<class>/` (split by fractions) or `root/{train,val,test}/<class>/`.
+
+Class folders are matched case-insensitively and ordered case-insensitively, so `happy` and `Sad` sort as a
+person expects and `Happy/` in one split is the same class as `happy/` in another (torchvision's ImageFolder
+sorts `Sad` before `happy`). Hidden folders and non-image files are ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from datamodules.base import ImageClassificationDataModule, ImageFiles, LabeledDataset
+from datamodules.images import list_images
+from lightning_modules.errors import ConfigError
+
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+
+
+def find_split_dirs(root: Path) -> dict[str, Path]:
+    """The split folders of `root` (`train`, `val`/`valid`, `test`, any casing); empty if there is no `train`."""
+    children = {p.name.lower(): p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    found = {split: children[n] for split, names in SPLIT_NAMES.items() for n in names if n in children}
+    return found if "train" in found else {}
+
+
+def class_dirs(folder: Path) -> dict[str, Path]:
+    """Class folders of `folder` keyed by lower-cased name (hidden folders skipped)."""
+    dirs: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and not p.name.startswith("."):
+            if p.name.lower() in dirs:
+                raise ConfigError(
+                    f"{folder} has class folders {dirs[p.name.lower()].name!r} and {p.name!r}: merge them"
+                )
+            dirs[p.name.lower()] = p
+    return dirs
+
+
+def discover_classes(folder: Path) -> list[str]:
+    """Class names as spelt on disk, ordered case-insensitively."""
+    return sorted((p.name for p in class_dirs(folder).values()), key=str.lower)
+
+
+def folder_files(folder: Path, class_names: list[str]) -> ImageFiles:
+    """Every image under `folder/<class>/`, labelled by the position of its class in `class_names`."""
+    dirs = class_dirs(folder)
+    unknown = sorted(set(dirs) - {c.lower() for c in class_names})
+    if unknown:
+        raise ConfigError(f"{folder} has folders {unknown} that are not among the classes {class_names}")
+    files = [
+        (path, label)
+        for label, name in enumerate(class_names)
+        if name.lower() in dirs
+        for path in list_images(dirs[name.lower()])
+    ]
+    if not files:
+        raise ConfigError(f"no images under {folder}/<class>/ for classes {class_names}")
+    return ImageFiles(files)
+
+
+def require_dir(path: Path, what: str, how: str) -> Path:
+    """`path` if it is a folder, else a ConfigError naming it and how to get the data there."""
+    if not path.is_dir():
+        raise ConfigError(f"{what} not found at {path.resolve()}. {how}")
+    return path
+
+
+class ImageFolderDataModule(ImageClassificationDataModule):
+    """Any folder of class sub-folders, with or without split folders.
+
+    Args:
+        root: `root/<class>/*` (val and test carved by fractions) or `root/{train,val,test}/<class>/*`
+            (`valid`/`validation` accepted; a missing val or test is carved from train).
+        class_names: label order; default: the class folders of train, ordered case-insensitively.
+    """
+
+    def __init__(self, root: str, class_names: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        self._class_names = class_names
+
+    def data_root(self) -> Path:
+        """The folder that holds the classes or the split folders."""
+        how = "Put images in <root>/<class>/ or <root>/{train,val,test}/<class>/ and set data.init_args.root."
+        return require_dir(self.root, "image folder", how)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Given names, or the train split's class folders."""
+        if self._class_names is None:
+            root = self.data_root()
+            self._class_names = discover_classes(find_split_dirs(root).get("train", root))
+        return self._class_names
+
+    def build_splits(self) -> dict[str, LabeledDataset]:
+        """One ImageFiles per split folder, or the whole root as train."""
+        root = self.data_root()
+        dirs = find_split_dirs(root) or {"train": root}
+        return {split: folder_files(folder, self.class_names) for split, folder in dirs.items()}

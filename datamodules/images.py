@@ -1,0 +1,99 @@
+"""Reading real image files: odd modes become RGB, EXIF orientation applies, bad files are reported, not hidden.
+
+A file that cannot be decoded never kills an epoch and is never replaced by another sample: the dataset
+returns a `BadSample` in its place, the loader's collate drops it from the batch, and the DataModule writes
+every skipped file with its reason to `bad_images.csv` in the run directory (see `datamodules.base`).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """A sample whose image could not be read: its path and why."""
+
+    path: str
+    reason: str
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """Decode an image file to 8-bit RGB, applying EXIF orientation.
+
+    Grayscale, palette, CMYK, RGBA and 16-bit images are converted; transparency is dropped.
+
+    Raises:
+        OSError: the file is empty, truncated, not an image, or larger than PIL's decompression-bomb limit.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as raw:
+            raw.load()
+            img: Image.Image = ImageOps.exif_transpose(raw)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits, not clip
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def check_header(path: str | Path) -> str | None:
+    """Cheap check at scan time (header only): None if the file looks like an image, else the reason."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.size  # noqa: B018 - parsing the header is the check
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return bad_reason(err)
+    return None
+
+
+def bad_reason(err: BaseException) -> str:
+    """A short human reason for a decoding error."""
+    if isinstance(err, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        return f"too many pixels (decompression-bomb limit): {err}"
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image PIL can identify"
+    return f"{type(err).__name__}: {err}"
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under `folder`, sorted; hidden files and folders (`.ipynb_checkpoints`) and non-images skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [
+            Path(dirpath) / f for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    return sorted(found)
+
+
+def write_bad_images(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
+    """Merge `(split, path, reason)` rows into the CSV at `path`, written atomically (temp file, then rename)."""
+    merged = set(rows)
+    if path.is_file():
+        with path.open(newline="") as f:
+            merged |= {(r["split"], r["path"], r["reason"]) for r in csv.DictReader(f)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["split", "path", "reason"])
+        writer.writerows(sorted(merged))
+    os.replace(tmp, path)

@@ -1,0 +1,275 @@
+"""The dataset DataModules on small files in their real formats: shapes, labels, class names, a fit, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from datamodules import (
+    CatsVsDogsDataModule,
+    CIFAR10DataModule,
+    ImageFolderDataModule,
+    MNISTDataModule,
+    PetExpressionsDataModule,
+)
+from datamodules.base import ImageClassificationDataModule
+from lightning_modules.backbones import data_config_dict
+from lightning_modules.errors import ConfigError
+from lightning_modules.module import FineTuneModule
+from tests.conftest import quiet_trainer
+from tests.datamodules.conftest import photo, write_cifar, write_class_folders, write_mnist
+
+SIZE = 32
+
+
+def _config(in_chans: int = 3) -> dict[str, Any]:
+    return data_config_dict("timm/test_resnet", "none", SIZE, in_chans)
+
+
+def _fit_fast(dm: ImageClassificationDataModule, tmp_path: Path, in_chans: int = 3) -> pl.Trainer:
+    model = FineTuneModule(
+        backbone="timm/test_resnet", weights="none", image_size=SIZE, in_chans=in_chans, num_classes=dm.num_classes
+    )
+    trainer = quiet_trainer(tmp_path, fast_dev_run=True)
+    trainer.fit(model, datamodule=dm)
+    return trainer
+
+
+def _labels(dm: ImageClassificationDataModule, split: str) -> list[int]:
+    return [int(dm.datasets[split][i][1]) for i in range(len(dm.datasets[split]))]  # type: ignore[arg-type]
+
+
+def _check_batch(dm: ImageClassificationDataModule, channels: int = 3) -> None:
+    dm.setup("fit")
+    x, y = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert x.shape[1:] == (channels, SIZE, SIZE) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and int(y.max()) < dm.num_classes
+
+
+# ------------------------------------------------------------------------------------------- image folders
+
+
+def test_image_folder_by_ratio(tmp_path: Path) -> None:
+    write_class_folders(tmp_path / "imgs", {"Sad": 10, "happy": 10, "Angry": 10})
+    dm = ImageFolderDataModule(
+        root=str(tmp_path / "imgs"),
+        batch_size=4,
+        num_workers=0,
+        data_config=_config(),
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
+    assert dm.class_names == ["Angry", "happy", "Sad"]  # case-insensitive order
+    _check_batch(dm)
+    assert {s: len(dm.datasets[s]) for s in ("train", "val", "test")} == {
+        "train": 19,
+        "val": 5,
+        "test": 6,
+    }  # val: 20% of the 24 left after test
+    _fit_fast(dm, tmp_path)
+
+
+def test_image_folder_with_split_folders_and_mixed_casing(tmp_path: Path) -> None:
+    root = tmp_path / "split"
+    seed = write_class_folders(root / "train", {"cat": 6, "dog": 6})
+    seed = write_class_folders(root / "valid", {"Cat": 2, "DOG": 2}, start=seed)
+    write_class_folders(root / "test", {"cat": 3, "dog": 3}, start=seed)
+    dm = ImageFolderDataModule(root=str(root), batch_size=4, num_workers=0, data_config=_config())
+    dm.setup()
+    assert dm.class_names == ["cat", "dog"]
+    assert sorted(_labels(dm, "val")) == [0, 0, 1, 1] and sorted(_labels(dm, "test")) == [0, 0, 0, 1, 1, 1]
+    assert len(dm.datasets["train"]) == 12
+
+
+def test_planted_faults_are_converted_or_reported_never_replaced(
+    tmp_path: Path, faulty_folder: tuple[Path, dict[str, str]]
+) -> None:
+    root, fates = faulty_folder
+    dm = ImageFolderDataModule(
+        root=str(root),
+        batch_size=5,
+        num_workers=0,
+        data_config=_config(),
+        val_fraction=0.25,
+        test_fraction=0.25,
+        augment="none",
+    )
+    dm.setup()
+    good = 12 + sum(f == "good" for f in fates.values())
+    scanned_out = {Path(p).name for _, p, _ in dm.skipped}
+    assert scanned_out == {"zero.jpg", "not_an_image.jpg"}  # caught by the header check at scan time
+    assert sum(len(dm.datasets[s]) for s in ("train", "val", "test")) == good + 1  # + the truncated JPEG
+    seen: list[str] = []
+    for split in ("train", "val", "test"):
+        loader = getattr(dm, f"{split}_dataloader")()
+        for batch in loader:
+            x, _ = dm.on_before_batch_transfer(batch, 0)
+            assert x.shape[1:] == (3, SIZE, SIZE)
+            seen += [f"{split}:{i}" for i in range(len(x))]
+    assert len(seen) == good  # every decodable image once, the truncated one dropped, nothing duplicated
+    reasons = {Path(p).name: r for _, p, r in dm.skipped}
+    assert set(reasons) == {"zero.jpg", "not_an_image.jpg", "truncated.jpg"}
+    assert "empty file" in reasons["zero.jpg"] and "truncated" in reasons["truncated.jpg"]
+    files: Any = dm.datasets["train"].dataset
+    while not hasattr(files, "paths"):
+        files = files.dataset
+    all_paths = list(files.paths)
+    assert len(all_paths) == len(set(all_paths)) == good + 1
+    assert not any(".ipynb_checkpoints" in p or p.endswith(("Thumbs.db", ".DS_Store")) for p in all_paths)
+
+
+def test_bad_image_report_is_written_to_the_run_directory(
+    tmp_path: Path, faulty_folder: tuple[Path, dict[str, str]]
+) -> None:
+    root, _ = faulty_folder
+    dm = ImageFolderDataModule(
+        root=str(root), batch_size=32, num_workers=0, data_config=_config(), val_fraction=0.25, test_fraction=0.25
+    )
+    model = FineTuneModule(backbone="timm/test_resnet", weights="none", image_size=SIZE, num_classes=2)
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="run")
+    trainer = quiet_trainer(tmp_path, max_epochs=1, logger=logger)
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    report = (Path(str(trainer.log_dir)) / "bad_images.csv").read_text().splitlines()
+    assert report[0] == "split,path,reason"
+    assert sorted(Path(line.split(",")[1]).name for line in report[1:]) == [
+        "not_an_image.jpg",
+        "truncated.jpg",
+        "zero.jpg",
+    ]
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    from datamodules.images import read_rgb
+
+    img = photo(7, size=(40, 20))
+    exif = Image_exif(orientation=6)  # rotate 90 degrees on display
+    img.save(tmp_path / "rotated.jpg", exif=exif)
+    assert read_rgb(tmp_path / "rotated.jpg").size == (20, 40)
+
+
+def Image_exif(orientation: int) -> Any:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def test_missing_image_folder_error_names_the_path(tmp_path: Path) -> None:
+    dm = ImageFolderDataModule(root=str(tmp_path / "nowhere"), num_workers=0)
+    with pytest.raises(ConfigError, match=r"image folder not found at .*nowhere\. Put images in"):
+        dm.setup()
+
+
+# ------------------------------------------------------------------------------------------- pet expressions
+
+
+def test_pet_expressions_layout_and_stable_class_map(tmp_path: Path) -> None:
+    master = tmp_path / "pets" / "Master Folder"
+    seed = write_class_folders(master / "train", {"Angry": 3, "happy": 3, "Sad": 3, "Other": 3})
+    seed = write_class_folders(master / "valid", {"Angry": 1, "happy": 1, "Sad": 1, "Other": 1}, start=seed)
+    write_class_folders(master / "test", {"angry": 1, "Happy": 1, "sad": 1, "other": 1}, start=seed)
+    dm = PetExpressionsDataModule(
+        root=str(tmp_path / "pets"), download=False, batch_size=4, num_workers=0, data_config=_config()
+    )
+    assert dm.class_names == ["angry", "happy", "other", "sad"]
+    _check_batch(dm)
+    train_files: Any = dm.datasets["train"].dataset
+    for path, label in zip(train_files.paths, train_files.targets, strict=True):
+        assert Path(path).parent.name.lower() == dm.class_names[label]
+    assert sorted(_labels(dm, "test")) == [0, 1, 2, 3]
+    _fit_fast(dm, tmp_path)
+
+
+def test_pet_expressions_missing_data_says_how_to_get_it(tmp_path: Path) -> None:
+    dm = PetExpressionsDataModule(root=str(tmp_path / "none"), download=False, num_workers=0)
+    with pytest.raises(ConfigError, match=r"not found at .*none\. Download the Kaggle dataset anshtanwar"):
+        dm.setup()
+
+
+# ------------------------------------------------------------------------------------------- cats vs dogs
+
+
+def _hf_dataset(n: int = 12) -> datasets.Dataset:
+    features = datasets.Features({"image": datasets.Image(), "labels": datasets.ClassLabel(names=["cat", "dog"])})
+    return datasets.Dataset.from_dict(
+        {"image": [photo(i) for i in range(n)], "labels": [i % 2 for i in range(n)]}, features=features
+    )
+
+
+@pytest.mark.parametrize("source", ["petimages", "save_to_disk", "parquet"])
+def test_cats_vs_dogs_offline_sources(tmp_path: Path, source: str) -> None:
+    root = tmp_path / source
+    if source == "petimages":
+        write_class_folders(root / "PetImages", {"Cat": 6, "Dog": 6})
+        (root / "PetImages" / "Cat" / "666.jpg").write_bytes(b"")  # the real set's famous empty file
+    elif source == "save_to_disk":
+        _hf_dataset().save_to_disk(str(root))
+    else:
+        (root / "data").mkdir(parents=True)
+        _hf_dataset().to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    dm = CatsVsDogsDataModule(
+        root=str(root), batch_size=4, num_workers=0, data_config=_config(), test_fraction=0.2, val_fraction=0.25
+    )
+    _check_batch(dm)
+    assert dm.class_names == ["cat", "dog"]
+    sizes = {s: len(dm.datasets[s]) for s in ("train", "val", "test")}  # type: ignore[arg-type]
+    assert sum(sizes.values()) == 12 and sizes["test"] == 3
+    assert sorted(_labels(dm, "train") + _labels(dm, "val") + _labels(dm, "test")) == [0] * 6 + [1] * 6
+    if source == "petimages":
+        assert [Path(p).name for _, p, _ in dm.skipped] == ["666.jpg"]
+    _fit_fast(dm, tmp_path)
+
+
+def test_cats_vs_dogs_missing_data(tmp_path: Path) -> None:
+    dm = CatsVsDogsDataModule(root=str(tmp_path / "absent"), num_workers=0)
+    with pytest.raises(ConfigError, match=r"not found at .*absent\. Put the data on this machine"):
+        dm.setup()
+
+
+# ------------------------------------------------------------------------------------------- CIFAR-10 and MNIST
+
+
+def test_cifar10_from_python_pickles(tmp_path: Path) -> None:
+    write_cifar(tmp_path)
+    dm = CIFAR10DataModule(root=str(tmp_path), download=False, batch_size=8, num_workers=0, data_config=_config())
+    _check_batch(dm)
+    assert len(dm.datasets["test"]) == 20 and len(dm.datasets["train"]) + len(dm.datasets["val"]) == 40
+    assert sorted(_labels(dm, "test")) == sorted(i % 10 for i in range(20))
+    assert dm.class_names[0] == "airplane" and dm.num_classes == 10
+    _fit_fast(dm, tmp_path)
+
+
+def test_cifar10_missing(tmp_path: Path) -> None:
+    dm = CIFAR10DataModule(root=str(tmp_path), download=False, num_workers=0)
+    with pytest.raises(ConfigError, match=r"CIFAR-10 not found at .*cifar-10-batches-py.*extract it into"):
+        dm.setup()
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_from_idx(tmp_path: Path, gz: bool) -> None:
+    write_mnist(tmp_path, gz=gz)
+    dm = MNISTDataModule(root=str(tmp_path), download=False, batch_size=8, num_workers=0, data_config=_config(1))
+    _check_batch(dm, channels=1)
+    assert len(dm.datasets["val"]) == 10 and len(dm.datasets["train"]) == 40  # 80/20 of 50
+    assert sorted(_labels(dm, "test")) == sorted(i % 10 for i in range(20))
+    _fit_fast(dm, tmp_path, in_chans=1)
+    three = MNISTDataModule(root=str(tmp_path), download=False, batch_size=8, num_workers=0, data_config=_config(3))
+    _check_batch(three, channels=3)
+
+
+def test_mnist_missing_and_truncated(tmp_path: Path) -> None:
+    dm = MNISTDataModule(root=str(tmp_path), download=False, num_workers=0)
+    with pytest.raises(ConfigError, match=r"MNIST file train-images-idx3-ubyte\[\.gz\] not found"):
+        dm.setup()
+    raw = write_mnist(tmp_path, gz=False)
+    data = (raw / "train-images-idx3-ubyte").read_bytes()
+    (raw / "train-images-idx3-ubyte").write_bytes(data[:-100])
+    with pytest.raises(ConfigError, match="is truncated"):
+        MNISTDataModule(root=str(tmp_path), download=False, num_workers=0).setup()
