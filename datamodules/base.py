@@ -120,6 +120,9 @@ def stratified_split(dataset: LabeledDataset, fraction: float, seed: int) -> tup
 class ImageClassificationDataModule(LightningDataModule):
     """Splits, transforms and loaders for image classification.
 
+    Loaders yield `(images, labels, skipped)`: `skipped` lists the `BadSample`s (path, reason) left out of the
+    batch; the DataModule strips it before the model sees the batch and writes `bad_images.csv` to the run.
+
     Subclasses implement `class_names` and `build_splits`. A split the subclass does not provide is carved from
     its train split: `test` by `test_fraction`, then `val` by `val_fraction`, stratified and seeded. A val split
     carved from train uses evaluation transforms.
