@@ -138,6 +138,8 @@ class ImageClassificationDataModule(LightningDataModule):
         pin_memory: default: on when CUDA is available.
     """
 
+    hparams_ignore: tuple[str, ...] = ()
+
     def __init__(
         self,
         batch_size: int = 32,
@@ -150,7 +152,7 @@ class ImageClassificationDataModule(LightningDataModule):
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()  # into hparams.yaml and checkpoints, data_config included
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))  # hparams.yaml and checkpoints
         self.batch_size = batch_size
         self.num_workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
         self.val_fraction = val_fraction

@@ -75,6 +75,9 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         class_names: label order; default: the class folders of train, ordered case-insensitively.
     """
 
+    # the model's hparams record the resolved class names (one home; Lightning refuses differing duplicates)
+    hparams_ignore = ("class_names",)
+
     def __init__(self, root: str, class_names: list[str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.root = Path(root)

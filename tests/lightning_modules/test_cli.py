@@ -10,9 +10,31 @@ import yaml
 from lightning_modules import cli
 from lightning_modules.cli import cli_main
 from tests.conftest import FAST, REPO
+from tests.datamodules.conftest import write_cifar, write_class_folders, write_mnist
 
 EXPERIMENTS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
-RUNNABLE = [e for e in EXPERIMENTS if not e.endswith("defaults.yaml")]
+DATA = [e for e in EXPERIMENTS if e.startswith("experiments/data/")]
+RUNNABLE = [e for e in EXPERIMENTS if not e.endswith("defaults.yaml") and e not in DATA]
+TINY_MODEL = ["--model.backbone=timm/test_resnet", "--model.weights=none", "--model.image_size=32"]
+
+
+def _tiny_data(name: str, root: Path) -> Path:
+    """Small files in the real format of each dataset config."""
+    if name == "cifar10":
+        write_cifar(root)
+    elif name == "mnist":
+        write_mnist(root, gz=True)
+    elif name == "cats_vs_dogs":
+        write_class_folders(root / "PetImages", {"Cat": 5, "Dog": 5})
+    elif name == "pet_expressions":
+        seed = 0
+        for split in ("train", "valid", "test"):
+            seed = write_class_folders(
+                root / "Master Folder" / split, dict.fromkeys(["Angry", "happy", "Sad", "Other"], 2), seed
+            )
+    else:
+        write_class_folders(root, {"a": 5, "b": 5})
+    return root
 
 
 @pytest.mark.parametrize("experiment", RUNNABLE)
@@ -22,6 +44,26 @@ def test_every_experiment_runs_fast_dev_run(in_tmp: Path, experiment: str) -> No
     assert run.model.hparams["num_classes"] == run.datamodule.num_classes
     assert run.model.class_names == run.datamodule.class_names
     assert run.datamodule.data_config == run.model.backbone.data_config
+
+
+@pytest.mark.parametrize("data_config", DATA)
+def test_every_dataset_config_runs_on_its_real_format(in_tmp: Path, data_config: str) -> None:
+    root = _tiny_data(Path(data_config).stem, in_tmp / "data")
+    args = [
+        "fit",
+        "--config",
+        "experiments/quickstart.yaml",
+        "--config",
+        data_config,
+        *TINY_MODEL,
+        *FAST,
+        f"--data.init_args.root={root}",
+        "--data.init_args.batch_size=4",
+    ]
+    run = cli_main(args)
+    assert run.trainer.state.finished
+    assert run.model.class_names == run.datamodule.class_names
+    assert type(run.datamodule).__name__.lower().startswith(Path(data_config).stem.replace("_", "")[:5])
 
 
 def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) -> None:
