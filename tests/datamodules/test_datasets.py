@@ -273,3 +273,53 @@ def test_mnist_missing_and_truncated(tmp_path: Path) -> None:
     (raw / "train-images-idx3-ubyte").write_bytes(data[:-100])
     with pytest.raises(ConfigError, match="is truncated"):
         MNISTDataModule(root=str(tmp_path), download=False, num_workers=0).setup()
+
+
+# ------------------------------------------------------------------------------------------- transforms, loaders
+
+
+def test_val_carved_from_train_uses_eval_transforms(tmp_path: Path) -> None:
+    write_class_folders(tmp_path / "imgs", {"a": 8, "b": 8})
+    dm = ImageFolderDataModule(
+        root=str(tmp_path / "imgs"),
+        num_workers=0,
+        data_config=_config(),
+        augment="trivialaugment",
+        val_fraction=0.25,
+        test_fraction=0.25,
+    )
+    dm.setup()
+    val_a: Any = dm.datasets["val"][0][0]
+    val_b: Any = dm.datasets["val"][0][0]
+    assert isinstance(val_a, torch.Tensor) and torch.equal(val_a, val_b)
+    torch.manual_seed(0)
+    train_draws: list[Any] = [dm.datasets["train"][0][0] for _ in range(4)]
+    assert any(not torch.equal(train_draws[0], t) for t in train_draws[1:])  # random augmentation
+
+
+@pytest.mark.parametrize("preset", ["none", "basic", "affine", "notebook", "randaugment", "trivialaugment"])
+def test_every_augmentation_preset_keeps_the_input_size(preset: str) -> None:
+    from datamodules.transforms import train_transform
+    from lightning_modules.backbones import DataConfig
+
+    out = train_transform(DataConfig.from_dict(_config()), preset)(photo(3, size=(50, 70)))
+    assert out.shape == (3, SIZE, SIZE)
+
+
+def test_unknown_augmentation_preset_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match=r"data\.augment .fancy. is not a preset; choose one of"):
+        ImageFolderDataModule(root="anywhere", augment="fancy")
+
+
+def test_loader_defaults(tmp_path: Path) -> None:
+    import os
+
+    write_class_folders(tmp_path / "imgs", {"a": 4, "b": 4})
+    dm = ImageFolderDataModule(
+        root=str(tmp_path / "imgs"), data_config=_config(), val_fraction=0.25, test_fraction=0.25
+    )
+    assert dm.num_workers == min(os.cpu_count() or 1, 8)
+    assert dm.pin_memory == torch.cuda.is_available()
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert loader.persistent_workers == (dm.num_workers > 0)
