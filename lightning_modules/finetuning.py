@@ -1,13 +1,16 @@
 """Finetuning strategies on Lightning's `BaseFinetuning`.
 
-A strategy says which backbone stages train at each epoch (`trainable_stages`) and at what learning rate a
-newly unfrozen stage starts (`stage_lr`). The base class does the rest, correctly:
+A strategy says which backbone stages train at each epoch (`trainable_stages`). The base class does the rest:
 
 - frozen stages have `requires_grad=False` and their BatchNorm layers stay in eval mode, so their running
   statistics never move (Lightning's own callback leaves them in train mode);
-- each newly unfrozen stage joins the optimizer as its own named param group (`layer4`, `blocks.6`);
+- each newly trainable stage joins the optimizer as its own named param group (`layer4`, `blocks.6`) at
+  `lr` (default: the head's rate times `lr_factor`), times `lr_decay` per stage going down the network;
+- schedulers learn about the new groups: a group keeps, for the rest of training, the ratio to the head's
+  learning rate at which it started (cosine, step, one-cycle and plateau all scale it like the head);
 - which stages are unfrozen is part of the callback's state, so a run resumed after an unfreeze keeps them
-  trainable (Lightning's own callback silently refreezes them).
+  trainable with their groups and rates (Lightning's own callback silently refreezes them);
+- under DDP the model is re-wrapped after an unfreeze, so the new parameters are synchronised too.
 """
 
 from __future__ import annotations
@@ -22,17 +25,30 @@ from torch.optim import Optimizer
 from lightning_modules.backbones import Backbone, Stage
 from lightning_modules.errors import ConfigError
 
+# Param-group keys that schedulers set per group and that scale with the learning rate (OneCycleLR and others).
+SCALED_KEYS = ("initial_lr", "max_lr", "min_lr")
+COPIED_KEYS = ("max_momentum", "base_momentum")
+
 
 class FinetuningStrategy(BaseFinetuning):
-    """Template for strategies: override `trainable_stages` (and optionally `stage_lr`).
+    """Template for strategies: override `trainable_stages`.
 
     Args:
+        lr: starting learning rate of the top unfrozen stage; default: the head's current rate times `lr_factor`.
+        lr_factor: used when `lr` is not given.
+        lr_decay: factor per stage going down the network (timm's layer decay; 0.1 over 2 stages is fastai's
+            `slice(lr/100, lr)`); 1.0 gives every stage the same rate.
         train_bn: whether BatchNorm layers of *unfrozen* stages train (train mode, affine parameters trainable).
             BatchNorm layers of frozen stages are always in eval mode with their statistics untouched.
     """
 
-    def __init__(self, train_bn: bool = True) -> None:
+    def __init__(
+        self, lr: float | None = None, lr_factor: float = 1.0, lr_decay: float = 1.0, train_bn: bool = True
+    ) -> None:
         super().__init__()
+        self.lr = lr
+        self.lr_factor = lr_factor
+        self.lr_decay = lr_decay
         self.train_bn = train_bn
         self.unfrozen: list[str] = []
 
@@ -40,9 +56,11 @@ class FinetuningStrategy(BaseFinetuning):
         """Stages that should be trainable during `epoch` (cumulative: a stage once unfrozen stays so)."""
         raise NotImplementedError
 
-    def stage_lr(self, stage: Stage, optimizer: Optimizer) -> float:
-        """Starting learning rate of a newly unfrozen stage; default: the head's current rate."""
-        return float(optimizer.param_groups[0]["lr"])
+    def stage_lr(self, backbone: Backbone, stage: Stage, head_lr: float) -> float:
+        """Starting learning rate of a newly unfrozen stage."""
+        top = self.lr if self.lr is not None else head_lr * self.lr_factor
+        depth = len(backbone.stages) - 1 - backbone.stages.index(stage)  # 0 for the top stage
+        return top * self.lr_decay**depth
 
     # ---------------------------------------------------------------------------------- BaseFinetuning hooks
 
@@ -56,29 +74,35 @@ class FinetuningStrategy(BaseFinetuning):
         """Unfreeze the stages due at this epoch, each as a new named param group."""
         backbone = _backbone(pl_module)
         in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        head_lr = float(optimizer.param_groups[0]["lr"])
         for stage in self.trainable_stages(backbone, epoch):
             if stage.name in self.unfrozen:
                 continue
             self._set_trainable(backbone, stage, True)
             params = [p for p in backbone.stage_parameters(stage) if p.requires_grad and id(p) not in in_optimizer]
             if params:
-                optimizer.add_param_group({"name": stage.name, "params": params, "lr": self.stage_lr(stage, optimizer)})
+                lr = self.stage_lr(backbone, stage, head_lr)
+                optimizer.add_param_group({"name": stage.name, "params": params, "lr": lr})
             self.unfrozen.append(stage.name)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Unfreeze what is due, then put frozen BatchNorm layers back in eval mode and log the trainable count."""
+        """Unfreeze what is due, tell schedulers and DDP, and put frozen BatchNorm layers back in eval mode."""
         before = [len(opt.param_groups) for opt in trainer.optimizers]
         super().on_train_epoch_start(trainer, pl_module)
+        added = False
         for optimizer, count in zip(trainer.optimizers, before, strict=True):
             register_new_groups(trainer, optimizer, optimizer.param_groups[count:])
+            added = added or len(optimizer.param_groups) > count
+        if added:
+            rewrap_ddp(trainer)
         self.apply_bn_policy(_backbone(pl_module))
-        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        pl_module.log("trainable_params", float(trainable), on_step=False, on_epoch=True)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """On resume, restore the param groups (base class) and the trainable flags of unfrozen stages."""
         super().on_fit_start(trainer, pl_module)
         self.freeze_before_training(pl_module)
+        if self.unfrozen:
+            rewrap_ddp(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         """Param-group metadata (base class) plus the names of the unfrozen stages."""
@@ -110,15 +134,30 @@ class FinetuningStrategy(BaseFinetuning):
             p.requires_grad = trainable and (self.train_bn or id(p) not in bn_params)
 
 
+class Freeze(FinetuningStrategy):
+    """Linear probing: the backbone stays frozen (BatchNorm in eval mode); only the head trains."""
+
+    def trainable_stages(self, backbone: Backbone, epoch: int) -> list[Stage]:
+        """None, ever."""
+        return []
+
+
+class NoFreeze(FinetuningStrategy):
+    """Everything trains from the first epoch; each stage is its own group (for `lr_decay`)."""
+
+    def trainable_stages(self, backbone: Backbone, epoch: int) -> list[Stage]:
+        """All stages, top first."""
+        return select_stages(backbone, -1)
+
+
 class FreezeUnfreeze(FinetuningStrategy):
     """Train the head alone, then from `unfreeze_at_epoch` on also the top `stages` of the backbone.
 
     Args:
         unfreeze_at_epoch: first epoch (0-based) at which the stages train; `null` keeps the backbone frozen.
         stages: how many stages to unfreeze, counted from the top (-1: all), or a list of stage names.
-        lr: starting learning rate of the unfrozen stages; default: the head's rate times `lr_factor`.
-        lr_factor: used when `lr` is not given.
-        train_bn: whether BatchNorm layers of unfrozen stages train.
+        lr_factor: the unfrozen stages start at the head's rate times this (default 0.1), unless `lr` is given.
+        lr, lr_decay, train_bn: see `FinetuningStrategy`.
     """
 
     def __init__(
@@ -127,13 +166,12 @@ class FreezeUnfreeze(FinetuningStrategy):
         stages: int | list[str] = -1,
         lr: float | None = None,
         lr_factor: float = 0.1,
+        lr_decay: float = 1.0,
         train_bn: bool = True,
     ) -> None:
-        super().__init__(train_bn=train_bn)
+        super().__init__(lr=lr, lr_factor=lr_factor, lr_decay=lr_decay, train_bn=train_bn)
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.stages = stages
-        self.lr = lr
-        self.lr_factor = lr_factor
 
     def trainable_stages(self, backbone: Backbone, epoch: int) -> list[Stage]:
         """The selected stages from `unfreeze_at_epoch` on, none before."""
@@ -141,39 +179,89 @@ class FreezeUnfreeze(FinetuningStrategy):
             return []
         return select_stages(backbone, self.stages)
 
-    def stage_lr(self, stage: Stage, optimizer: Optimizer) -> float:
-        """`lr` if given, else the head's current rate times `lr_factor`."""
-        return self.lr if self.lr is not None else float(optimizer.param_groups[0]["lr"]) * self.lr_factor
 
+class Milestones(FinetuningStrategy):
+    """Gradual unfreezing from the top down: `[[epoch, stages], ...]`, e.g. `[[2, 1], [4, 3], [6, -1]]`.
 
-def register_new_groups(trainer: pl.Trainer, optimizer: Optimizer, groups: list[dict[str, Any]]) -> None:
-    """Tell the optimizer's schedulers about groups added after they were built.
-
-    Each new group starts at its own learning rate and from then on follows the schedule's shape (cosine,
-    step and one-cycle factors apply to it as to the others); ReduceLROnPlateau gets a floor for it.
+    Args:
+        milestones: at each epoch, the top `stages` (a count, -1 for all, or names) become trainable too.
+        lr_factor: new stages start at the head's rate times this (default 0.1), unless `lr` is given.
+        lr, lr_decay, train_bn: see `FinetuningStrategy`.
     """
-    for config in trainer.lr_scheduler_configs:
-        scheduler = config.scheduler
-        if scheduler.optimizer is not optimizer:
-            continue
-        for group in groups:
-            group.setdefault("initial_lr", group["lr"])
-            if hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs.append(group["initial_lr"])
-            if hasattr(scheduler, "min_lrs"):
-                scheduler.min_lrs.append(scheduler.min_lrs[-1] if scheduler.min_lrs else 0.0)
-            if hasattr(scheduler, "_last_lr"):
-                scheduler._last_lr.append(group["lr"])
+
+    def __init__(
+        self,
+        milestones: list[tuple[int, int | list[str]]],
+        lr: float | None = None,
+        lr_factor: float = 0.1,
+        lr_decay: float = 1.0,
+        train_bn: bool = True,
+    ) -> None:
+        super().__init__(lr=lr, lr_factor=lr_factor, lr_decay=lr_decay, train_bn=train_bn)
+        epochs = [int(m[0]) for m in milestones]
+        if epochs != sorted(epochs) or len(set(epochs)) != len(epochs):
+            raise ConfigError(f"milestones must have increasing, distinct epochs; got {epochs}")
+        self.milestones = [(int(e), s) for e, s in milestones]
+
+    def trainable_stages(self, backbone: Backbone, epoch: int) -> list[Stage]:
+        """Every stage named by a milestone at or before `epoch`, top first."""
+        chosen: list[Stage] = []
+        for at, stages in self.milestones:
+            if at <= epoch:
+                chosen += [s for s in select_stages(backbone, stages) if s not in chosen]
+        return chosen
 
 
 def select_stages(backbone: Backbone, stages: int | list[str]) -> list[Stage]:
-    """Stages by count from the top (-1 or a count past the total: all) or by names, top first."""
+    """Stages by count from the top (-1 or a count past the total: all) or by names; top first."""
     if isinstance(stages, int):
         if stages == 0 or stages < -1:
             raise ConfigError(f"stages must be a positive count, -1 for all, or a list of names; got {stages}")
         chosen = backbone.stages if stages == -1 else backbone.stages[-stages:]
         return list(reversed(chosen))
-    return [backbone.stage(name) for name in stages]
+    order = {s.name: i for i, s in enumerate(backbone.stages)}
+    return sorted((backbone.stage(name) for name in stages), key=lambda s: -order[s.name])
+
+
+def register_new_groups(trainer: pl.Trainer, optimizer: Optimizer, groups: list[dict[str, Any]]) -> None:
+    """Tell the optimizer's schedulers about groups added after they were built.
+
+    A new group keeps the ratio to the head group's learning rate at which it started: its scheduler-specific
+    keys (initial, max and min lr) and the schedulers' per-group lists are the head's, times that ratio.
+    """
+    head = optimizer.param_groups[0]
+    for group in groups:
+        ratio = group["lr"] / head["lr"] if head["lr"] else 1.0
+        for key in SCALED_KEYS:
+            if key in head:
+                group[key] = head[key] * ratio
+        for key in COPIED_KEYS:
+            if key in head:
+                group[key] = head[key]
+        for config in trainer.lr_scheduler_configs:
+            for scheduler in [config.scheduler, *getattr(config.scheduler, "_schedulers", [])]:
+                if getattr(scheduler, "optimizer", None) is not optimizer:
+                    continue
+                for attr in ("base_lrs", "min_lrs", "_last_lr"):
+                    values = getattr(scheduler, attr, None)
+                    if isinstance(values, list) and values:
+                        values.append(values[0] * ratio)
+
+
+def rewrap_ddp(trainer: pl.Trainer) -> None:
+    """Re-create the DDP wrapper so parameters unfrozen after it was built are synchronised too.
+
+    DDP registers only parameters that require grad when it is built; without this, each process would train
+    newly unfrozen parameters on its own gradients and the replicas would silently drift apart.
+    """
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.nn.parallel import DistributedDataParallel
+
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.model, DistributedDataParallel):
+        return
+    strategy.model = strategy.model.module
+    strategy.configure_ddp()
 
 
 def _backbone(pl_module: pl.LightningModule) -> Backbone:
