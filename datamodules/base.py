@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
 from datamodules.images import BadSample, bad_reason, check_header, read_rgb, write_bad_images
 from datamodules.transforms import eval_transform, train_transform
@@ -102,6 +102,22 @@ class Transformed(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | BadSample, int]:
         image, label = self.dataset[index]
         return (image if isinstance(image, BadSample) else self.transform(image)), label
+
+
+class EpochShuffle(RandomSampler):
+    """Shuffles by (seed, epoch): a run resumed at epoch k sees the order an uninterrupted run sees at epoch k.
+
+    A RandomSampler, so under DDP Lightning swaps in its shuffling DistributedSampler as usual.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source)  # type: ignore[arg-type]
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch."""
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
 
 def stratified_split(dataset: LabeledDataset, fraction: float, seed: int) -> tuple[LabeledDataset, LabeledDataset]:
@@ -203,10 +219,11 @@ class ImageClassificationDataModule(LightningDataModule):
         }
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        dataset = self.datasets[split]
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(dataset, torch.initial_seed()) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

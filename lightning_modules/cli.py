@@ -74,8 +74,9 @@ class FinetuneCLI(LightningCLI):
             config.model.weights = "none"  # the checkpoint holds every weight; do not download
 
     def _print_run_dir(self) -> None:
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            print(f"Run directory: {self.trainer.log_dir}")
+        log_dir = self.trainer.log_dir  # a collective under DDP: every process asks
+        if self.trainer.is_global_zero and log_dir:
+            print(f"Run directory: {log_dir}")
 
     def after_fit(self) -> None:
         """Say where the run went: events, checkpoints, config."""

@@ -74,7 +74,7 @@ def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) 
     assert config.trainer.max_epochs == 2
     assert config.seed_everything == 42  # from defaults.yaml
     names = [c.class_path.rsplit(".", 1)[-1] for c in config.trainer.callbacks]
-    assert names == ["ModelCheckpoint", "EarlyStopping", "TrainingStateLogger", "FreezeUnfreeze"]
+    assert names == ["ModelCheckpoint", "ModelCheckpoint", "EarlyStopping", "TrainingStateLogger", "FreezeUnfreeze"]
     assert config.data.init_args.data_config["input_size"] == [3, 32, 32]
 
 

@@ -1,0 +1,105 @@
+"""Every strategy and scheduler across an unfreeze, at the tensor level: flags, groups, learning rates."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_modules.errors import ConfigError
+from lightning_modules.finetuning import Freeze, Milestones, NoFreeze, select_stages
+from lightning_modules.module import FineTuneModule
+from tests.conftest import quiet_trainer
+from tests.lightning_modules.test_finetuning import Recorder, _loader, _model
+
+
+def _run(tmp_path: Path, strategy: Any, epochs: int, model: FineTuneModule | None = None) -> Recorder:
+    recorder = Recorder()
+    quiet_trainer(tmp_path, max_epochs=epochs, callbacks=[strategy, recorder]).fit(
+        model or _model(), train_dataloaders=_loader()
+    )
+    return recorder
+
+
+def test_freeze_never_unfreezes(tmp_path: Path) -> None:
+    rec = _run(tmp_path, Freeze(), epochs=3)
+    for epoch in range(3):
+        assert [g[0] for g in rec.epochs[epoch]["groups"]] == ["head"]
+        assert all(rec.epochs[epoch][s]["requires_grad"] == {False} for s in ("stem", "layer4"))
+
+
+def test_no_freeze_trains_everything_from_the_start_with_layer_decay(tmp_path: Path) -> None:
+    rec = _run(tmp_path, NoFreeze(lr_decay=0.5), epochs=1)
+    state = rec.epochs[0]
+    names = [g[0] for g in state["groups"]]
+    assert names == ["head", "layer4", "layer3", "layer2", "layer1", "stem"]
+    lrs = [g[1] for g in state["groups"]]
+    assert lrs == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4, 6.25e-5])
+    assert all(state[s]["requires_grad"] == {True} and state[s]["bn_training"] == {True} for s in names[1:])
+
+
+def test_milestones_unfreeze_top_down(tmp_path: Path) -> None:
+    rec = _run(tmp_path, Milestones([(1, 1), (2, ["layer3", "layer2"]), (3, -1)], lr=0.01), epochs=4)
+    expected = {
+        0: ["head"],
+        1: ["head", "layer4"],
+        2: ["head", "layer4", "layer3", "layer2"],
+        3: ["head", "layer4", "layer3", "layer2", "layer1", "stem"],
+    }
+    for epoch, names in expected.items():
+        assert [g[0] for g in rec.epochs[epoch]["groups"]] == names
+        frozen = {"stem", "layer1", "layer2", "layer3", "layer4"} - set(names)
+        assert all(rec.epochs[epoch][s]["requires_grad"] == {False} for s in frozen)
+        assert all(rec.epochs[epoch][s]["bn_training"] == {False} for s in frozen)
+
+
+def test_stage_selection_errors() -> None:
+    backbone = _model().backbone
+    with pytest.raises(ConfigError, match="has no stage 'layer9'"):
+        select_stages(backbone, ["layer9"])
+    with pytest.raises(ConfigError, match="positive count"):
+        select_stages(backbone, 0)
+    with pytest.raises(ConfigError, match="increasing, distinct epochs"):
+        Milestones([(3, 1), (2, 2)])
+
+
+SCHEDULERS = {
+    "cosine_warmup": lambda opt: torch.optim.lr_scheduler.SequentialLR(
+        opt,
+        [
+            torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=1),
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4),
+        ],
+        milestones=[1],
+    ),
+    "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=4),
+    # mode "max" on a falling loss: a plateau every epoch, so the reduction (and the new group's floor) is exercised
+    "plateau": lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0),
+    "step": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_schedulers_keep_working_across_an_unfreeze(tmp_path: Path, name: str) -> None:
+    from lightning_modules.finetuning import FreezeUnfreeze
+
+    model = FineTuneModule(
+        backbone="timm/test_resnet",
+        weights="none",
+        image_size=32,
+        num_classes=3,
+        optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9),
+        lr_scheduler=SCHEDULERS[name],
+        scheduler_monitor="train/loss_epoch",
+    )
+    rec = _run(tmp_path, FreezeUnfreeze(unfreeze_at_epoch=1, stages=1, lr_factor=0.1), epochs=4, model=model)
+    for epoch in (1, 2, 3):
+        (head, head_lr), (stage, stage_lr) = rec.epochs[epoch]["groups"]
+        assert (head, stage) == ("head", "layer4")
+        # the new group follows the schedule at the ratio it started with: a tenth of the head
+        assert stage_lr == pytest.approx(head_lr * 0.1, rel=1e-6), (epoch, head_lr, stage_lr)
+    head_lrs = [rec.epochs[e]["groups"][0][1] for e in range(4)]
+    assert len(set(head_lrs)) > 1, f"{name} never changed the learning rate: {head_lrs}"
