@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -47,6 +47,12 @@ class FinetuneCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link data -> model (classes) at instantiation and model -> data (preprocessing) at parse time."""
+        parser.add_argument(
+            "--lr_find",
+            type=Literal["off", "print", "apply"],
+            default="off",
+            help="fit only: run Lightning's learning-rate finder first; print its suggestion, or apply it",
+        )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments(
@@ -72,6 +78,28 @@ class FinetuneCLI(LightningCLI):
             logger.version = run_dir.name
         if config.model.weights == "pretrained":
             config.model.weights = "none"  # the checkpoint holds every weight; do not download
+
+    def before_fit(self) -> None:
+        """`--lr_find print|apply`: run the learning-rate finder with the finetuning strategy in place."""
+        mode = self.config["fit"].get("lr_find", "off") if "fit" in self.config else "off"
+        if mode == "off":
+            return
+        from lightning.pytorch.tuner import Tuner
+
+        finder = Tuner(self.trainer).lr_find(self.model, datamodule=self.datamodule, update_attr=False)
+        suggestion = finder.suggestion() if finder is not None else None
+        if finder is None or suggestion is None:
+            print("Learning-rate finder: no suggestion (loss did not fall); keeping the configured rate")
+            return
+        log_dir = self.trainer.log_dir
+        if self.trainer.is_global_zero and log_dir:
+            figure = finder.plot(suggest=True)
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            figure.savefig(Path(log_dir) / "lr_find.png")  # type: ignore[union-attr]
+        print(f"Learning-rate finder suggests lr={suggestion:.3g}" + (" (applied)" if mode == "apply" else ""))
+        if mode == "apply":
+            self.model.lr = suggestion  # type: ignore[assignment]
+            self.model.hparams["lr"] = suggestion
 
     def _print_run_dir(self) -> None:
         log_dir = self.trainer.log_dir  # a collective under DDP: every process asks

@@ -62,6 +62,8 @@ class FineTuneModule(LightningModule):
         optimizer: optimizer factory; receives only the trainable parameters, as named groups.
         lr_scheduler: optional scheduler factory.
         scheduler_monitor: metric that ReduceLROnPlateau watches.
+        lr: when set, the starting learning rate of the groups the optimizer is built with (what
+            `ftlab fit --lr_find apply` sets); otherwise the optimizer's own `lr`.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class FineTuneModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_monitor: str = "val/loss",
+        lr: float | None = None,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
@@ -86,6 +89,7 @@ class FineTuneModule(LightningModule):
         self.backbone = build_backbone(backbone, weights, image_size, in_chans)
         self.head = build_head(self.backbone.num_features, num_classes, head_hidden or (), head_dropout)
         self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.lr = lr
         self.optimizer_factory: Any = optimizer
         self.scheduler_factory: Any = lr_scheduler
         self.metrics = nn.ModuleDict({f"{s}_metrics": classification_metrics(num_classes, f"{s}/") for s in STAGES})
@@ -135,6 +139,9 @@ class FineTuneModule(LightningModule):
     def configure_optimizers(self) -> Any:
         """The injected optimizer over trainable parameters only, and the scheduler if one is configured."""
         optimizer = self.optimizer_factory(self.trainable_param_groups())
+        if self.lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

@@ -103,6 +103,15 @@ def test_fit_saves_config_and_test_best_reuses_the_run_directory(in_tmp: Path) -
     hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
     assert hparams["data_config"]["input_size"] == [3, 32, 32]  # the linked preprocessing is recorded
     assert hparams["class_names"] == [str(d) for d in range(10)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(run_dir.glob("events.out.tfevents.*"))))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"lr/head", "lr/blocks.6", "lr/stem", "trainable_params", "val/acc", "train/loss_epoch"} <= set(scalars)
+    counts = [e.value for e in events.Scalars("trainable_params")]
+    assert len(counts) == 2 and counts[1] > counts[0]  # the head alone, then the unfrozen backbone too
+    assert [e.value for e in events.Scalars("lr/blocks.6")] == pytest.approx([0.0003])  # head 3e-3 x 0.1
     best = list((run_dir / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 1 and (run_dir / "checkpoints" / "last.ckpt").is_file()
     run = cli_main(
@@ -147,3 +156,29 @@ def test_bad_backbone_is_one_line_error(
         cli.main()
     err = capsys.readouterr().err
     assert "timm has no model 'efficientnet_lite9'" in err and "efficientnet_lite0" in err
+
+
+def test_lr_find_applies_its_suggestion_with_a_strategy_in_place(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "fit",
+        "--config",
+        "experiments/quickstart.yaml",
+        *TINY_MODEL,
+        "--lr_find=apply",
+        "--trainer.max_epochs=1",  # a whole epoch: the finder takes 100 batches
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batch_size=8",
+    ]
+    run = cli_main(args)
+    out = capsys.readouterr().out
+    assert "Learning-rate finder suggests lr=" in out and "(applied)" in out
+    suggested = float(out.split("suggests lr=")[1].split()[0])
+    assert run.model.lr == pytest.approx(suggested, rel=1e-2)
+    assert run.trainer.optimizers[0].param_groups[0]["name"] == "head"
+    assert run.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(suggested, rel=1e-2)
+    assert (Path(str(run.trainer.log_dir)) / "lr_find.png").is_file()
