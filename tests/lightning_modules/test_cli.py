@@ -14,7 +14,8 @@ from tests.datamodules.conftest import write_cifar, write_class_folders, write_m
 
 EXPERIMENTS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
 DATA = [e for e in EXPERIMENTS if e.startswith("experiments/data/")]
-RUNNABLE = [e for e in EXPERIMENTS if not e.endswith("defaults.yaml") and e not in DATA]
+TRAINER = [e for e in EXPERIMENTS if e.startswith("experiments/trainer/")]
+RUNNABLE = [e for e in EXPERIMENTS if not e.endswith("defaults.yaml") and e not in DATA + TRAINER]
 TINY_MODEL = ["--model.backbone=timm/test_resnet", "--model.weights=none", "--model.image_size=32"]
 
 
@@ -64,6 +65,26 @@ def test_every_dataset_config_runs_on_its_real_format(in_tmp: Path, data_config:
     assert run.trainer.state.finished
     assert run.model.class_names == run.datamodule.class_names
     assert type(run.datamodule).__name__.lower().startswith(Path(data_config).stem.replace("_", "")[:5])
+
+
+@pytest.mark.parametrize("trainer_config", TRAINER)
+def test_trainer_recipes_instantiate(in_tmp: Path, trainer_config: str) -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    # on this CPU-only machine: the recipe's strategy and settings, on one CPU process
+    args = [
+        "--config",
+        "experiments/quickstart.yaml",
+        "--config",
+        trainer_config,
+        *TINY_MODEL,
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.precision=32",
+    ]
+    run = cli_main(args, run=False)
+    assert isinstance(run.trainer.strategy, DDPStrategy)
+    assert run.config.trainer.sync_batchnorm is True
 
 
 def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) -> None:
