@@ -168,6 +168,9 @@ class ImageClassificationDataModule(LightningDataModule):
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
+        for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 < value < 1:
+                raise ConfigError(f"data.init_args.{key} must be between 0 and 1 (exclusive), got {value}")
         self.save_hyperparameters(ignore=list(self.hparams_ignore))  # hparams.yaml and checkpoints
         self.batch_size = batch_size
         self.num_workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from datamodules.base import ImageClassificationDataModule, LabeledDataset
 from datamodules.folder import folder_files
-from datamodules.images import BadSample, bad_reason
+from datamodules.images import BadSample, bad_reason, to_rgb
 from lightning_modules.errors import ConfigError
 
 HF_ID = "microsoft/cats_vs_dogs"
@@ -29,8 +29,7 @@ class HFImages(LabeledDataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image | BadSample, int]:
         try:
-            image = self.dataset[index]["image"]
-            return ImageOps.exif_transpose(image).convert("RGB"), self.targets[index]
+            return to_rgb(self.dataset[index]["image"]), self.targets[index]
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             return BadSample(f"{self.source}[{index}]", bad_reason(err)), self.targets[index]
 

@@ -40,7 +40,12 @@ def read_rgb(path: str | Path) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as raw:
             raw.load()
-            img: Image.Image = ImageOps.exif_transpose(raw)
+            return to_rgb(raw)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply EXIF orientation and convert any mode (16-bit, palette, CMYK, RGBA ...) to 8-bit RGB."""
+    img: Image.Image = ImageOps.exif_transpose(image)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits, not clip
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0

@@ -180,9 +180,20 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, optional: Sequence[str]) -> None:
-    """Load a state dict strictly, except that keys under `optional` prefixes (the old classifier) may be missing."""
+    """Load a state dict strictly, except for keys under `optional` prefixes (the old classifier, replaced anyway):
+    they may be missing, or present with another class count."""
+    is_optional = lambda k: any(k == p or k.startswith(p + ".") for p in optional)  # noqa: E731
+    state_dict = {k: v for k, v in state_dict.items() if not is_optional(k)}
+    own = model.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if wrong:
+        raise ConfigError(f"weights {source} do not fit {type(model).__name__}: wrong shapes {_preview(wrong)}")
     result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if not any(k.startswith(p) for p in optional)]
+    missing = [k for k in result.missing_keys if not is_optional(k)]
     if missing or result.unexpected_keys:
         raise ConfigError(
             f"weights {source} do not fit {type(model).__name__}: "
@@ -244,6 +255,8 @@ def _build_torchvision(arch: str, weights: str, data_config: DataConfig) -> tupl
     names = torchvision.models.list_models(module=torchvision.models)
     if arch not in names:
         raise ConfigError(f"torchvision has no classification model {arch!r}; close names: {close_names(arch, names)}")
+    if data_config.input_size[0] != 3:
+        raise ConfigError(f"torchvision/{arch} takes 3-channel images; set model.in_chans: 3 (grayscale is repeated)")
     tv_weights = None if weights == "none" or is_weights_file(weights) else _torchvision_weights(arch, weights)
     model = torchvision.models.get_model(arch, weights=tv_weights)
     classifier = _last_linear(model, arch)

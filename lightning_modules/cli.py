@@ -78,6 +78,14 @@ class FinetuneCLI(LightningCLI):
             logger.version = run_dir.name
         if config.model.weights == "pretrained":
             config.model.weights = "none"  # the checkpoint holds every weight; do not download
+            self._restore_weights = config  # put back after instantiation, so config.yaml keeps "pretrained"
+
+    def after_instantiate_classes(self) -> None:
+        """Undo the instantiation-only `weights: none` of `before_instantiate_classes` in the saved config."""
+        super().after_instantiate_classes()
+        config = getattr(self, "_restore_weights", None)
+        if config is not None:
+            config.model.weights = "pretrained"
 
     def before_fit(self) -> None:
         """`--lr_find print|apply`: run the learning-rate finder with the finetuning strategy in place."""
@@ -86,6 +94,13 @@ class FinetuneCLI(LightningCLI):
             return
         from lightning.pytorch.tuner import Tuner
 
+        from lightning_modules.finetuning import FinetuningStrategy
+
+        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(
+                callback, FinetuningStrategy
+            ):  # the finder runs without callbacks: start frozen as they would
+                callback.prepare(self.model, epoch=0)
         finder = Tuner(self.trainer).lr_find(self.model, datamodule=self.datamodule, update_attr=False)
         suggestion = finder.suggestion() if finder is not None else None
         if finder is None or suggestion is None:

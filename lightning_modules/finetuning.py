@@ -113,6 +113,14 @@ class FinetuningStrategy(BaseFinetuning):
         super().load_state_dict(state_dict)
         self.unfrozen = list(state_dict.get("unfrozen", []))
 
+    def prepare(self, pl_module: pl.LightningModule, epoch: int = 0) -> None:
+        """Set the trainable flags this strategy gives the backbone at `epoch`, without an optimizer (for tools
+        that train outside the callbacks, such as Lightning's learning-rate finder)."""
+        backbone = _backbone(pl_module)
+        due = {s.name for s in self.trainable_stages(backbone, epoch)} | set(self.unfrozen)
+        for stage in backbone.stages:
+            self._set_trainable(backbone, stage, stage.name in due)
+
     # ---------------------------------------------------------------------------------- helpers
 
     def apply_bn_policy(self, backbone: Backbone) -> None:
@@ -242,10 +250,13 @@ def register_new_groups(trainer: pl.Trainer, optimizer: Optimizer, groups: list[
             for scheduler in [config.scheduler, *getattr(config.scheduler, "_schedulers", [])]:
                 if getattr(scheduler, "optimizer", None) is not optimizer:
                     continue
-                for attr in ("base_lrs", "min_lrs", "_last_lr"):
+                for attr in ("base_lrs", "min_lrs", "_last_lr", "max_lrs"):
                     values = getattr(scheduler, attr, None)
                     if isinstance(values, list) and values:
                         values.append(values[0] * ratio)
+                lambdas = getattr(scheduler, "lr_lambdas", None)  # LambdaLR, MultiplicativeLR: the head's rule
+                if isinstance(lambdas, list) and lambdas:
+                    lambdas.append(lambdas[0])
 
 
 def rewrap_ddp(trainer: pl.Trainer) -> None:

@@ -11,7 +11,13 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 
 from lightning_modules.backbones import build_backbone
 from lightning_modules.errors import ConfigError
@@ -32,18 +38,25 @@ def build_head(in_features: int, num_classes: int, hidden: Sequence[int] = (), d
     return nn.Sequential(*layers)
 
 
-def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Accuracy (micro) and macro precision, recall and F1, keyed `<prefix>acc`, `<prefix>f1` and so on."""
+def classification_metrics(num_classes: int, prefix: str, auroc: bool = False) -> MetricCollection:
+    """Accuracy (micro) and macro precision, recall and F1 (and macro one-vs-rest AUROC), keyed `<prefix>acc`..."""
     kw: dict[str, Any] = {"num_classes": num_classes}
-    return MetricCollection(
-        {
-            "acc": MulticlassAccuracy(average="micro", **kw),
-            "precision": MulticlassPrecision(average="macro", **kw),
-            "recall": MulticlassRecall(average="macro", **kw),
-            "f1": MulticlassF1Score(average="macro", **kw),
-        },
-        prefix=prefix,
-    )
+    metrics: dict[str, Any] = {
+        "acc": MulticlassAccuracy(average="micro", **kw),
+        "precision": MulticlassPrecision(average="macro", **kw),
+        "recall": MulticlassRecall(average="macro", **kw),
+        "f1": MulticlassF1Score(average="macro", **kw),
+    }
+    if auroc:
+        metrics["auroc"] = MulticlassAUROC(average="macro", **kw)
+    return MetricCollection(metrics, prefix=prefix)
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """BatchNorm layers to SyncBatchNorm, keeping the activation that timm fuses into its BatchNormAct layers."""
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(module)
 
 
 class FineTuneModule(LightningModule):
@@ -62,6 +75,8 @@ class FineTuneModule(LightningModule):
         optimizer: optimizer factory; receives only the trainable parameters, as named groups.
         lr_scheduler: optional scheduler factory.
         scheduler_monitor: metric that ReduceLROnPlateau watches.
+        sync_batchnorm: under DDP, make BatchNorm layers use the statistics of the global batch (timm's fused
+            BatchNormAct keeps its activation; Lightning's `trainer.sync_batchnorm` would drop it).
         lr: when set, the starting learning rate of the groups the optimizer is built with (what
             `ftlab fit --lr_find apply` sets); otherwise the optimizer's own `lr`.
     """
@@ -81,6 +96,7 @@ class FineTuneModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_monitor: str = "val/loss",
         lr: float | None = None,
+        sync_batchnorm: bool = False,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
@@ -92,7 +108,15 @@ class FineTuneModule(LightningModule):
         self.lr = lr
         self.optimizer_factory: Any = optimizer
         self.scheduler_factory: Any = lr_scheduler
-        self.metrics = nn.ModuleDict({f"{s}_metrics": classification_metrics(num_classes, f"{s}/") for s in STAGES})
+        self.metrics = nn.ModuleDict(
+            {f"{s}_metrics": classification_metrics(num_classes, f"{s}/", auroc=s != "train") for s in STAGES}
+        )
+        self.per_class = nn.ModuleDict({s: MulticlassAccuracy(num_classes, average=None) for s in ("val", "test")})
+
+    def configure_model(self) -> None:
+        """Convert BatchNorm to SyncBatchNorm when asked and running on more than one process."""
+        if self.hparams["sync_batchnorm"] and self.trainer.world_size > 1:
+            self.backbone.body = sync_batchnorm(self.backbone.body)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (batch, num_classes)."""
@@ -100,15 +124,22 @@ class FineTuneModule(LightningModule):
 
     def _shared_step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor | None:
         x, y = batch[0], batch[1]
-        if y.numel() == 0:  # every image of the batch was unreadable (and reported); nothing to learn from
-            return None
+        if y.numel() == 0:  # every image of the batch was unreadable (and reported): a zero loss that still
+            # touches every trainable parameter, so DDP's gradient all-reduce matches the other processes
+            return sum((p.sum() for p in self.parameters() if p.requires_grad), torch.zeros(())) * 0.0
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
         metrics: MetricCollection = self.metrics[f"{stage}_metrics"]  # type: ignore[assignment]
         metrics.update(logits, y)
+        if stage in self.per_class:
+            self.per_class[stage].update(logits, y)  # type: ignore[operator]
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        sync = stage != "train"  # epoch-level val/test loss is averaged over processes: schedulers agree under DDP
+        self.log(
+            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=sync
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(y))
+        self._last_logits = logits.detach()
         return loss
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor | None:
@@ -119,9 +150,35 @@ class FineTuneModule(LightningModule):
         """Updates val loss and metrics."""
         self._shared_step(batch, "val")
 
-    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
-        """Updates test loss and metrics."""
-        self._shared_step(batch, "test")
+    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor] | None:
+        """Updates test loss and metrics; returns the logits for the test report."""
+        if batch[1].numel() == 0:
+            return None
+        loss = self._shared_step(batch, "test")
+        return {"loss": loss, "logits": self._last_logits} if loss is not None else None
+
+    def _log_per_class(self, stage: str) -> None:
+        metric: Any = self.per_class[stage]
+        if metric.update_called:
+            values = metric.compute()
+            for name, value in zip(self.class_names, values, strict=True):
+                self.log(f"{stage}/acc_{name}", value)
+        metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        """Per-class validation accuracy, `val/acc_<class>`."""
+        self._log_per_class("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Per-class test accuracy, `test/acc_<class>`."""
+        self._log_per_class("test")
+
+    def on_train_epoch_end(self) -> None:
+        """The overfitting gap: this epoch's train accuracy minus its validation accuracy, `gap/train_val_acc`."""
+        train_acc = self.metrics["train_metrics"]["acc"]  # type: ignore[index]
+        val_acc = self.trainer.callback_metrics.get("val/acc")
+        if train_acc.update_called and val_acc is not None:
+            self.log("gap/train_val_acc", train_acc.compute() - val_acc)
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Class probabilities of shape (batch, num_classes)."""

@@ -84,7 +84,7 @@ def test_trainer_recipes_instantiate(in_tmp: Path, trainer_config: str) -> None:
     ]
     run = cli_main(args, run=False)
     assert isinstance(run.trainer.strategy, DDPStrategy)
-    assert run.config.trainer.sync_batchnorm is True
+    assert run.config.model.sync_batchnorm is True and run.config.trainer.sync_batchnorm is False
 
 
 def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) -> None:
@@ -95,7 +95,14 @@ def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) 
     assert config.trainer.max_epochs == 2
     assert config.seed_everything == 42  # from defaults.yaml
     names = [c.class_path.rsplit(".", 1)[-1] for c in config.trainer.callbacks]
-    assert names == ["ModelCheckpoint", "ModelCheckpoint", "EarlyStopping", "TrainingStateLogger", "FreezeUnfreeze"]
+    assert names == [
+        "ModelCheckpoint",
+        "ModelCheckpoint",
+        "EarlyStopping",
+        "TrainingStateLogger",
+        "TestReport",
+        "FreezeUnfreeze",
+    ]
     assert config.data.init_args.data_config["input_size"] == [3, 32, 32]
 
 

@@ -39,10 +39,17 @@ class Recorder(pl.Callback):
 
     def __init__(self) -> None:
         self.epochs: dict[int, dict[str, Any]] = {}
+        self.at_start: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.at_start = self._snapshot(trainer, pl_module)  # after any resume, before any epoch's unfreezing
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if batch_idx:
-            return
+        if not batch_idx:
+            self.epochs[trainer.current_epoch] = self._snapshot(trainer, pl_module)
+
+    @staticmethod
+    def _snapshot(trainer: pl.Trainer, pl_module: Any) -> dict[str, Any]:
         backbone = pl_module.backbone
         state: dict[str, Any] = {"groups": [(g["name"], g["lr"]) for g in trainer.optimizers[0].param_groups]}
         for stage in backbone.stages:
@@ -53,7 +60,7 @@ class Recorder(pl.Callback):
                 "bn_training": {m.training for m in bns},
                 "bn_stats": _bn_stats(pl_module, stage.name),
             }
-        self.epochs[trainer.current_epoch] = state
+        return state
 
 
 def _fit(tmp_path: Path, callback: pl.Callback, epochs: int, model: FineTuneModule | None = None) -> tuple:
@@ -118,6 +125,9 @@ def test_resume_after_unfreeze_keeps_stages_trainable(tmp_path: Path) -> None:
         tmp_path, max_epochs=3, callbacks=[FreezeUnfreeze(unfreeze_at_epoch=1, stages=1, lr=0.01), recorder]
     )
     resumed.fit(model, train_dataloaders=_loader(), ckpt_path=ckpt)
+    start = recorder.at_start  # restored from the checkpoint, not re-unfrozen by the epoch-2 schedule
+    assert start["groups"] == [("head", pytest.approx(1e-3)), ("layer4", 0.01)]
+    assert start["layer4"]["requires_grad"] == {True} and start["layer3"]["requires_grad"] == {False}
     state = recorder.epochs[2]
     assert state["groups"] == [("head", pytest.approx(1e-3)), ("layer4", 0.01)]
     assert state["layer4"]["requires_grad"] == {True}

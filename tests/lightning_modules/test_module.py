@@ -51,3 +51,15 @@ def test_hparams_are_primitive_for_weights_only_loading() -> None:
     model = FineTuneModule(backbone="scratch/mlp", weights="none", image_size=8, num_classes=2, class_names=["a", "b"])
     primitive = (str, int, float, bool, type(None), list)
     assert all(isinstance(v, primitive) for v in model.hparams.values())
+
+
+def test_sync_batchnorm_keeps_timm_fused_activations() -> None:
+    from lightning_modules.backbones import build_backbone
+    from lightning_modules.module import sync_batchnorm
+
+    backbone = build_backbone("timm/efficientnet_lite0", weights="embedded", image_size=32).eval()
+    x = torch.rand(2, 3, 32, 32)
+    expected = backbone(x)
+    converted = sync_batchnorm(backbone.body).eval()
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
+    assert torch.allclose(converted(x).flatten(1), expected, atol=1e-6)  # the ReLU6 after each BatchNorm survives

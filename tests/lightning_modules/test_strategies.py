@@ -79,6 +79,7 @@ SCHEDULERS = {
     # mode "max" on a falling loss: a plateau every epoch, so the reduction (and the new group's floor) is exercised
     "plateau": lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0),
     "step": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+    "lambda": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5**epoch),
 }
 
 

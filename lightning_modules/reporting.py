@@ -1,0 +1,256 @@
+"""The test report: metrics.json, report.md, a confusion matrix and image grids in the run directory and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+GRID = 16  # images per grid
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through `write(tmp_path)` and rename into place, so a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def classification_report(probs: np.ndarray, targets: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Accuracy, macro precision/recall/F1, AUROC, per-class figures and the confusion matrix, as plain numbers."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+    labels = list(range(len(class_names)))
+    preds = probs.argmax(1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        targets, preds, labels=labels, average=None, zero_division=0
+    )
+    matrix = confusion_matrix(targets, preds, labels=labels)
+    present = sorted(set(targets.tolist()))
+    try:
+        if len(class_names) == 2:
+            auroc = float(roc_auc_score(targets, probs[:, 1]))
+        else:
+            auroc = float(
+                roc_auc_score(
+                    targets,
+                    probs[:, present] / probs[:, present].sum(1, keepdims=True),
+                    multi_class="ovr",
+                    average="macro",
+                    labels=present,
+                )
+            )
+    except ValueError:  # a single class in the targets: AUROC is undefined
+        auroc = float("nan")
+    return {
+        "acc": float((preds == targets).mean()),
+        "precision": float(precision.mean()),
+        "recall": float(recall.mean()),
+        "f1": float(f1.mean()),
+        "auroc": auroc,
+        "samples": len(targets),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "acc": float(recall[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def _denormalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    out = (images.float().cpu() * s + m).clamp(0, 1)
+    return out.expand(-1, 3, -1, -1) if out.shape[1] == 1 else out
+
+
+def confusion_figure(matrix: np.ndarray, class_names: list[str]) -> Any:
+    """Row-normalised confusion matrix with class names and the share in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = matrix.sum(1, keepdims=True)
+    norm = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
+    size = max(4.0, 0.6 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(class_names)):
+        for j in range(len(class_names)):
+            ax.text(
+                j,
+                i,
+                f"{norm[i, j]:.2f}",
+                ha="center",
+                va="center",
+                color="white" if norm[i, j] > 0.5 else "black",
+                fontsize=8,
+            )
+    ax.set_title("confusion matrix (rows sum to 1)")
+    fig.tight_layout()
+    return fig
+
+
+def grid_figure(samples: list[tuple[torch.Tensor, int, int, float, float]], class_names: list[str], title: str) -> Any:
+    """A grid of images titled `true -> predicted (probability)`; a loss is shown when it is what ranks them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    rows = max(1, (len(samples) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, true, pred, prob, loss) in zip(axes.flat, samples, strict=False):
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        color = "green" if true == pred else "red"
+        ax.set_title(
+            f"{class_names[true]} -> {class_names[pred]}\np={prob:.2f} loss={loss:.2f}", fontsize=8, color=color
+        )
+    fig.suptitle(title if samples else f"{title}: none")
+    fig.tight_layout()
+    return fig
+
+
+class TestReport(pl.Callback):
+    """After `ftlab test`: metrics.json, report.md, confusion_matrix.png and image grids in the run directory,
+    the same figures in TensorBoard, and the hyperparameters with the final metrics in its HParams view."""
+
+    def __init__(self, grid_size: int = GRID) -> None:
+        self.grid_size = grid_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self.probs: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.correct: list[tuple[torch.Tensor, int, int, float, float]] = []
+        self.wrong: list[tuple[torch.Tensor, int, int, float, float]] = []
+        self.top_losses: list[tuple[torch.Tensor, int, int, float, float]] = []
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start empty."""
+        self._reset()
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Keep probabilities and targets; keep a few images for the grids."""
+        if not isinstance(outputs, dict) or "logits" not in outputs:
+            return
+        logits, y = outputs["logits"].float().cpu(), batch[1].cpu()
+        probs = logits.softmax(1)
+        losses = F.cross_entropy(logits, y, reduction="none")
+        self.probs.append(probs)
+        self.targets.append(y)
+        cfg: Any = getattr(pl_module, "backbone").data_config  # noqa: B009
+        images = _denormalize(batch[0], cfg.mean, cfg.std)
+        conf, pred = probs.max(1)
+        for i in range(len(y)):
+            sample = (images[i], int(y[i]), int(pred[i]), float(conf[i]), float(losses[i]))
+            bucket = self.correct if sample[1] == sample[2] else self.wrong
+            if len(bucket) < self.grid_size:
+                bucket.append(sample)
+            self.top_losses.append(sample)
+        self.top_losses = sorted(self.top_losses, key=lambda s: -s[4])[: self.grid_size]
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the report (rank 0) into the run directory."""
+        log_dir = trainer.log_dir
+        if not self.probs or not trainer.is_global_zero or not log_dir:
+            return
+        class_names = list(pl_module.class_names)  # type: ignore[arg-type]
+        report = classification_report(torch.cat(self.probs).numpy(), torch.cat(self.targets).numpy(), class_names)
+        ckpt = getattr(trainer, "ckpt_path", None)
+        run = Path(log_dir)
+        report["checkpoint"] = str(ckpt) if ckpt else None
+        atomic_write(run / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+        figures = {
+            "confusion_matrix": confusion_figure(np.array(report["confusion_matrix"]), class_names),
+            "correct": grid_figure(self.correct, class_names, "correct predictions"),
+            "misclassified": grid_figure(self.wrong, class_names, "misclassified"),
+            "top_losses": grid_figure(self.top_losses, class_names, "highest losses"),
+        }
+        for name, fig in figures.items():
+            atomic_write(run / f"{name}.png", lambda p, f=fig: f.savefig(p, dpi=110, format="png"))
+        atomic_write(run / "report.md", lambda p: p.write_text(render_markdown(report, class_names, run)))
+        self._to_tensorboard(trainer, pl_module, report, figures)
+        import matplotlib.pyplot as plt
+
+        for fig in figures.values():
+            plt.close(fig)
+        print(f"Test report: {run / 'report.md'}")
+
+    @staticmethod
+    def _to_tensorboard(
+        trainer: pl.Trainer, pl_module: pl.LightningModule, report: dict[str, Any], figures: dict[str, Any]
+    ) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for name, fig in figures.items():
+                    logger.experiment.add_figure(f"test/{name}", fig, global_step=trainer.global_step)
+                metrics = {f"test/{k}": report[k] for k in ("acc", "precision", "recall", "f1", "auroc")}
+                logger.log_hyperparams(_flat_hparams(pl_module.hparams), metrics)
+
+
+def _flat_hparams(hparams: Any) -> dict[str, Any]:
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in dict(hparams).items()}
+
+
+def render_markdown(report: dict[str, Any], class_names: list[str], run: Path) -> str:
+    """report.md: headline metrics, a per-class table, the confusion matrix image, the config and checkpoint."""
+    lines = [
+        "# Test report",
+        "",
+        f"Checkpoint: `{report.get('checkpoint')}`  ",
+        f"Samples: {report['samples']}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {report[k]:.4f} |" for k in ("acc", "precision", "recall", "f1", "auroc")],
+        "",
+        "## Per class",
+        "",
+        "| class | precision | recall (= class accuracy) | f1 | support |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {n} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+            for n, c in report["per_class"].items()
+        ],
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "Misclassified: ![misclassified](misclassified.png)  Highest losses: ![top losses](top_losses.png)",
+        "",
+    ]
+    config = run / "config.yaml"
+    if config.is_file():
+        lines += ["## Config", "", "```yaml", config.read_text().rstrip(), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""The test report against metrics computed independently with sklearn; figures and hparams in TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
+from lightning_modules.cli import cli_main
+from tests.datamodules.conftest import write_class_folders
+
+FIGURES = ("confusion_matrix", "correct", "misclassified", "top_losses")
+
+
+def _fit_and_test(tmp: Path, classes: dict[str, int]) -> tuple[Path, np.ndarray, np.ndarray]:
+    write_class_folders(tmp / "imgs", classes)
+    common = [
+        "--config",
+        "experiments/quickstart.yaml",
+        "--config",
+        "experiments/data/image_folder.yaml",
+        "--model.backbone=timm/test_resnet",
+        "--model.weights=none",
+        "--model.image_size=32",
+        f"--data.init_args.root={tmp / 'imgs'}",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.test_fraction=0.4",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    cli_main(["fit", *common, "--trainer.max_epochs=2"])
+    run = cli_main(["test", *common, "--ckpt_path", "best"])
+    # the same predictions, independently: the model on the test loader
+    model, dm = run.model.eval(), run.datamodule
+    probs, targets = [], []
+    with torch.no_grad():
+        for x, y, _ in dm.test_dataloader():
+            probs.append(model(x).softmax(1))
+            targets.append(y)
+    return Path(str(run.trainer.log_dir)), torch.cat(probs).numpy(), torch.cat(targets).numpy()
+
+
+@pytest.mark.parametrize("classes", [{"cat": 10, "dog": 10}, {"a": 8, "b": 8, "c": 8}])
+def test_report_matches_sklearn(in_tmp: Path, classes: dict[str, int]) -> None:
+    run_dir, probs, targets = _fit_and_test(in_tmp, classes)
+    preds = probs.argmax(1)
+    report = json.loads((run_dir / "metrics.json").read_text())
+    assert report["samples"] == len(targets)
+    assert report["acc"] == pytest.approx(accuracy_score(targets, preds), abs=1e-6)
+    for key, fn in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
+        assert report[key] == pytest.approx(fn(targets, preds, average="macro", zero_division=0), abs=1e-6), key
+    expected_auc = (
+        roc_auc_score(targets, probs[:, 1])
+        if probs.shape[1] == 2
+        else roc_auc_score(targets, probs, multi_class="ovr", average="macro")
+    )
+    assert report["auroc"] == pytest.approx(expected_auc, abs=1e-4)
+    matrix = np.array(report["confusion_matrix"])
+    assert matrix.sum() == len(targets) and np.trace(matrix) == (preds == targets).sum()
+    names = sorted(classes, key=str.lower)
+    assert list(report["per_class"]) == names
+    markdown = (run_dir / "report.md").read_text()
+    assert f"| acc | {report['acc']:.4f} |" in markdown and f"| f1 | {report['f1']:.4f} |" in markdown
+    for name in names:
+        assert f"| {name} | {report['per_class'][name]['precision']:.4f} |" in markdown
+    assert "![confusion matrix](confusion_matrix.png)" in markdown and "model:" in markdown
+    for figure in FIGURES:
+        with Image.open(run_dir / f"{figure}.png") as img:
+            img.verify()
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    tags: set[str] = set()
+    for events in run_dir.glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(events)).Load():
+            tags |= {value.tag for value in event.summary.value}
+    assert {f"test/{f}" for f in FIGURES} <= tags
+    assert "_hparams_/session_start_info" in tags  # the HParams view
+    assert {"gap/train_val_acc", f"val/acc_{names[0]}", "val/auroc", f"test/acc_{names[-1]}"} <= tags
