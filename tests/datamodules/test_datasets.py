@@ -311,15 +311,26 @@ def test_unknown_augmentation_preset_is_a_clear_error() -> None:
         ImageFolderDataModule(root="anywhere", augment="fancy")
 
 
-def test_loader_defaults(tmp_path: Path) -> None:
-    import os
-
+def test_loader_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_class_folders(tmp_path / "imgs", {"a": 4, "b": 4})
-    dm = ImageFolderDataModule(
-        root=str(tmp_path / "imgs"), data_config=_config(), val_fraction=0.25, test_fraction=0.25
-    )
-    assert dm.num_workers == min(os.cpu_count() or 1, 8)
-    assert dm.pin_memory == torch.cuda.is_available()
+    kwargs: dict[str, Any] = {
+        "root": str(tmp_path / "imgs"),
+        "data_config": _config(),
+        "val_fraction": 0.25,
+        "test_fraction": 0.25,
+    }
+    for cpus, workers in ((2, 2), (64, 8), (None, 1)):
+        monkeypatch.setattr("os.cpu_count", lambda cpus=cpus: cpus)
+        assert ImageFolderDataModule(**kwargs).num_workers == workers
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert ImageFolderDataModule(**kwargs).pin_memory is True
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    dm = ImageFolderDataModule(**kwargs, num_workers=1)
+    assert dm.pin_memory is False
     dm.setup()
-    loader = dm.train_dataloader()
-    assert loader.persistent_workers == (dm.num_workers > 0)
+    assert dm.train_dataloader().persistent_workers is True
+
+
+def test_split_fractions_are_checked_with_their_key() -> None:
+    with pytest.raises(ConfigError, match=r"data\.init_args\.val_fraction must be between 0 and 1"):
+        ImageFolderDataModule(root="anywhere", val_fraction=1.5)

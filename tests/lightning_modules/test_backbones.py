@@ -123,3 +123,21 @@ def test_stage_lookup_by_name_and_index() -> None:
     assert backbone.stage("layer4") is backbone.stage(-1)
     with pytest.raises(ConfigError, match="has no stage 'layer5'"):
         backbone.stage("layer5")
+
+
+def test_weights_with_another_classifier_load_and_wrong_shapes_are_named(tmp_path: Path) -> None:
+    import timm
+
+    full = timm.create_model("test_resnet", num_classes=5).state_dict()  # a fine-tuned 5-class model's file
+    torch.save(full, tmp_path / "five.pth")
+    loaded = build_backbone("timm/test_resnet", weights=str(tmp_path / "five.pth"))
+    assert torch.equal(loaded.body.state_dict()["layer1.0.conv1.weight"], full["layer1.0.conv1.weight"])
+    full["layer1.0.conv1.weight"] = torch.zeros(1, 1, 1, 1)
+    torch.save(full, tmp_path / "bad_shape.pth")
+    with pytest.raises(ConfigError, match=r"wrong shapes \[layer1\.0\.conv1\.weight \(1, 1, 1, 1\) !="):
+        build_backbone("timm/test_resnet", weights=str(tmp_path / "bad_shape.pth"))
+
+
+def test_torchvision_needs_three_channels() -> None:
+    with pytest.raises(ConfigError, match=r"set model\.in_chans: 3"):
+        build_backbone("torchvision/resnet18", weights="none", image_size=32, in_chans=1)
