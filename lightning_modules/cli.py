@@ -47,6 +47,9 @@ class FinetuneCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link data -> model (classes) at instantiation and model -> data (preprocessing) at parse time."""
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")  # `early_stopping.patience: 3` in YAML
         parser.add_argument(
             "--lr_find",
             type=Literal["off", "print", "apply"],
