@@ -79,6 +79,31 @@ class ImageFiles(LabeledDataset):
             return BadSample(path, bad_reason(err)), self.targets[index]
 
 
+class Indexed(Dataset):
+    """(image tensor, index) of a labeled dataset, for prediction: the writer maps indices back to names."""
+
+    def __init__(self, dataset: LabeledDataset, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | BadSample, int]:
+        image, _ = self.dataset[index]
+        return (image if isinstance(image, BadSample) else self.transform(image)), index
+
+    def name(self, index: int) -> str:
+        """The file of a sample, or its position when the data is not files."""
+        paths = getattr(self.dataset, "paths", None)
+        return str(paths[index]) if paths is not None else str(index)
+
+    def label(self, index: int) -> int | None:
+        """The true label, when known."""
+        target = self.dataset.targets[index]
+        return int(target) if target >= 0 else None
+
+
 def collate_skip_bad(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, list[BadSample]]:
     """Collate the good samples into (images, labels); the bad ones ride along as a third element."""
     good = [s for s in batch if not isinstance(s[0], BadSample)]
@@ -152,6 +177,7 @@ class ImageClassificationDataModule(LightningDataModule):
         augment: training augmentation preset: none, basic, notebook, randaugment, trivialaugment.
         data_config: the backbone's preprocessing, linked from the model by the CLI.
         pin_memory: default: on when CUDA is available.
+        predict_root: a folder of images for `ftlab predict` (any layout); default: the test split.
     """
 
     hparams_ignore: tuple[str, ...] = ()
@@ -166,6 +192,7 @@ class ImageClassificationDataModule(LightningDataModule):
         augment: str = "basic",
         data_config: dict[str, Any] | None = None,
         pin_memory: bool | None = None,
+        predict_root: str | None = None,
     ) -> None:
         super().__init__()
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -180,6 +207,8 @@ class ImageClassificationDataModule(LightningDataModule):
         self.augment = augment
         self.data_config = DataConfig.from_dict(data_config) if data_config else DataConfig()
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.predict_root = predict_root
+        self.predict_set: Indexed | None = None
         train_transform(self.data_config, augment)  # fail on a bad preset now, not at setup
         self.datasets: dict[str, Transformed] = {}
         self.skipped: set[tuple[str, str, str]] = set()  # (split, path, reason) of files that could not be read
@@ -236,16 +265,18 @@ class ImageClassificationDataModule(LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the batch's unreadable files; the model sees only (images, labels)."""
         if isinstance(batch, list | tuple) and len(batch) == 3 and isinstance(batch[2], list):
-            split = (
-                "train"
-                if self.trainer and self.trainer.training
-                else "val"
-                if self.trainer and (self.trainer.validating or self.trainer.sanity_checking)
-                else "test"
-            )
+            split = self._current_split()
             self.skipped |= {(split, b.path, b.reason) for b in batch[2]}
             return batch[0], batch[1]
         return batch
+
+    def _current_split(self) -> str:
+        trainer = self.trainer
+        if trainer is None or trainer.testing:
+            return "test"
+        if trainer.predicting:
+            return "predict"
+        return "train" if trainer.training else "val"
 
     def teardown(self, stage: str) -> None:
         """Merge the files that could not be read into `bad_images.csv` in the run directory."""
@@ -267,8 +298,28 @@ class ImageClassificationDataModule(LightningDataModule):
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        """The test split, for `ftlab predict` on a DataModule."""
-        return self._loader("test")
+        """`predict_root`'s images (every file with an image extension; unreadable ones become error rows), or
+        the test split. Batches carry sample indices in place of labels."""
+        if self.predict_root is not None:
+            root = Path(self.predict_root)
+            if not root.is_dir():
+                raise ConfigError(f"data.init_args.predict_root {root.resolve()} is not a folder of images")
+            from datamodules.images import list_images
+
+            files = ImageFiles([(p, -1) for p in list_images(root)])
+            self.skipped |= {("predict", b.path, b.reason) for b in files.rejected}
+            raw: LabeledDataset = files
+        else:
+            self.setup("predict")
+            raw = self.datasets["test"].dataset
+        self.predict_set = Indexed(raw, eval_transform(self.data_config))
+        return DataLoader(
+            self.predict_set,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate_skip_bad,
+        )
 
 
 def _gather(rows: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:

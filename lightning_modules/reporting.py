@@ -254,3 +254,59 @@ def render_markdown(report: dict[str, Any], class_names: list[str], run: Path) -
     if config.is_file():
         lines += ["## Config", "", "```yaml", config.read_text().rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+class PredictionWriter(pl.Callback):
+    """`ftlab predict` writes `predictions.csv` in the run directory: one row per file (or sample) with the
+    predicted class and one probability column per class; files that could not be read are rows with an error."""
+
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start empty."""
+        self.rows: list[list[Any]] = []
+
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """One row per sample of the batch."""
+        dataset = getattr(trainer.datamodule, "predict_set", None)  # type: ignore[attr-defined]
+        if dataset is None or outputs is None:
+            return
+        names = list(pl_module.class_names)  # type: ignore[arg-type]
+        for index, probs in zip(batch[1].tolist(), outputs.float().cpu().tolist(), strict=True):
+            label = dataset.label(index)
+            true = names[label] if label is not None else ""
+            best = max(range(len(probs)), key=probs.__getitem__)
+            self.rows.append([dataset.name(index), true, names[best], *(f"{p:.6f}" for p in probs), ""])
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Add the unreadable files and write the CSV (rank 0)."""
+        import csv
+
+        log_dir = trainer.log_dir
+        if not trainer.is_global_zero or not log_dir:
+            return
+        names = list(pl_module.class_names)  # type: ignore[arg-type]
+        skipped: set[tuple[str, str, str]] = getattr(trainer.datamodule, "skipped", set())  # type: ignore[attr-defined]
+        errors: list[list[Any]] = [
+            [path, "", "", *([""] * len(names)), reason]
+            for split, path, reason in sorted(skipped)
+            if split == "predict"
+        ]
+        header = ["path", "true", "predicted", *(f"prob_{n}" for n in names), "error"]
+
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(header)
+                writer.writerows(sorted(self.rows + errors, key=lambda row: str(row[0])))  # type: ignore[index]
+
+        atomic_write(Path(log_dir) / "predictions.csv", write)
+        print(
+            f"Predictions: {Path(log_dir) / 'predictions.csv'} ({len(self.rows)} predicted, {len(errors)} unreadable)"
+        )

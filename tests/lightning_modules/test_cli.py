@@ -113,6 +113,7 @@ def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) 
         "ModelCheckpoint",
         "TrainingStateLogger",
         "TestReport",
+        "PredictionWriter",
         "FreezeUnfreeze",
     ]
     assert config.data.init_args.data_config["input_size"] == [3, 32, 32]

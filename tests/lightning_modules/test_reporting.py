@@ -82,3 +82,50 @@ def test_report_matches_sklearn(in_tmp: Path, classes: dict[str, int]) -> None:
     assert {f"test/{f}" for f in FIGURES} <= tags
     assert "_hparams_/session_start_info" in tags  # the HParams view
     assert {"gap/train_val_acc", f"val/acc_{names[0]}", "val/auroc", f"test/acc_{names[-1]}"} <= tags
+
+
+def test_predict_folder_writes_csv_with_an_error_row(in_tmp: Path) -> None:
+    import csv
+
+    write_class_folders(in_tmp / "imgs", {"cat": 6, "dog": 6})
+    inbox = in_tmp / "inbox"
+    write_class_folders(inbox, {"new": 3})
+    (inbox / "new" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (inbox / "new" / "truncated.jpg").write_bytes((inbox / "new" / "img_0.jpg").read_bytes()[:200])
+    common = [
+        "--config",
+        "experiments/quickstart.yaml",
+        "--config",
+        "experiments/data/image_folder.yaml",
+        "--model.backbone=timm/test_resnet",
+        "--model.weights=none",
+        "--model.image_size=32",
+        f"--data.init_args.root={in_tmp / 'imgs'}",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
+        "--trainer.enable_progress_bar=false",
+    ]
+    cli_main(["fit", *common, "--trainer.max_epochs=1"])
+    run = cli_main(["predict", *common, "--ckpt_path", "best", f"--data.init_args.predict_root={inbox}"])
+    with (Path(str(run.trainer.log_dir)) / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["path"]).name for r in rows] == [
+        "broken.jpg",
+        "img_0.jpg",
+        "img_1.jpg",
+        "img_2.jpg",
+        "truncated.jpg",
+    ]
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["broken.jpg"]["error"] and by_name["truncated.jpg"]["error"]
+    assert by_name["broken.jpg"]["predicted"] == ""
+    model = run.model.eval()
+    for name in ("img_0.jpg", "img_1.jpg", "img_2.jpg"):
+        row = by_name[name]
+        probs = [float(row["prob_cat"]), float(row["prob_dog"])]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5) and row["error"] == ""
+        assert row["predicted"] == ["cat", "dog"][int(np.argmax(probs))]
+        x = run.datamodule.predict_set.transform(Image.open(inbox / "new" / name).convert("RGB"))
+        with torch.no_grad():
+            expected = model(x.unsqueeze(0)).softmax(1)[0]
+        assert probs == pytest.approx(expected.tolist(), abs=1e-5)  # the same numbers as the model by hand
