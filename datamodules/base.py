@@ -79,31 +79,6 @@ class ImageFiles(LabeledDataset):
             return BadSample(path, bad_reason(err)), self.targets[index]
 
 
-class Indexed(Dataset):
-    """(image tensor, index) of a labeled dataset, for prediction: the writer maps indices back to names."""
-
-    def __init__(self, dataset: LabeledDataset, transform: Callable[[Any], torch.Tensor]) -> None:
-        self.dataset = dataset
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | BadSample, int]:
-        image, _ = self.dataset[index]
-        return (image if isinstance(image, BadSample) else self.transform(image)), index
-
-    def name(self, index: int) -> str:
-        """The file of a sample, or its position when the data is not files."""
-        paths = getattr(self.dataset, "paths", None)
-        return str(paths[index]) if paths is not None else str(index)
-
-    def label(self, index: int) -> int | None:
-        """The true label, when known."""
-        target = self.dataset.targets[index]
-        return int(target) if target >= 0 else None
-
-
 def collate_skip_bad(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, list[BadSample]]:
     """Collate the good samples into (images, labels); the bad ones ride along as a third element."""
     good = [s for s in batch if not isinstance(s[0], BadSample)]
@@ -127,6 +102,24 @@ class Transformed(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | BadSample, int]:
         image, label = self.dataset[index]
         return (image if isinstance(image, BadSample) else self.transform(image)), label
+
+
+class Indexed(Transformed):
+    """(image tensor, index) of a labeled dataset, for prediction: the writer maps indices back to names."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | BadSample, int]:
+        image, _ = super().__getitem__(index)
+        return image, index
+
+    def name(self, index: int) -> str:
+        """The file of a sample, or its position when the data is not files."""
+        paths = getattr(self.dataset, "paths", None)
+        return str(paths[index]) if paths is not None else str(index)
+
+    def label(self, index: int) -> int | None:
+        """The true label, when known."""
+        target = self.dataset.targets[index]
+        return int(target) if target >= 0 else None
 
 
 class EpochShuffle(RandomSampler):

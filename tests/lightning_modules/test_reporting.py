@@ -17,9 +17,9 @@ from tests.datamodules.conftest import write_class_folders
 FIGURES = ("confusion_matrix", "correct", "misclassified", "top_losses")
 
 
-def _fit_and_test(tmp: Path, classes: dict[str, int]) -> tuple[Path, np.ndarray, np.ndarray]:
-    write_class_folders(tmp / "imgs", classes)
-    common = [
+def _folder_args(root: Path, batch_size: int) -> list[str]:
+    """The quickstart on an image folder with a tiny stand-in backbone."""
+    return [
         "--config",
         "experiments/quickstart.yaml",
         "--config",
@@ -27,11 +27,18 @@ def _fit_and_test(tmp: Path, classes: dict[str, int]) -> tuple[Path, np.ndarray,
         "--model.backbone=timm/test_resnet",
         "--model.weights=none",
         "--model.image_size=32",
-        f"--data.init_args.root={tmp / 'imgs'}",
-        "--data.init_args.batch_size=8",
+        f"--data.init_args.root={root}",
+        f"--data.init_args.batch_size={batch_size}",
         "--data.init_args.num_workers=0",
-        "--data.init_args.test_fraction=0.4",
         "--trainer.enable_progress_bar=false",
+    ]
+
+
+def _fit_and_test(tmp: Path, classes: dict[str, int]) -> tuple[Path, np.ndarray, np.ndarray]:
+    write_class_folders(tmp / "imgs", classes)
+    common = [
+        *_folder_args(tmp / "imgs", batch_size=8),
+        "--data.init_args.test_fraction=0.4",
         "--trainer.enable_model_summary=false",
     ]
     cli_main(["fit", *common, "--trainer.max_epochs=2"])
@@ -92,19 +99,7 @@ def test_predict_folder_writes_csv_with_an_error_row(in_tmp: Path) -> None:
     write_class_folders(inbox, {"new": 3})
     (inbox / "new" / "broken.jpg").write_bytes(b"not a jpeg at all")
     (inbox / "new" / "truncated.jpg").write_bytes((inbox / "new" / "img_0.jpg").read_bytes()[:200])
-    common = [
-        "--config",
-        "experiments/quickstart.yaml",
-        "--config",
-        "experiments/data/image_folder.yaml",
-        "--model.backbone=timm/test_resnet",
-        "--model.weights=none",
-        "--model.image_size=32",
-        f"--data.init_args.root={in_tmp / 'imgs'}",
-        "--data.init_args.batch_size=4",
-        "--data.init_args.num_workers=0",
-        "--trainer.enable_progress_bar=false",
-    ]
+    common = _folder_args(in_tmp / "imgs", batch_size=4)
     cli_main(["fit", *common, "--trainer.max_epochs=1"])
     run = cli_main(["predict", *common, "--ckpt_path", "best", f"--data.init_args.predict_root={inbox}"])
     with (Path(str(run.trainer.log_dir)) / "predictions.csv").open() as f:
