@@ -132,12 +132,55 @@ def grid_figure(samples: list[tuple[torch.Tensor, int, int, float, float]], clas
     return fig
 
 
+def first_layer_figures(backbone: Any, image: torch.Tensor) -> dict[str, Any]:
+    """The first convolution's kernels (as RGB tiles) and its feature maps for one image (the course figures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conv = next((m for m in backbone.body.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if conv is None:
+        return {}
+    weights = conv.weight.detach().float().cpu()[:32]
+    kernels = (weights - weights.amin(dim=(1, 2, 3), keepdim=True)) / (
+        weights.amax(dim=(1, 2, 3), keepdim=True) - weights.amin(dim=(1, 2, 3), keepdim=True) + 1e-8
+    )
+    with torch.no_grad():
+        maps = conv(image.unsqueeze(0).to(conv.weight.device, conv.weight.dtype))[0, :16].float().cpu()
+    figures = {}
+    for name, tiles, title in (
+        ("first_layer_kernels", kernels, f"first-layer kernels ({tuple(conv.weight.shape)})"),
+        ("feature_maps", maps, "first-layer feature maps of one test image"),
+    ):
+        cols = 8
+        rows = max(1, (len(tiles) + cols - 1) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.3), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, tile in zip(axes.flat, tiles, strict=False):
+            if tile.dim() == 3 and tile.shape[0] == 3:  # an RGB kernel
+                ax.imshow(tile.permute(1, 2, 0).numpy())
+            else:  # a feature map, or a kernel over other channel counts
+                ax.imshow((tile.mean(0) if tile.dim() == 3 else tile).numpy(), cmap="viridis")
+        fig.suptitle(title)
+        fig.tight_layout()
+        figures[name] = fig
+    return figures
+
+
 class TestReport(pl.Callback):
     """After `ftlab test`: metrics.json, report.md, confusion_matrix.png and image grids in the run directory,
-    the same figures in TensorBoard, and the hyperparameters with the final metrics in its HParams view."""
+    the same figures in TensorBoard, and the hyperparameters with the final metrics in its HParams view.
 
-    def __init__(self, grid_size: int = GRID) -> None:
+    Args:
+        grid_size: images per grid.
+        layer_figures: also draw the first layer's kernels and its feature maps for one test image.
+    """
+
+    def __init__(self, grid_size: int = GRID, layer_figures: bool = True) -> None:
         self.grid_size = grid_size
+        self.layer_figures = layer_figures
         self._reset()
 
     def _reset(self) -> None:
@@ -196,6 +239,13 @@ class TestReport(pl.Callback):
             "misclassified": grid_figure(self.wrong, class_names, "misclassified"),
             "top_losses": grid_figure(self.top_losses, class_names, "highest losses"),
         }
+        if self.layer_figures and self.correct + self.wrong:
+            cfg = getattr(pl_module, "backbone").data_config  # noqa: B009
+            first = (self.correct + self.wrong)[0][0]
+            normalized = (first - torch.tensor(cfg.mean).view(-1, 1, 1)[: first.shape[0]]) / torch.tensor(cfg.std).view(
+                -1, 1, 1
+            )[: first.shape[0]]
+            figures |= first_layer_figures(getattr(pl_module, "backbone"), normalized[: cfg.input_size[0]])  # noqa: B009
         for name, fig in figures.items():
             atomic_write(run / f"{name}.png", lambda p, f=fig: f.savefig(p, dpi=110, format="png"))
         atomic_write(run / "report.md", lambda p: p.write_text(render_markdown(report, class_names, run)))

@@ -14,7 +14,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 from lightning_modules.cli import cli_main
 from tests.datamodules.conftest import write_class_folders
 
-FIGURES = ("confusion_matrix", "correct", "misclassified", "top_losses")
+FIGURES = ("confusion_matrix", "correct", "misclassified", "top_losses", "first_layer_kernels", "feature_maps")
 
 
 def _folder_args(root: Path, batch_size: int) -> list[str]:
