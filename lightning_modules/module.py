@@ -162,7 +162,7 @@ class FineTuneModule(LightningModule):
         if metric.update_called:
             values = metric.compute()
             for name, value in zip(self.class_names, values, strict=True):
-                self.log(f"{stage}/acc_{name}", value)
+                self.log(f"{stage}/acc_{name}", value, sync_dist=True)  # already global: torchmetrics syncs
         metric.reset()
 
     def on_validation_epoch_end(self) -> None:
@@ -178,7 +178,7 @@ class FineTuneModule(LightningModule):
         train_acc = self.metrics["train_metrics"]["acc"]  # type: ignore[index]
         val_acc = self.trainer.callback_metrics.get("val/acc")
         if train_acc.update_called and val_acc is not None:
-            self.log("gap/train_val_acc", train_acc.compute() - val_acc)
+            self.log("gap/train_val_acc", train_acc.compute() - val_acc, sync_dist=True)
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Class probabilities of shape (batch, num_classes)."""

@@ -223,12 +223,24 @@ class TestReport(pl.Callback):
         self.top_losses = sorted(self.top_losses, key=lambda s: -s[4])[: self.grid_size]
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the report (rank 0) into the run directory."""
-        log_dir = trainer.log_dir
-        if not self.probs or not trainer.is_global_zero or not log_dir:
+        """Write the report (rank 0) into the run directory; under DDP the predictions of every process."""
+        if not self.probs:  # no test batch (every process alike: shards are even)
+            return
+        log_dir = trainer.log_dir  # collectives first, on every process
+        probs, targets = torch.cat(self.probs), torch.cat(self.targets)
+        if trainer.world_size > 1:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                "test report under DDP: the distributed sampler repeats a few samples to even out the "
+                "shards; for exact figures run `ftlab test` with --trainer.devices 1"
+            )
+            probs = trainer.strategy.all_gather(probs).reshape(-1, probs.shape[-1]).cpu()
+            targets = trainer.strategy.all_gather(targets).reshape(-1).cpu()
+        if not trainer.is_global_zero or not log_dir:
             return
         class_names = list(pl_module.class_names)  # type: ignore[arg-type]
-        report = classification_report(torch.cat(self.probs).numpy(), torch.cat(self.targets).numpy(), class_names)
+        report = classification_report(probs.numpy(), targets.numpy(), class_names)
         ckpt = getattr(trainer, "ckpt_path", None)
         run = Path(log_dir)
         report["checkpoint"] = str(ckpt) if ckpt else None

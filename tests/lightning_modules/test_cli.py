@@ -224,3 +224,8 @@ def test_lr_find_applies_its_suggestion_with_a_strategy_in_place(
     assert run.trainer.optimizers[0].param_groups[0]["name"] == "head"
     assert run.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(suggested, rel=1e-2)
     assert (Path(str(run.trainer.log_dir)) / "lr_find.png").is_file()
+
+
+def test_the_experiment_lists_are_found() -> None:
+    # a parametrized test over an empty list passes silently: make sure every kind of config is present
+    assert len(RUNNABLE) >= 11 and len(DATA) == 5 and TRAINER

@@ -34,7 +34,7 @@ data:
 """
 
 
-def _ftlab(cwd: Path, *args: str, callbacks: str = "") -> subprocess.CompletedProcess[str]:
+def _ftlab(cwd: Path, *args: str, callbacks: str = "", command: str = "fit") -> subprocess.CompletedProcess[str]:
     (cwd / "exp.yaml").write_text(STRATEGY)
     (cwd / "extra.yaml").write_text(f"trainer:\n  callbacks+:\n{callbacks}" if callbacks else "{}\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -42,7 +42,7 @@ def _ftlab(cwd: Path, *args: str, callbacks: str = "") -> subprocess.CompletedPr
         sys.executable,
         "-m",
         "lightning_modules.cli",
-        "fit",
+        command,
         "--config",
         "exp.yaml",
         "--config",
@@ -113,3 +113,18 @@ def test_ddp_two_cpu_processes_cross_an_unfreeze(in_tmp: Path) -> None:
     # Two processes see half the batches each (different order, gradient averaged over 2x16): the stated
     # tolerance on validation accuracy after 4 short epochs of digits is 0.15.
     assert abs(rank0["val_acc"] - solo["val_acc"]) <= 0.15, (rank0["val_acc"], solo["val_acc"])
+
+    # the test report gathers both processes' predictions (no hang in its collectives)
+    tested = _ftlab(
+        in_tmp,
+        "--trainer.logger.init_args.name=ddp",
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--ckpt_path",
+        "last",
+        command="test",
+    )
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    report = _read(in_tmp / "runs" / "ddp" / "version_0" / "metrics.json")
+    assert report["samples"] == 360  # the 360 test digits split evenly over two processes, gathered
