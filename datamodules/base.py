@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 from datamodules.images import BadSample, bad_reason, check_header, read_rgb, write_bad_images
 from datamodules.transforms import eval_transform, train_transform
 from lightning_modules.backbones import DataConfig
+from lightning_modules.distributed import gather_lists
 from lightning_modules.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -112,9 +113,13 @@ class Indexed(Transformed):
         return image, index
 
     def name(self, index: int) -> str:
-        """The file of a sample, or its position when the data is not files."""
-        paths = getattr(self.dataset, "paths", None)
-        return str(paths[index]) if paths is not None else str(index)
+        """The file of a sample (through any Subset), or its position when the data is not files."""
+        dataset: Any = self.dataset
+        position = index
+        while isinstance(dataset, Subset):
+            position, dataset = dataset.indices[position], dataset.dataset
+        paths = getattr(dataset, "paths", None)
+        return str(paths[position]) if paths is not None else str(index)
 
     def label(self, index: int) -> int | None:
         """The true label, when known."""
@@ -273,7 +278,7 @@ class ImageClassificationDataModule(LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         """Merge the files that could not be read into `bad_images.csv` in the run directory."""
-        rows = _gather(self.skipped)
+        rows = {tuple(r) for r in gather_lists(sorted(self.skipped))}
         log_dir = self.trainer.log_dir if self.trainer is not None else None
         if rows and log_dir and self.trainer is not None and self.trainer.is_global_zero:
             write_bad_images(Path(log_dir) / "bad_images.csv", sorted(rows))
@@ -313,14 +318,3 @@ class ImageClassificationDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
             collate_fn=collate_skip_bad,
         )
-
-
-def _gather(rows: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
-    """Union of every process's rows under DDP; the rows themselves otherwise."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return set(rows)
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, sorted(rows))
-    return {tuple(r) for part in parts for r in part}  # type: ignore[misc]

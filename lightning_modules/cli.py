@@ -10,7 +10,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from datamodules.base import ImageClassificationDataModule
-from lightning_modules.backbones import data_config_dict
+from lightning_modules.backbones import data_config_dict, is_weights_file
 from lightning_modules.errors import ConfigError
 from lightning_modules.module import FineTuneModule
 
@@ -79,16 +79,18 @@ class FinetuneCLI(LightningCLI):
         run_dir = ckpt_path.parent.parent
         if logger is not None and run_dir.parent == Path(logger.save_dir) / logger.name:
             logger.version = run_dir.name
-        if config.model.weights == "pretrained":
-            config.model.weights = "none"  # the checkpoint holds every weight; do not download
-            self._restore_weights = config  # put back after instantiation, so config.yaml keeps "pretrained"
+        weights = config.model.weights
+        if weights not in ("none", "embedded") and not is_weights_file(weights):
+            config.model.weights = "none"  # the checkpoint holds every weight: download nothing
+            self._restore_weights = (config, weights)  # put back after instantiation, for config.yaml
 
     def after_instantiate_classes(self) -> None:
         """Undo the instantiation-only `weights: none` of `before_instantiate_classes` in the saved config."""
         super().after_instantiate_classes()
-        config = getattr(self, "_restore_weights", None)
-        if config is not None:
-            config.model.weights = "pretrained"
+        restore = getattr(self, "_restore_weights", None)
+        if restore is not None:
+            config, weights = restore
+            config.model.weights = weights
 
     def before_fit(self) -> None:
         """`--lr_find print|apply`: run the learning-rate finder with the finetuning strategy in place."""

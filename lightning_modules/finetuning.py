@@ -124,12 +124,17 @@ class FinetuningStrategy(BaseFinetuning):
     # ---------------------------------------------------------------------------------- helpers
 
     def apply_bn_policy(self, backbone: Backbone) -> None:
-        """Eval mode for BatchNorm in frozen stages (and in unfrozen ones when `train_bn` is False)."""
+        """A frozen stage that is one module (`layer4`, `features.3`) is wholly in eval mode: BatchNorm statistics,
+        dropout and stochastic depth all off, a fixed feature extractor. Otherwise BatchNorm is in eval mode in
+        frozen stages, and in unfrozen ones when `train_bn` is False."""
         for stage in backbone.stages:
-            trains = stage.name in self.unfrozen and self.train_bn
-            for module in backbone.stage_modules(stage):
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.train(trains and backbone.training)
+            unfrozen = stage.name in self.unfrozen
+            module = _submodule(backbone.body, stage.name)
+            if module is not None:
+                module.train(unfrozen and backbone.training)
+            for m in backbone.stage_modules(stage):
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train(unfrozen and self.train_bn and backbone.training)
 
     def _set_trainable(self, backbone: Backbone, stage: Stage, trainable: bool) -> None:
         bn_params = {
@@ -273,6 +278,13 @@ def rewrap_ddp(trainer: pl.Trainer) -> None:
         return
     strategy.model = strategy.model.module
     strategy.configure_ddp()
+
+
+def _submodule(body: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return body.get_submodule(name)
+    except AttributeError:  # a stage of loose parameters (`stem`), not one module
+        return None
 
 
 def _backbone(pl_module: pl.LightningModule) -> Backbone:

@@ -115,7 +115,7 @@ class FineTuneModule(LightningModule):
 
     def configure_model(self) -> None:
         """Convert BatchNorm to SyncBatchNorm when asked and running on more than one process."""
-        if self.hparams["sync_batchnorm"] and self.trainer.world_size > 1:
+        if self.hparams["sync_batchnorm"] and self._trainer is not None and self.trainer.world_size > 1:
             self.backbone.body = sync_batchnorm(self.backbone.body)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +183,8 @@ class FineTuneModule(LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Class probabilities of shape (batch, num_classes)."""
         x = batch[0] if isinstance(batch, list | tuple) else batch
+        if x.numel() == 0:  # every file of the batch was unreadable (they become error rows)
+            return torch.empty(0, self.hparams["num_classes"], device=self.device)
         return self(x).softmax(dim=1)
 
     def trainable_param_groups(self) -> list[dict[str, Any]]:

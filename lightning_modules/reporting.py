@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lightning_modules.distributed import gather_lists
+
 GRID = 16  # images per grid
 
 
@@ -33,10 +35,14 @@ def classification_report(probs: np.ndarray, targets: np.ndarray, class_names: l
         targets, preds, labels=labels, average=None, zero_division=0
     )
     matrix = confusion_matrix(targets, preds, labels=labels)
+    # macro averages over the classes that occur (in the targets or the predictions), as sklearn and torchmetrics do
+    seen = sorted(set(targets.tolist()) | set(preds.tolist()))
+    macro = precision_recall_fscore_support(targets, preds, labels=seen, average="macro", zero_division=0)
     present = sorted(set(targets.tolist()))
     try:
-        if len(class_names) == 2:
-            auroc = float(roc_auc_score(targets, probs[:, 1]))
+        if len(present) == 2:  # binary, also when only two of more classes occur
+            pair = probs[:, present]
+            auroc = float(roc_auc_score(targets == present[1], pair[:, 1] / pair.sum(1)))
         else:
             auroc = float(
                 roc_auc_score(
@@ -51,9 +57,9 @@ def classification_report(probs: np.ndarray, targets: np.ndarray, class_names: l
         auroc = float("nan")
     return {
         "acc": float((preds == targets).mean()),
-        "precision": float(precision.mean()),
-        "recall": float(recall.mean()),
-        "f1": float(f1.mean()),
+        "precision": float(macro[0]),
+        "recall": float(macro[1]),
+        "f1": float(macro[2]),
         "auroc": auroc,
         "samples": len(targets),
         "per_class": {
@@ -215,7 +221,7 @@ class TestReport(pl.Callback):
         images = _denormalize(batch[0], cfg.mean, cfg.std)
         conf, pred = probs.max(1)
         for i in range(len(y)):
-            sample = (images[i], int(y[i]), int(pred[i]), float(conf[i]), float(losses[i]))
+            sample = (images[i].clone(), int(y[i]), int(pred[i]), float(conf[i]), float(losses[i]))
             bucket = self.correct if sample[1] == sample[2] else self.wrong
             if len(bucket) < self.grid_size:
                 bucket.append(sample)
@@ -224,10 +230,13 @@ class TestReport(pl.Callback):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the report (rank 0) into the run directory; under DDP the predictions of every process."""
-        if not self.probs:  # no test batch (every process alike: shards are even)
-            return
-        log_dir = trainer.log_dir  # collectives first, on every process
-        probs, targets = torch.cat(self.probs), torch.cat(self.targets)
+        num_classes = int(pl_module.hparams["num_classes"])
+        local = (
+            torch.cat(self.probs) if self.probs else torch.empty(0, num_classes),
+            torch.cat(self.targets) if self.targets else torch.empty(0, dtype=torch.long),
+        )
+        parts = gather_lists([local])  # every process, before anyone returns (a collective under DDP)
+        log_dir = trainer.log_dir  # also a collective
         if trainer.world_size > 1:
             from lightning.pytorch.utilities import rank_zero_warn
 
@@ -235,9 +244,9 @@ class TestReport(pl.Callback):
                 "test report under DDP: the distributed sampler repeats a few samples to even out the "
                 "shards; for exact figures run `ftlab test` with --trainer.devices 1"
             )
-            probs = trainer.strategy.all_gather(probs).reshape(-1, probs.shape[-1]).cpu()
-            targets = trainer.strategy.all_gather(targets).reshape(-1).cpu()
-        if not trainer.is_global_zero or not log_dir:
+        probs = torch.cat([p for p, _ in parts])
+        targets = torch.cat([t for _, t in parts])
+        if not len(targets) or not trainer.is_global_zero or not log_dir:
             return
         class_names = list(pl_module.class_names)  # type: ignore[arg-type]
         report = classification_report(probs.numpy(), targets.numpy(), class_names)
@@ -350,14 +359,15 @@ class PredictionWriter(pl.Callback):
         """Add the unreadable files and write the CSV (rank 0)."""
         import csv
 
+        rows = gather_lists(getattr(self, "rows", []))  # every process's share (collectives first)
+        skipped = gather_lists(sorted(getattr(trainer.datamodule, "skipped", set())))  # type: ignore[attr-defined]
         log_dir = trainer.log_dir
         if not trainer.is_global_zero or not log_dir:
             return
         names = list(pl_module.class_names)  # type: ignore[arg-type]
-        skipped: set[tuple[str, str, str]] = getattr(trainer.datamodule, "skipped", set())  # type: ignore[attr-defined]
         errors: list[list[Any]] = [
             [path, "", "", *([""] * len(names)), reason]
-            for split, path, reason in sorted(skipped)
+            for split, path, reason in sorted({tuple(r) for r in skipped})
             if split == "predict"
         ]
         header = ["path", "true", "predicted", *(f"prob_{n}" for n in names), "error"]
@@ -366,9 +376,7 @@ class PredictionWriter(pl.Callback):
             with tmp.open("w", newline="") as f:
                 writer = csv.writer(f)
                 writer.writerow(header)
-                writer.writerows(sorted(self.rows + errors, key=lambda row: str(row[0])))  # type: ignore[index]
+                writer.writerows(sorted(rows + errors, key=lambda row: str(row[0])))  # type: ignore[index]
 
         atomic_write(Path(log_dir) / "predictions.csv", write)
-        print(
-            f"Predictions: {Path(log_dir) / 'predictions.csv'} ({len(self.rows)} predicted, {len(errors)} unreadable)"
-        )
+        print(f"Predictions: {Path(log_dir) / 'predictions.csv'} ({len(rows)} predicted, {len(errors)} unreadable)")

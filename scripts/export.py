@@ -41,7 +41,7 @@ def export(ckpt: Path, out_dir: Path, batch_size: int = 4, seed: int = 0) -> dic
     out_dir.mkdir(parents=True, exist_ok=True)
     batch = {"x": {0: torch.export.Dim("batch", min=1)}}
 
-    onnx_path, tmp = out_dir / "model.onnx", out_dir / ".model.onnx.tmp"
+    onnx_path, tmp = out_dir / "model.onnx", out_dir / ".model.tmp.onnx"
     torch.onnx.export(
         model,
         (x,),
@@ -56,7 +56,7 @@ def export(ckpt: Path, out_dir: Path, batch_size: int = 4, seed: int = 0) -> dic
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
-    program_path, tmp = out_dir / "model.pt2", out_dir / ".model.pt2.tmp"
+    program_path, tmp = out_dir / "model.pt2", out_dir / ".model.tmp.pt2"
     torch.export.save(torch.export.export(model, (x,), dynamic_shapes=batch), str(tmp))
     os.replace(tmp, program_path)
     with torch.no_grad():

@@ -124,3 +124,37 @@ def test_predict_folder_writes_csv_with_an_error_row(in_tmp: Path) -> None:
         with torch.no_grad():
             expected = model(x.unsqueeze(0)).softmax(1)[0]
         assert probs == pytest.approx(expected.tolist(), abs=1e-5)  # the same numbers as the model by hand
+
+
+def test_report_metrics_with_an_absent_class_follow_sklearn() -> None:
+    from lightning_modules.reporting import classification_report
+
+    rng = np.random.default_rng(0)
+    targets = np.array([0, 0, 2, 2, 2, 0])  # class 1 never occurs
+    probs = rng.dirichlet(np.ones(3), size=len(targets))
+    report = classification_report(probs, targets, ["a", "b", "c"])
+    preds = probs.argmax(1)
+    assert report["recall"] == pytest.approx(recall_score(targets, preds, average="macro", zero_division=0))
+    assert report["f1"] == pytest.approx(f1_score(targets, preds, average="macro", zero_division=0))
+    pair = probs[:, [0, 2]]
+    assert report["auroc"] == pytest.approx(roc_auc_score(targets == 2, pair[:, 1] / pair.sum(1)))
+    assert report["per_class"]["b"]["support"] == 0
+
+
+def test_predictions_on_a_carved_test_split_name_the_files(tmp_path: Path) -> None:
+    from datamodules import ImageFolderDataModule
+    from lightning_modules.backbones import data_config_dict
+
+    write_class_folders(tmp_path / "imgs", {"a": 5, "b": 5})
+    dm = ImageFolderDataModule(
+        root=str(tmp_path / "imgs"),
+        num_workers=0,
+        test_fraction=0.4,
+        data_config=data_config_dict("timm/test_resnet", "none", 32),
+    )
+    dm.predict_dataloader()
+    assert dm.predict_set is not None
+    names = [dm.predict_set.name(i) for i in range(len(dm.predict_set))]
+    assert len(names) == 4 and all(Path(n).is_file() for n in names)
+    labels = [dm.predict_set.label(i) for i in range(len(dm.predict_set))]
+    assert [["a", "b"][lab] for lab in labels] == [Path(n).parent.name for n in names]  # type: ignore[index]

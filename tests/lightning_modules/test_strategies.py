@@ -104,3 +104,28 @@ def test_schedulers_keep_working_across_an_unfreeze(tmp_path: Path, name: str) -
         assert stage_lr == pytest.approx(head_lr * 0.1, rel=1e-6), (epoch, head_lr, stage_lr)
     head_lrs = [rec.epochs[e]["groups"][0][1] for e in range(4)]
     assert len(set(head_lrs)) > 1, f"{name} never changed the learning rate: {head_lrs}"
+
+
+def test_frozen_stages_are_fixed_feature_extractors(tmp_path: Path) -> None:
+    """Stochastic depth and dropout inside a frozen stage are off too, not only BatchNorm."""
+    from torchvision.ops import StochasticDepth
+
+    from lightning_modules.finetuning import FreezeUnfreeze
+
+    model = FineTuneModule(backbone="torchvision/efficientnet_b0", weights="none", image_size=32, num_classes=3)
+    seen: dict[int, dict[str, bool]] = {}
+
+    class Probe(Recorder):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if batch_idx == 0:
+                body = pl_module.backbone.body
+                seen[trainer.current_epoch] = {
+                    name: any(m.training for m in body.get_submodule(name).modules() if isinstance(m, StochasticDepth))
+                    for name in ("features.3", "features.7")
+                }
+
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[FreezeUnfreeze(unfreeze_at_epoch=1, stages=2), Probe()]).fit(
+        model, train_dataloaders=_loader()
+    )
+    assert seen[0] == {"features.3": False, "features.7": False}  # frozen: no stochastic depth
+    assert seen[1] == {"features.3": False, "features.7": True}  # features.7 unfrozen: trains normally
