@@ -234,7 +234,14 @@ def _build_timm(arch: str, weights: str, data_config: DataConfig) -> tuple[nn.Mo
     if arch.split(".")[0] not in names:
         raise ConfigError(f"timm has no model {arch!r}; close names: {close_names(arch, names)}")
     pretrained = weights == "pretrained"
-    model: Any = timm.create_model(arch, pretrained=pretrained, in_chans=data_config.input_size[0])
+    try:
+        model: Any = timm.create_model(arch, pretrained=pretrained, in_chans=data_config.input_size[0])
+    except OSError as err:  # offline, or the Hub unreachable
+        raise ConfigError(
+            f"could not download the pretrained weights of timm/{arch} ({type(err).__name__}). On a machine with "
+            f"network they land in the HuggingFace cache (~/.cache/huggingface); copy that here, or save the "
+            f"model's state_dict to a file and set model.weights to its path"
+        ) from None
     classifier = model.pretrained_cfg.get("classifier") or "classifier"
     if weights == "embedded":
         if arch.split(".")[0] != "efficientnet_lite0":
@@ -258,7 +265,17 @@ def _build_torchvision(arch: str, weights: str, data_config: DataConfig) -> tupl
     if data_config.input_size[0] != 3:
         raise ConfigError(f"torchvision/{arch} takes 3-channel images; set model.in_chans: 3 (grayscale is repeated)")
     tv_weights = None if weights == "none" or is_weights_file(weights) else _torchvision_weights(arch, weights)
-    model = torchvision.models.get_model(arch, weights=tv_weights)
+    try:
+        model = torchvision.models.get_model(arch, weights=tv_weights)
+    except OSError as err:  # offline: urllib's URLError is an OSError
+        if tv_weights is None:
+            raise
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise ConfigError(
+            f"could not download torchvision/{arch} weights {tv_weights.name} ({err}). Put "
+            f"{tv_weights.url.rsplit('/', 1)[-1]} (from {tv_weights.url}) into {cache}, or set model.weights to a "
+            f"local state dict file"
+        ) from None
     classifier = _last_linear(model, arch)
     if is_weights_file(weights):
         load_weights(model, load_state_dict_file(weights), weights, optional=(classifier,))

@@ -141,3 +141,16 @@ def test_weights_with_another_classifier_load_and_wrong_shapes_are_named(tmp_pat
 def test_torchvision_needs_three_channels() -> None:
     with pytest.raises(ConfigError, match=r"set model\.in_chans: 3"):
         build_backbone("torchvision/resnet18", weights="none", image_size=32, in_chans=1)
+
+
+def test_offline_pretrained_download_says_where_to_put_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.request
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr("torch.hub.urlopen", offline)  # torch.hub imported its own name: no real request
+    monkeypatch.setattr("torch.hub.get_dir", lambda: "/nonexistent/hub")
+    with pytest.raises(ConfigError, match=r"resnet18-f37072fd\.pth .* into /nonexistent/hub/checkpoints"):
+        build_backbone("torchvision/resnet18", weights="IMAGENET1K_V1", image_size=32)
