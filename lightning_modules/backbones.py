@@ -19,6 +19,14 @@ import torch
 from torch import nn
 
 from lightning_modules.errors import ConfigError, close_names
+from lightning_modules.stages import (
+    Stage,
+    check_stages_cover,
+    has_params,
+    name_groups,
+    stages_from_blocks,
+    torchvision_stages,
+)
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,14 +70,6 @@ class DataConfig:
         return DataConfig((in_chans, size, size), mean, std, self.interpolation, self.crop_pct, self.crop_mode)
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One unit of freezing: a name (`layer4`, `blocks.6`) and the names of its parameters."""
-
-    name: str
-    params: tuple[str, ...]
-
-
 class Backbone(nn.Module):
     """A network that maps images to `num_features`-dim vectors, with ordered stages and its data config."""
 
@@ -80,7 +80,7 @@ class Backbone(nn.Module):
         self.stages = list(stages)
         self.data_config = data_config
         self.num_features = _feature_size(body, data_config)
-        _check_stages_cover(body, self.stages, name)
+        check_stages_cover(body, self.stages, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features of shape (batch, num_features)."""
@@ -253,7 +253,7 @@ def _build_timm(arch: str, weights: str, data_config: DataConfig) -> tuple[nn.Mo
         raise ConfigError(f"model.weights {weights!r}: use 'pretrained', 'none', 'embedded' or a file path")
     model.reset_classifier(0)
     groups = group_parameters(model, model.group_matcher(coarse=True))
-    return model, _name_groups(list(groups.values()))
+    return model, name_groups(list(groups.values()))
 
 
 def _build_torchvision(arch: str, weights: str, data_config: DataConfig) -> tuple[nn.Module, list[Stage]]:
@@ -280,7 +280,7 @@ def _build_torchvision(arch: str, weights: str, data_config: DataConfig) -> tupl
     if is_weights_file(weights):
         load_weights(model, load_state_dict_file(weights), weights, optional=(classifier,))
     _set_submodule(model, classifier, nn.Identity())
-    return model, _torchvision_stages(model)
+    return model, torchvision_stages(model)
 
 
 def _build_scratch(arch: str, weights: str, data_config: DataConfig) -> tuple[nn.Module, list[Stage]]:
@@ -306,107 +306,7 @@ def _build_scratch(arch: str, weights: str, data_config: DataConfig) -> tuple[nn
         raise ConfigError(f"scratch/{arch} has no pretrained weights; set model.weights to 'none' or a file")
     if is_weights_file(weights):
         load_weights(body, load_state_dict_file(weights), weights, optional=())
-    return body, _stages_from_blocks(body, [n for n, m in body.named_children() if _has_params(m)])
-
-
-# --------------------------------------------------------------------------------------------------- stages
-
-
-def _torchvision_stages(model: Any) -> list[Stage]:
-    """Family rules: ResNet `layerN`; `features.N` (EfficientNet, MobileNet, ConvNeXt; VGG split at pooling);
-    ViT encoder layers; otherwise the top-level children. Parameters outside those blocks form their own stages
-    (`stem` before the first block, e.g. `classifier` after it)."""
-    import torchvision
-
-    children = dict(model.named_children())
-    if all(f"layer{i}" in children for i in range(1, 5)):
-        blocks = [f"layer{i}" for i in range(1, 5)]
-    elif isinstance(children.get("features"), nn.Sequential):
-        feats = children["features"]
-        if isinstance(model, torchvision.models.VGG):  # one stage per conv block, split at pooling
-            conv_blocks: list[list[str]] = []
-            group: list[str] = []
-            for n, m in feats.named_children():
-                group.append(f"features.{n}")
-                if isinstance(m, nn.MaxPool2d):
-                    conv_blocks.append(group)
-                    group = []
-            return _stages_from_blocks(model, conv_blocks + ([group] if group else []))
-        blocks = [f"features.{n}" for n, m in feats.named_children() if _has_params(m)]
-    elif hasattr(model, "encoder") and hasattr(model.encoder, "layers"):
-        blocks = [f"encoder.layers.{n}" for n, _ in model.encoder.layers.named_children()]
-    else:
-        blocks = [n for n, m in children.items() if _has_params(m)]
-    return _stages_from_blocks(model, blocks)
-
-
-def _stages_from_blocks(model: nn.Module, blocks: Sequence[str | Sequence[str]]) -> list[Stage]:
-    """One stage per block (a module path, or a list of paths named by the first). Other parameters before the
-    first block form the `stem`; later ones one stage per top-level module (a VGG `classifier`, a ViT `encoder.ln`)."""
-    prefixes = [[b] if isinstance(b, str) else list(b) for b in blocks]
-    groups: list[tuple[int | str, list[str]]] = []
-    seen_block = False
-    for pname, _ in model.named_parameters():
-        idx = next((i for i, ps in enumerate(prefixes) if any(pname.startswith(p + ".") for p in ps)), None)
-        seen_block = seen_block or idx is not None
-        key: int | str = idx if idx is not None else _top(pname) if seen_block else "stem"
-        if groups and groups[-1][0] == key:
-            groups[-1][1].append(pname)
-        else:
-            groups.append((key, [pname]))
-    return [
-        Stage(prefixes[key][0], tuple(params)) if isinstance(key, int) else _name_groups([params], first=not i)[0]
-        for i, (key, params) in enumerate(groups)
-    ]
-
-
-def _name_groups(groups: Sequence[Sequence[str]], first: bool = True) -> list[Stage]:
-    """Name each group of parameter names by the module prefix its members share (`layer4`, `blocks.6`)."""
-    stages: list[Stage] = []
-    for i, params in enumerate(groups):
-        modules = [p.rpartition(".")[0] or p for p in params]
-        name = _short(_common_prefix(modules))
-        if not name:
-            first_top = _top(modules[0])
-            name = "stem" if i == 0 and first else _short(_common_prefix([m for m in modules if _top(m) == first_top]))
-        if name in {s.name for s in stages}:
-            name = modules[0]
-        stages.append(Stage(name, tuple(params)))
-    return stages
-
-
-def _short(prefix: str) -> str:
-    """Cut a module path after its first numbered part: `blocks.6.0` -> `blocks.6`, `layer4.1` -> `layer4`."""
-    parts = prefix.split(".")
-    for i, part in enumerate(parts):
-        if part and part[-1].isdigit():
-            return ".".join(parts[: i + 1])
-    return prefix
-
-
-def _has_params(module: nn.Module) -> bool:
-    return next(module.parameters(), None) is not None
-
-
-def _common_prefix(names: Sequence[str]) -> str:
-    parts = [n.split(".") for n in names]
-    common = []
-    for level in zip(*parts, strict=False):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
-    return ".".join(common)
-
-
-def _top(name: str) -> str:
-    return name.split(".")[0]
-
-
-def _check_stages_cover(body: nn.Module, stages: Sequence[Stage], name: str) -> None:
-    params = [n for n, _ in body.named_parameters()]
-    assigned = [p for s in stages for p in s.params]
-    if sorted(params) != sorted(assigned):
-        raise RuntimeError(f"stage rules for {name} do not cover every parameter exactly once")
+    return body, stages_from_blocks(body, [n for n, m in body.named_children() if has_params(m)])
 
 
 # --------------------------------------------------------------------------------------------------- helpers
