@@ -187,6 +187,16 @@ def main() -> None:
     except ConfigError as err:
         print(f"ftlab: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Leave DDP cleanly: a process group alive at interpreter exit can abort the process (gloo threads)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
