@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,6 +33,11 @@ class LabeledDataset(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
+    def fingerprint(self) -> str | None:
+        """A digest that changes when the samples or labels change (keys the feature cache on disk); None when
+        the data cannot say, and then the cache is not kept on disk."""
+        return None
+
 
 class TensorImages(LabeledDataset):
     """Images held in memory as a uint8 tensor (N, C, H, W)."""
@@ -42,6 +48,10 @@ class TensorImages(LabeledDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], self.targets[index]
+
+    def fingerprint(self) -> str | None:
+        """Digest of the pixels and labels."""
+        return digest(self.images.contiguous().numpy().tobytes(), self.targets)
 
 
 class Subset(LabeledDataset):
@@ -54,6 +64,11 @@ class Subset(LabeledDataset):
 
     def __getitem__(self, index: int) -> Any:
         return self.dataset[self.indices[index]]
+
+    def fingerprint(self) -> str | None:
+        """The parent's digest and the chosen indices."""
+        parent = self.dataset.fingerprint()
+        return None if parent is None else digest(parent, self.indices)
 
 
 class ImageFiles(LabeledDataset):
@@ -78,6 +93,19 @@ class ImageFiles(LabeledDataset):
             return read_rgb(path), self.targets[index]
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             return BadSample(path, bad_reason(err)), self.targets[index]
+
+    def fingerprint(self) -> str | None:
+        """Digest of each file's path, size and modification time, and the labels."""
+        stats = [(p, st.st_size, st.st_mtime_ns) for p in self.paths for st in [os.stat(p)]]
+        return digest(stats, self.targets)
+
+
+def digest(*parts: Any) -> str:
+    """A short hex digest of `parts` (bytes, or anything with a stable repr)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+    return h.hexdigest()
 
 
 def collate_skip_bad(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, list[BadSample]]:
@@ -209,6 +237,7 @@ class ImageClassificationDataModule(LightningDataModule):
         self.predict_set: Indexed | None = None
         train_transform(self.data_config, augment)  # fail on a bad preset now, not at setup
         self.datasets: dict[str, Transformed] = {}
+        self.features: dict[str, Dataset] = {}  # split -> cached backbone features, while the backbone is frozen
         self.skipped: set[tuple[str, str, str]] = set()  # (split, path, reason) of files that could not be read
 
     # ------------------------------------------------------------------------------ what subclasses provide
@@ -248,15 +277,33 @@ class ImageClassificationDataModule(LightningDataModule):
             "test": Transformed(raw["test"], evaluation),
         }
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def deterministic_view(self, split: str, force: bool = False) -> Transformed | None:
+        """The split with inputs that are the same every epoch (what a feature cache may store): val and test
+        always; train when its augmentation is `none`, or, with `force`, train under evaluation transforms."""
         dataset = self.datasets[split]
+        if split != "train" or self.augment == "none":
+            return dataset
+        return Transformed(dataset.dataset, eval_transform(self.data_config)) if force else None
+
+    def use_features(self, split: str, features: Dataset | None) -> None:
+        """Serve `split` from precomputed backbone features (batches of (N, num_features)), or None: images
+        again. Takes effect when the trainer next asks for the loader."""
+        if features is None:
+            self.features.pop(split, None)
+        else:
+            self.features[split] = features
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        in_memory = split in self.features  # features: no decoding, so no worker processes
+        dataset: Dataset = self.features[split] if in_memory else self.datasets[split]
+        workers = 0 if in_memory else self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochShuffle(dataset, torch.initial_seed()) if shuffle else None,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
             collate_fn=collate_skip_bad,
         )
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from PIL import Image
 
-from datamodules.base import ImageClassificationDataModule, LabeledDataset
+from datamodules.base import ImageClassificationDataModule, LabeledDataset, digest
 from datamodules.folder import folder_files
 from datamodules.images import BadSample, bad_reason, to_rgb
 from lightning_modules.errors import ConfigError
@@ -32,6 +32,11 @@ class HFImages(LabeledDataset):
             return to_rgb(self.dataset[index]["image"]), self.targets[index]
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             return BadSample(f"{self.source}[{index}]", bad_reason(err)), self.targets[index]
+
+    def fingerprint(self) -> str | None:
+        """The HuggingFace dataset's own fingerprint (it changes with any transformation of the data)."""
+        own = getattr(self.dataset, "_fingerprint", None)
+        return None if own is None else digest(self.source, own, self.targets)
 
 
 class CatsVsDogsDataModule(ImageClassificationDataModule):

@@ -119,8 +119,8 @@ class FineTuneModule(LightningModule):
             self.backbone.body = sync_batchnorm(self.backbone.body)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of shape (batch, num_classes)."""
-        return self.head(self.backbone(x))
+        """Logits of shape (batch, num_classes). A 2-D input is taken as backbone features (the feature cache)."""
+        return self.head(x if x.dim() == 2 else self.backbone(x))
 
     def _shared_step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor | None:
         x, y = batch[0], batch[1]

@@ -1,0 +1,201 @@
+"""Feature caching: while the backbone is frozen, push each image through it once and train the head on the stored
+features. The frozen epochs after the first then cost a pass of the head alone.
+
+The cache is keyed by the backbone (name and a digest of its weights), the preprocessing (data config and the
+transform), the split and a fingerprint of the data (file paths, sizes and times, or the pixels), so any change
+to one of them computes new features. With `store: disk` it outlives the run (a grid search over heads reuses
+it); `memory` keeps it for this fit only.
+
+Train features are cached only when its inputs are the same every epoch: `augment: none`, or `force: true`, and
+then the frozen phase trains on un-augmented images (a warning says so). Val features are always cacheable.
+At the epoch a strategy first unfreezes a stage, the loaders go back to images, without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.base import collate_skip_bad, digest
+from lightning_modules.errors import ConfigError
+from lightning_modules.finetuning import FinetuningStrategy
+
+SPLITS = ("train", "val")
+DEFAULT_DIR = Path.home() / ".cache" / "finetune-lab" / "features"
+
+
+class FeatureSet(Dataset):
+    """Backbone features (N, num_features) with their labels; files that could not be read are listed aside."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor, bad: list[tuple[str, str]]) -> None:
+        self.features = features
+        self.targets = targets
+        self.bad = bad
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.features[index], int(self.targets[index])
+
+    def state(self) -> dict[str, Any]:
+        """Tensors and strings only: loads with `weights_only=True`."""
+        return {"features": self.features, "targets": self.targets, "bad": self.bad}
+
+
+class FeatureCache(pl.Callback):
+    """Serve train and val batches from cached backbone features while a finetuning strategy keeps the backbone
+    frozen.
+
+    Args:
+        store: `memory` (this fit), `disk` (kept under `cache_dir`, reused by later runs) or `off`.
+        cache_dir: folder of the disk store; default `~/.cache/finetune-lab/features`.
+        force: cache the train split even when its augmentation is random; the frozen phase then trains on
+            un-augmented images.
+    """
+
+    def __init__(self, store: str = "memory", cache_dir: str | None = None, force: bool = False) -> None:
+        if store not in ("memory", "disk", "off"):
+            raise ConfigError(f"FeatureCache store {store!r}: choose memory, disk or off")
+        self.store = store
+        self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_DIR
+        self.force = force
+        self.computed: list[str] = []  # splits computed by this callback (the rest came from disk)
+        self.loaded: list[str] = []
+        self._reload: int | None = None  # the trainer's own reload setting, while the cache overrides it
+
+    # ---------------------------------------------------------------------------------- hooks
+
+    def on_fit_start(self, trainer: Any, pl_module: pl.LightningModule) -> None:
+        """Compute or load the features when the first epoch has a frozen backbone."""
+        first = first_epoch(trainer)
+        if self.store == "off" or first is None or not self._frozen_at(trainer, pl_module, first):
+            return
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "use_features"):
+            return
+        used = False
+        for split in SPLITS:
+            view = datamodule.deterministic_view(split, self.force)
+            if view is None:
+                warnings.warn(
+                    f"feature cache: train features not cached, augmentation {datamodule.augment!r} is random "
+                    "(set `force: true` to train the frozen phase on cached un-augmented images)",
+                    stacklevel=1,
+                )
+                continue
+            if split == "train" and datamodule.augment != "none":
+                warnings.warn(
+                    f"feature cache: the frozen phase trains on un-augmented images (augmentation "
+                    f"{datamodule.augment!r} starts at the first unfreeze)",
+                    stacklevel=1,
+                )
+            features = self._features(pl_module, view, split, datamodule)
+            datamodule.skipped |= {(split, path, reason) for path, reason in features.bad}
+            datamodule.use_features(split, features)
+            used = True
+        if used:  # the loaders must be asked for again at the first unfreeze
+            self._reload = trainer.reload_dataloaders_every_n_epochs
+            trainer.reload_dataloaders_every_n_epochs = 1
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: pl.LightningModule) -> None:
+        """After the last frozen epoch, switch the loaders back to images; one epoch later, restore the
+        trainer's reload setting (both loaders have been rebuilt by then)."""
+        if self._reload is None:
+            return
+        datamodule: Any = trainer.datamodule
+        if datamodule.features and not self._frozen_at(trainer, pl_module, trainer.current_epoch + 1):
+            for split in SPLITS:
+                datamodule.use_features(split, None)
+        elif not datamodule.features:
+            trainer.reload_dataloaders_every_n_epochs, self._reload = self._reload, None
+
+    def on_fit_end(self, trainer: Any, pl_module: pl.LightningModule) -> None:
+        """Later test or predict calls read images."""
+        datamodule: Any = trainer.datamodule
+        if self._reload is not None and datamodule is not None:
+            for split in SPLITS:
+                datamodule.use_features(split, None)
+            trainer.reload_dataloaders_every_n_epochs, self._reload = self._reload, None
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _frozen_at(trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> bool:
+        strategies = [c for c in trainer.callbacks if isinstance(c, FinetuningStrategy)]  # type: ignore[attr-defined]
+        backbone = getattr(pl_module, "backbone", None)
+        if len(strategies) != 1 or backbone is None:
+            return False  # no strategy: the whole network trains
+        strategy = strategies[0]
+        return not strategy.unfrozen and not strategy.trainable_stages(backbone, epoch)
+
+    def _features(self, pl_module: pl.LightningModule, view: Any, split: str, datamodule: Any) -> FeatureSet:
+        backbone: Any = pl_module.backbone
+        key = cache_key(backbone, view, split) if self.store == "disk" else None
+        path = self.cache_dir / f"{key}.pt" if key is not None else None
+        if path is not None and path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.loaded.append(split)
+            return FeatureSet(state["features"], state["targets"], [tuple(b) for b in state["bad"]])
+        loader = DataLoader(
+            view, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers, collate_fn=collate_skip_bad
+        )
+        features = compute_features(backbone, loader, pl_module.device)
+        self.computed.append(split)
+        if path is not None:
+            save_atomic(features.state(), path)
+        return features
+
+
+def first_epoch(trainer: pl.Trainer) -> int | None:
+    """The epoch this fit starts with: 0, or after the checkpoint it resumes (whose loop state is restored only
+    after `on_fit_start`); None if the checkpoint cannot be read here."""
+    if not trainer.ckpt_path:
+        return 0
+    try:
+        checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError):
+        return None
+    return int(checkpoint.get("epoch", 0)) + 1  # a mid-epoch checkpoint errs towards not caching
+
+
+def cache_key(backbone: Any, view: Any, split: str) -> str | None:
+    """Digest of what the features depend on, or None when the data has no fingerprint."""
+    data = view.dataset.fingerprint()
+    if data is None:
+        return None
+    weights = digest(*(t.detach().cpu().contiguous().numpy().tobytes() for t in backbone.state_dict().values()))
+    return digest(backbone.name, weights, backbone.data_config, repr(view.transform), split, data)
+
+
+@torch.inference_mode()
+def compute_features(backbone: torch.nn.Module, loader: DataLoader, device: torch.device) -> FeatureSet:
+    """One pass of the backbone in eval mode over a loader of (images, labels, skipped) batches; unreadable files
+    are listed, not replaced."""
+    was_training = backbone.training
+    backbone.eval()
+    features, targets, bad = [], [], []
+    for images, labels, skipped in loader:
+        bad += [(b.path, b.reason) for b in skipped]
+        if len(labels):
+            features.append(backbone(images.to(device)).float().cpu())
+            targets.append(labels)
+    backbone.train(was_training)
+    if not features:
+        raise ConfigError("feature cache: no readable image in the split")
+    return FeatureSet(torch.cat(features), torch.cat(targets), bad)
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write aside, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,174 @@
+"""The feature cache: frozen epochs train on cached features, the switch to images at the first unfreeze, equal
+results to the uncached path, hits on disk and invalidation on each key."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from datamodules import DigitsDataModule, ImageFolderDataModule
+from lightning_modules.backbones import data_config_dict
+from lightning_modules.feature_cache import FeatureCache, cache_key
+from lightning_modules.finetuning import Freeze, FreezeUnfreeze
+from lightning_modules.module import FineTuneModule
+from tests.conftest import quiet_trainer
+from tests.datamodules.conftest import write_class_folders
+
+BACKBONE = "timm/test_resnet"
+
+
+class InputSpy(pl.Callback):
+    """Per epoch and stage: the input ranks the model saw (2: features, 4: images) and backbone calls."""
+
+    def __init__(self) -> None:
+        self.ranks: dict[tuple[int, str], set[int]] = defaultdict(set)
+        self.backbone_calls: dict[int, int] = defaultdict(int)
+        self.in_batch = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        def count(*_: Any) -> None:
+            self.backbone_calls[trainer.current_epoch] += self.in_batch
+
+        pl_module.backbone.register_forward_hook(count)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.ranks[(trainer.current_epoch, "train")].add(batch[0].dim())
+        self.in_batch = True
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, *args: Any) -> None:
+        if not trainer.sanity_checking:
+            self.ranks[(trainer.current_epoch, "val")].add(batch[0].dim())
+        self.in_batch = True
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.in_batch = False
+
+    def on_validation_batch_end(self, *args: Any) -> None:
+        self.in_batch = False
+
+
+def _data(augment: str = "none", **kw: Any) -> DigitsDataModule:
+    config = data_config_dict(BACKBONE, "none", 32)
+    return DigitsDataModule(batch_size=64, num_workers=0, augment=augment, data_config=config, **kw)
+
+
+def _fit(strategy: pl.Callback, epochs: int, cache: FeatureCache | None, data: Any = None, **kw: Any) -> Any:
+    pl.seed_everything(0)
+    model = FineTuneModule(backbone=BACKBONE, weights="none", image_size=32, num_classes=10)
+    spy = InputSpy()
+    callbacks = [strategy, spy] + ([cache] if cache else [])
+    trainer = quiet_trainer(Path("."), max_epochs=epochs, limit_train_batches=6, callbacks=callbacks, **kw)
+    trainer.fit(model, datamodule=data or _data())
+    return model, spy, trainer
+
+
+def test_frozen_epochs_use_features_and_the_unfreeze_switches_to_images(tmp_path: Path) -> None:
+    cache = FeatureCache()
+    _, spy, trainer = _fit(FreezeUnfreeze(unfreeze_at_epoch=2, stages=1), 3, cache)
+    assert cache.computed == ["train", "val"]
+    for epoch in (0, 1):
+        assert spy.ranks[(epoch, "train")] == {2} and spy.ranks[(epoch, "val")] == {2}
+        assert spy.backbone_calls[epoch] == 0
+    assert spy.ranks[(2, "train")] == {4} and spy.ranks[(2, "val")] == {4}
+    assert spy.backbone_calls[2] > 0
+    assert trainer.reload_dataloaders_every_n_epochs == 0  # the user's setting is back
+    assert not trainer.datamodule.features  # a later test or predict reads images
+
+
+def test_cached_run_equals_uncached_run() -> None:
+    cached, _, _ = _fit(FreezeUnfreeze(unfreeze_at_epoch=2, stages=1), 3, FeatureCache())
+    plain, spy, _ = _fit(FreezeUnfreeze(unfreeze_at_epoch=2, stages=1), 3, None)
+    assert spy.ranks[(0, "train")] == {4}  # the reference really ran on images
+    for (name, a), b in zip(cached.state_dict().items(), plain.state_dict().values(), strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_random_augmentation_caches_val_only_unless_forced() -> None:
+    cache = FeatureCache()
+    with pytest.warns(UserWarning, match="train features not cached"):
+        _, spy, _ = _fit(Freeze(), 1, cache, data=_data(augment="affine"))
+    assert cache.computed == ["val"] and spy.ranks[(0, "train")] == {4} and spy.ranks[(0, "val")] == {2}
+    forced = FeatureCache(force=True)
+    with pytest.warns(UserWarning, match="un-augmented"):
+        _, spy, _ = _fit(Freeze(), 1, forced, data=_data(augment="affine"))
+    assert forced.computed == ["train", "val"] and spy.ranks[(0, "train")] == {2}
+
+
+def test_no_strategy_or_unfrozen_start_means_no_cache() -> None:
+    cache = FeatureCache()
+    _, spy, _ = _fit(FreezeUnfreeze(unfreeze_at_epoch=0), 1, cache)
+    assert cache.computed == [] and spy.ranks[(0, "train")] == {4}
+
+
+def test_disk_cache_is_reused_by_the_next_run(tmp_path: Path) -> None:
+    first = FeatureCache(store="disk", cache_dir=str(tmp_path))
+    _fit(Freeze(), 1, first)
+    assert first.computed == ["train", "val"] and len(list(tmp_path.glob("*.pt"))) == 2
+    again = FeatureCache(store="disk", cache_dir=str(tmp_path))
+    _, spy, _ = _fit(Freeze(), 2, again)
+    assert again.computed == [] and again.loaded == ["train", "val"]
+    assert spy.ranks[(1, "train")] == {2} and spy.backbone_calls[0] == spy.backbone_calls[1] == 0
+
+
+def test_resume_after_the_frozen_phase_reads_images(tmp_path: Path) -> None:
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="last")
+    pl.seed_everything(0)
+    model = FineTuneModule(backbone=BACKBONE, weights="none", image_size=32, num_classes=10)
+    trainer = quiet_trainer(
+        tmp_path,
+        max_epochs=1,
+        limit_train_batches=2,
+        enable_checkpointing=True,
+        callbacks=[FreezeUnfreeze(unfreeze_at_epoch=1), FeatureCache(), checkpoint],
+    )
+    trainer.fit(model, datamodule=_data())
+    cache, spy = FeatureCache(), InputSpy()
+    resumed = quiet_trainer(
+        tmp_path, max_epochs=2, limit_train_batches=2, callbacks=[FreezeUnfreeze(unfreeze_at_epoch=1), cache, spy]
+    )
+    resumed.fit(model, datamodule=_data(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert cache.computed == [] and spy.ranks[(1, "train")] == {4}
+
+
+def _key(model: FineTuneModule, data: Any, split: str = "val") -> str | None:
+    data.setup("fit")
+    return cache_key(model.backbone, data.datasets[split], split)
+
+
+def test_cache_key_changes_with_each_input(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = FineTuneModule(backbone=BACKBONE, weights="none", image_size=32, num_classes=10)
+    base = _key(model, _data())
+    assert base is not None and base == _key(model, _data())  # stable
+    assert _key(model, _data(), "train") != base  # split
+    assert _key(model, _data(split_seed=7)) != base  # data: other samples
+    config = data_config_dict(BACKBONE, "none", 40)
+    assert _key(model, DigitsDataModule(num_workers=0, augment="none", data_config=config)) != base  # preprocessing
+    with torch.no_grad():
+        next(model.backbone.parameters()).add_(1e-3)
+    assert _key(model, _data()) != base  # weights
+    other = FineTuneModule(backbone="timm/test_efficientnet", weights="none", image_size=32, num_classes=10)
+    assert _key(other, _data()) != base  # backbone
+
+
+def test_cache_key_changes_when_an_image_file_changes(tmp_path: Path) -> None:
+    write_class_folders(tmp_path, {"cat": 6, "dog": 6})
+    torch.manual_seed(0)
+    model = FineTuneModule(backbone=BACKBONE, weights="none", image_size=32, num_classes=2)
+
+    def key() -> str | None:
+        config = data_config_dict(BACKBONE, "none", 32)
+        return _key(model, ImageFolderDataModule(root=str(tmp_path), num_workers=0, data_config=config), "train")
+
+    before = key()
+    assert before is not None and key() == before
+    victim = next(tmp_path.rglob("*.jpg"))
+    os.utime(victim, ns=(0, 0))
+    assert key() != before
