@@ -16,7 +16,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
-from datamodules.images import BadSample, bad_reason, check_header, read_rgb, write_bad_images
+from datamodules.images import BadSample, bad_reason, check_header, load_image, write_bad_images
 from datamodules.transforms import eval_transform, train_transform
 from lightning_modules.backbones import DataConfig
 from lightning_modules.distributed import gather_lists
@@ -87,10 +87,10 @@ class ImageFiles(LabeledDataset):
             else:
                 self.rejected.append(BadSample(str(path), reason))
 
-    def __getitem__(self, index: int) -> tuple[Image.Image | BadSample, int]:
+    def __getitem__(self, index: int) -> tuple[Image.Image | torch.Tensor | BadSample, int]:
         path = self.paths[index]
         try:
-            return read_rgb(path), self.targets[index]
+            return load_image(path), self.targets[index]
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             return BadSample(path, bad_reason(err)), self.targets[index]
 

@@ -38,6 +38,26 @@ class ToChannels(torch.nn.Module):
         return img
 
 
+class Normalize(torch.nn.Module):
+    """uint8 (or [0, 1] float) image -> float32 `(x / 255 - mean) / std` in one pass (torchvision's ToDtype then
+    Normalize make two full-size float copies; this is most of the cost after decoding and resizing)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.shift = torch.tensor([m * 255.0 for m in mean]).view(-1, 1, 1)
+        self.scale = torch.tensor([1.0 / (s * 255.0) for s in std]).view(-1, 1, 1)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """(C, H, W) uint8 or float in [0, 1] -> normalised float32 (a plain tensor)."""
+        x = img.as_subclass(torch.Tensor)
+        x = x.to(torch.float32) if x.dtype == torch.uint8 else x.to(torch.float32) * 255.0
+        return x.sub_(self.shift).mul_(self.scale)
+
+    def extra_repr(self) -> str:
+        """Mean and std, so the transform's repr (a feature-cache key) changes with them."""
+        return f"shift={self.shift.flatten().tolist()}, scale={self.scale.flatten().tolist()}"
+
+
 def _interpolation(name: str) -> InterpolationMode:
     try:
         return InterpolationMode(name)
@@ -50,7 +70,7 @@ def _head(cfg: DataConfig) -> list[Any]:
 
 
 def _tail(cfg: DataConfig) -> list[Any]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
+    return [Normalize(cfg.mean, cfg.std)]
 
 
 def _resize_crop(cfg: DataConfig) -> list[Any]:

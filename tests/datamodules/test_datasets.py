@@ -145,12 +145,30 @@ def test_bad_image_report_is_written_to_the_run_directory(
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
-    from datamodules.images import read_rgb
+    import numpy as np
+
+    from datamodules.images import load_image, read_rgb
 
     img = photo(7, size=(40, 20))
     exif = Image_exif(orientation=6)  # rotate 90 degrees on display
     img.save(tmp_path / "rotated.jpg", exif=exif)
-    assert read_rgb(tmp_path / "rotated.jpg").size == (20, 40)
+    slow = read_rgb(tmp_path / "rotated.jpg")
+    fast = load_image(tmp_path / "rotated.jpg")  # the torchvision decoder
+    assert slow.size == (20, 40) and tuple(fast.shape) == (3, 40, 20)
+    # both libjpeg decoders: the same pixels within rounding of the upsampled chroma
+    assert np.abs(np.asarray(slow, dtype=int) - fast.permute(1, 2, 0).numpy().astype(int)).mean() < 2
+
+
+def test_fast_jpeg_path_falls_back_to_pil_for_cmyk_and_truncated_files(tmp_path: Path) -> None:
+    from datamodules.images import load_image
+
+    photo(3, mode="CMYK").save(tmp_path / "cmyk.jpg")
+    assert load_image(tmp_path / "cmyk.jpg").mode == "RGB"  # PIL converted it
+    photo(4).save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match="truncated"):
+        load_image(tmp_path / "cut.jpg")
 
 
 def Image_exif(orientation: int) -> Any:

@@ -1,0 +1,418 @@
+"""Speed benchmark: finetune-lab against hand-written PyTorch, measured in one run on one machine.
+
+Prints markdown tables of ratios (and the raw figures behind them):
+
+- framework step time / a hand-written loop's (same model, batches, seed, optimizer); goal <= 1.05;
+- frozen-backbone epoch without the feature cache / with it (epochs after the first); goal >= 10,
+  with the same val accuracy within 0.5 points;
+- data pipeline images/s / pure decoding of the same JPEGs (same workers); goal >= 0.7;
+- `ftlab predict` images/s / a raw `inference_mode` loop's; goal >= 0.95;
+- the switches (channels_last, bf16 / 16-mixed, torch.compile): step time relative to the default.
+
+Uses the GPU when there is one. Usage:
+
+    .venv/bin/python scripts/benchmark.py [--out docs/benchmark.md]   # the README's table
+    .venv/bin/python scripts/benchmark.py --quick                     # a smoke run on a tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules import DigitsDataModule, ImageFolderDataModule
+from datamodules.base import Indexed, Transformed, collate_skip_bad
+from datamodules.images import load_image, read_rgb
+from datamodules.transforms import eval_transform, train_transform
+from lightning_modules.backbones import DataConfig, data_config_dict
+from lightning_modules.callbacks import TrainingStateLogger
+from lightning_modules.feature_cache import FeatureCache
+from lightning_modules.finetuning import Freeze
+from lightning_modules.module import FineTuneModule
+from lightning_modules.reporting import PredictionWriter
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the benchmark runs on."""
+
+    backbone: str = "timm/efficientnet_lite0"
+    weights: str = "embedded"
+    image_size: int = 64
+    batch_size: int = 64
+    steps: int = 30
+    warmup: int = 5
+    epochs: int = 4
+    jpegs: int = 400
+    jpeg_size: int = 224
+    compile: bool = True
+
+
+QUICK = Setup("timm/test_resnet", "none", 32, 16, 8, 2, 2, 48, 64, False)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    """Wait for the GPU, so wall times mean something."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def model(setup: Setup, **kw: Any) -> FineTuneModule:
+    """The benchmark's model, with the same initial weights every call."""
+    pl.seed_everything(0, verbose=False)
+    return FineTuneModule(setup.backbone, setup.weights, setup.image_size, num_classes=10, **kw)
+
+
+def digits(setup: Setup, **kw: Any) -> DigitsDataModule:
+    """sklearn's digits at the setup's resolution, deterministic inputs."""
+    config = data_config_dict(setup.backbone, setup.weights, setup.image_size)
+    return DigitsDataModule(batch_size=setup.batch_size, num_workers=0, augment="none", data_config=config, **kw)
+
+
+def trainer(root: str, **kw: Any) -> pl.Trainer:
+    """A quiet single-device Trainer."""
+    defaults: dict[str, Any] = {
+        "accelerator": "auto",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": root,
+    }
+    return pl.Trainer(**{**defaults, **kw})
+
+
+def best(run: Callable[[], float], repeats: int = 2) -> float:
+    """The lowest of a few measurements (the least disturbed by the rest of the machine)."""
+    return min(run() for _ in range(repeats))
+
+
+# ------------------------------------------------------------------------------------------ step overhead
+
+
+class StepTimer(pl.Callback):
+    """Seconds between consecutive training batch starts (a whole step, framework included), and per epoch."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.epochs: list[float] = []
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        sync()
+        self.starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        sync()
+        self.end = time.perf_counter()
+
+    def on_train_epoch_start(self, *args: Any) -> None:
+        self.epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, *args: Any) -> None:  # after this epoch's validation
+        self.epochs.append(time.perf_counter() - self.epoch_start)
+
+    def step_times(self) -> list[float]:
+        """One duration per step."""
+        marks = [*self.starts, self.end]
+        return [b - a for a, b in itertools.pairwise(marks)]
+
+
+def fixed_batches(setup: Setup) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `steps` training batches of digits, decoded and transformed once, kept in memory."""
+    data = digits(setup)
+    data.setup("fit")
+    loader = DataLoader(data.datasets["train"], batch_size=setup.batch_size, collate_fn=collate_skip_bad)
+    batches = [(x, y) for x, y, _ in loader if len(y) == setup.batch_size]  # one shape: no recompilation
+    return [batches[i % len(batches)] for i in range(setup.steps)]
+
+
+def hand_loop(setup: Setup, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Median step time of the plain PyTorch loop: same model, optimizer (AdamW over the same groups), batches."""
+    net = model(setup).to(DEVICE).train()
+    optimizer = torch.optim.AdamW(net.trainable_param_groups())
+    times = []
+    for x, y in batches:
+        sync()
+        start = time.perf_counter()
+        x, y = x.to(DEVICE), y.to(DEVICE)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[setup.warmup :])
+
+
+def framework_steps(
+    setup: Setup, batches: list[tuple[torch.Tensor, torch.Tensor]], root: str, precision: str = "32-true", **kw: Any
+) -> float:
+    """Median step time of `Trainer.fit` on the same batches, with the per-step callbacks and logger of `ftlab`."""
+    timer = StepTimer()
+    logger = pl.loggers.TensorBoardLogger(root, name="steps")
+    callbacks = [timer, TrainingStateLogger()]
+    run = trainer(
+        root, max_steps=len(batches), limit_val_batches=0, logger=logger, precision=precision, callbacks=callbacks
+    )
+    run.fit(model(setup, **kw), train_dataloaders=DataLoader(batches, batch_size=None))  # type: ignore[arg-type]
+    return statistics.median(timer.step_times()[setup.warmup :])
+
+
+# ------------------------------------------------------------------------------------------ feature cache
+
+
+def frozen_epochs(setup: Setup, root: str, store: str) -> tuple[list[float], float, float]:
+    """Epoch times, fit wall time and final val accuracy of a linear probe (backbone frozen)."""
+    timer = StepTimer()
+    run = trainer(root, max_epochs=setup.epochs, callbacks=[Freeze(), FeatureCache(store=store), timer])
+    start = time.perf_counter()
+    run.fit(model(setup), datamodule=digits(setup))
+    return timer.epochs, time.perf_counter() - start, float(run.callback_metrics["val/acc"])
+
+
+# ------------------------------------------------------------------------------------------ data pipeline
+
+
+def write_jpegs(root: Path, count: int) -> list[Path]:
+    """`count` photo JPEGs of 500x375 (crops of sklearn's sample photos) in two class folders."""
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        left, top = int(rng.integers(0, 100)), int(rng.integers(0, 40))
+        image = photo.crop((left, top, left + 500, top + 375))
+        path = root / ("cat" if i % 2 else "dog") / f"{i:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+class DecodeOnly(Dataset):
+    """Decodes a file and returns only its size: the floor any pipeline pays."""
+
+    def __init__(self, paths: list[str], decode: Callable[[str], Any]) -> None:
+        self.paths = paths
+        self.decode = decode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, ...]:
+        return tuple(self.decode(self.paths[index]).shape)
+
+
+def decode_pil(path: str) -> np.ndarray:
+    """PIL decode to an RGB array."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def decode_torchvision(path: str) -> torch.Tensor:
+    """torchvision (libjpeg-turbo) decode to an RGB tensor."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
+
+
+def per_second(loader: Iterable[Any], count: Callable[[Any], int]) -> float:
+    """Items per second over a second pass of `loader` (the first warms workers and caches)."""
+    for _ in loader:
+        pass
+    start, n = time.perf_counter(), 0
+    for batch in loader:
+        n += count(batch)
+    return n / (time.perf_counter() - start)
+
+
+def files_of(data: ImageFolderDataModule) -> Any:
+    """The raw (untransformed) training files."""
+    return data.datasets["train"].dataset
+
+
+def loader_of(dataset: Dataset, workers: int, collate: Callable[[Any], Any]) -> DataLoader:
+    """Batches of 32 with the pipeline's worker count."""
+    return DataLoader(dataset, batch_size=32, num_workers=workers, persistent_workers=workers > 0, collate_fn=collate)
+
+
+def pipeline_rates(setup: Setup, root: Path) -> dict[str, float]:
+    """Images per second: the training loader, pure decoding with the same workers, and each stage alone."""
+    write_jpegs(root, setup.jpegs)
+    config = data_config_dict("torchvision/resnet18", "none", setup.jpeg_size)
+    data = ImageFolderDataModule(root=str(root), batch_size=32, augment="basic", data_config=config)
+    data.setup("fit")
+    train = Indexed(files_of(data), eval_transform(DataConfig.from_dict(config)))
+    paths = [train.name(i) for i in range(len(train))]
+    workers = data.num_workers
+
+    rates = {
+        "pipeline": best(lambda: per_second(data.train_dataloader(), lambda b: len(b[1]))),
+        "decode PIL": best(lambda: per_second(loader_of(DecodeOnly(paths, decode_pil), workers, list), len)),
+        "decode torchvision": best(
+            lambda: per_second(loader_of(DecodeOnly(paths, decode_torchvision), workers, list), len)
+        ),
+    }
+    evaluation = Transformed(files_of(data), eval_transform(DataConfig.from_dict(config)))
+    rates["pipeline, eval transform"] = best(
+        lambda: per_second(loader_of(evaluation, workers, collate_skip_bad), lambda b: len(b[1]))
+    )
+    dc = DataConfig.from_dict(config)
+    pil_images = [read_rgb(p) for p in paths[:64]]
+    tensors = [load_image(p) for p in paths[:64]]
+    resize, augment = eval_transform(dc), train_transform(dc, "basic")
+    single: dict[str, Callable[[int], Any]] = {  # one process, one image at a time
+        "1 process: decode PIL (read_rgb)": lambda i: read_rgb(paths[i]),
+        "1 process: decode torchvision (load_image)": lambda i: load_image(paths[i]),
+        "1 process: eval transform on the PIL image": lambda i: resize(pil_images[i]),
+        "1 process: eval transform on the tensor": lambda i: resize(tensors[i]),
+        "1 process: basic augment on the tensor": lambda i: augment(tensors[i]),
+    }
+    for name, fn in single.items():
+        start = time.perf_counter()
+        for i in range(len(tensors)):
+            fn(i)
+        rates[name] = len(tensors) / (time.perf_counter() - start)
+    return {**rates, "workers": float(workers)}
+
+
+# ------------------------------------------------------------------------------------------ predict
+
+
+def predict_rates(setup: Setup, root: str) -> tuple[float, float, int]:
+    """Images per second of `Trainer.predict` with ftlab's writer, and of a raw inference_mode loop."""
+    data = digits(setup, test_fraction=0.5)
+    net = model(setup).to(DEVICE)
+
+    def framework() -> float:
+        run = trainer(root, callbacks=[PredictionWriter()])
+        start = time.perf_counter()
+        run.predict(net, datamodule=data, return_predictions=False)
+        return time.perf_counter() - start
+
+    def raw() -> float:
+        net.eval()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for x, _, _ in data.predict_dataloader():
+                net(x.to(DEVICE)).softmax(dim=1).cpu()
+        return time.perf_counter() - start
+
+    raw()  # warm-up
+    count = len(data.datasets["test"])
+    return count / best(framework, 3), count / best(raw, 3), count
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def machine() -> str:
+    """One line about where this ran."""
+    gpu = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "no GPU"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}; Python "
+        f"{platform.python_version()}, torch {torch.__version__}, lightning {pl.__version__}"
+    )
+
+
+def run(setup: Setup) -> str:
+    """All measurements; the markdown report."""
+    lines = [f"Machine: {machine()}.", f"Model: {setup.backbone} ({setup.weights}) at {setup.image_size} px.", ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        batches = fixed_batches(setup)
+        hand = best(lambda: hand_loop(setup, batches))
+        fw = best(lambda: framework_steps(setup, batches, tmp))
+        uncached, fit_plain, acc_plain = frozen_epochs(setup, tmp, "off")
+        cached, fit_cached, acc_cached = frozen_epochs(setup, tmp, "memory")
+        after = statistics.mean(uncached[1:]) / statistics.mean(cached[1:])
+        pipe = pipeline_rates(setup, Path(tmp) / "jpegs")
+        floor = max(pipe["decode PIL"], pipe["decode torchvision"])
+        fw_rate, raw_rate, count = predict_rates(setup, tmp)
+        lines += [
+            "| measure | finetune-lab | reference | ratio | goal |",
+            "|---|---|---|---|---|",
+            f"| train step time (batch {setup.batch_size}) vs hand-written loop | {fw * 1e3:.1f} ms | "
+            f"{hand * 1e3:.1f} ms | {fw / hand:.3f} | <= 1.05 |",
+            f"| frozen epoch, cache vs none (epochs 2-{setup.epochs}, mean) | {statistics.mean(cached[1:]):.3f} s | "
+            f"{statistics.mean(uncached[1:]):.3f} s | {after:.1f}x faster | >= 10x |",
+            f"| frozen fit of {setup.epochs} epochs, cache vs none (wall, incl. the feature pass) | {fit_cached:.1f} s "
+            f"| {fit_plain:.1f} s | {fit_plain / fit_cached:.1f}x faster | |",
+            f"| val accuracy after the frozen fit, cache vs none | {acc_cached:.4f} | {acc_plain:.4f} | "
+            f"{abs(acc_cached - acc_plain) * 100:.2f} points apart | <= 0.5 points |",
+            f"| data pipeline ({setup.jpegs} JPEGs 500x375 -> {setup.jpeg_size} px, basic augment, "
+            f"{int(pipe['workers'])} workers) vs pure decoding | {pipe['pipeline']:.0f} img/s | {floor:.0f} img/s | "
+            f"{pipe['pipeline'] / floor:.2f} | >= 0.7 |",
+            f"| the same without augmentation (eval transform) vs pure decoding | "
+            f"{pipe['pipeline, eval transform']:.0f} img/s | {floor:.0f} img/s | "
+            f"{pipe['pipeline, eval transform'] / floor:.2f} | |",
+            f"| predict ({count} images, writer included) vs raw inference_mode loop | {fw_rate:.0f} img/s | "
+            f"{raw_rate:.0f} img/s | {fw_rate / raw_rate:.3f} | >= 0.95 |",
+            "",
+            "| data stage | images/s |",
+            "|---|---|",
+            *(f"| {k} | {v:.0f} |" for k, v in pipe.items() if k != "workers"),
+            "",
+            "| switch (train step, same batches) | step time | vs default fp32 |",
+            "|---|---|---|",
+            f"| default (32-true) | {fw * 1e3:.1f} ms | 1.00 |",
+        ]
+        for name, kw in switches(setup).items():
+            time_ = framework_steps(setup, batches, tmp, **kw)
+            lines.append(f"| {name} | {time_ * 1e3:.1f} ms | {time_ / fw:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def switches(setup: Setup) -> dict[str, dict[str, Any]]:
+    """The config switches to time, by name."""
+    found: dict[str, dict[str, Any]] = {
+        "channels_last": {"channels_last": True},
+        "bf16-mixed": {"precision": "bf16-mixed"},
+    }
+    if DEVICE.type == "cuda":
+        found["16-mixed"] = {"precision": "16-mixed"}
+        found["16-mixed + channels_last"] = {"precision": "16-mixed", "channels_last": True}
+    if setup.compile:
+        found["torch.compile (compile time excluded: warm-up steps)"] = {"compile": True}
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run and print (and optionally save) the report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and data: checks the script, not speed")
+    parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
+    args = parser.parse_args(argv)
+    setup = QUICK if args.quick else Setup()
+    if DEVICE.type == "cuda":
+        setup = replace(setup, image_size=224, batch_size=128)
+    report = run(setup)
+    print(report)
+    if args.out:
+        tmp = args.out.with_name(f".{args.out.name}.tmp")
+        tmp.write_text(report)
+        os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
