@@ -154,6 +154,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     img.save(tmp_path / "rotated.jpg", exif=exif)
     slow = read_rgb(tmp_path / "rotated.jpg")
     fast = load_image(tmp_path / "rotated.jpg")  # the torchvision decoder
+    assert isinstance(fast, torch.Tensor)
     assert slow.size == (20, 40) and tuple(fast.shape) == (3, 40, 20)
     # both libjpeg decoders: the same pixels within rounding of the upsampled chroma
     assert np.abs(np.asarray(slow, dtype=int) - fast.permute(1, 2, 0).numpy().astype(int)).mean() < 2
