@@ -49,7 +49,10 @@ class FinetuneCLI(LightningCLI):
         """Link data -> model (classes) at instantiation and model -> data (preprocessing) at parse time."""
         from lightning.pytorch.callbacks import EarlyStopping
 
+        from lightning_modules.feature_cache import FeatureCache
+
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")  # `early_stopping.patience: 3` in YAML
+        parser.add_lightning_class_args(FeatureCache, "feature_cache")  # `feature_cache: {store: disk}`
         parser.add_argument(
             "--lr_find",
             type=Literal["off", "print", "apply"],

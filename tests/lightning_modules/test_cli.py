@@ -112,13 +112,13 @@ def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) 
         "ModelCheckpoint",
         "ModelCheckpoint",
         "TrainingStateLogger",
-        "FeatureCache",
         "TestReport",
         "PredictionWriter",
         "FreezeUnfreeze",
     ]
     assert config.data.init_args.data_config["input_size"] == [3, 32, 32]
     assert (config.early_stopping.monitor, config.early_stopping.patience) == ("val/acc", 5)
+    assert (config.feature_cache.store, config.feature_cache.force) == ("memory", False)
 
 
 def _fit_quick(tmp: Path, epochs: int = 2) -> Path:
