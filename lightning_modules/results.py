@@ -22,7 +22,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from lightning_modules.reporting import atomic_write
 from lightning_modules.sweeps import VERSION, Sweep
 
 METRICS = (
@@ -187,6 +186,8 @@ def plot(rows: list[dict[str, Any]], summary: list[dict[str, Any]], title: str) 
 def write_results(sweep: Sweep, rows: list[dict[str, Any]], title: str | None = None, note: str = "") -> None:
     """results.csv (full precision; `mean`/`std` rows for a summary), results.md and results.png, each atomically."""
     import matplotlib.pyplot as plt
+
+    from lightning_modules.reporting import atomic_write
 
     title = title or f"{sweep.out.name}: {len(rows)} runs"
     summary = summarize(rows) if sweep.summary and rows else []

@@ -313,8 +313,6 @@ def run_cli(
         after: called with the sweep and its table rows before they are written; returns a note for results.md
             (the grid writes best.yaml and names it).
     """
-    from lightning_modules.results import collect, write_results
-
     try:
         args, rest = parser.parse_known_args(argv)
         sweep = plan(args, overrides(rest))
@@ -324,6 +322,8 @@ def run_cli(
         if args.list:
             print("\n".join(f"{i}\t{run.name}" for i, run in enumerate(sweep.runs)))
             return 0
+        from lightning_modules.results import collect, write_results
+
         chosen = [] if args.collect_only else select(sweep, args.only, args.index)
         failed = [run.name for run in chosen if not run_one(sweep, run, launcher)]
         if args.only is not None or args.index is not None:

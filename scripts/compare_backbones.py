@@ -1,8 +1,10 @@
 """Compare backbones: the same experiment (data, strategy, schedule) over a list of backbones, one `ftlab` process each.
 
     python scripts/compare_backbones.py --config experiments/cifar10/resnet18.yaml
-    python scripts/compare_backbones.py --config experiments/quickstart.yaml \\
-        --backbones scratch/mlp scratch/simple_cnn timm/efficientnet_lite0 --model.image_size 32
+    python scripts/compare_backbones.py --config experiments/quickstart.yaml --model.image_size 32 \\
+        --backbones scratch/mlp@none scratch/simple_cnn@none timm/efficientnet_lite0@embedded
+
+A backbone is `model.backbone`, optionally with its own `model.weights` after `@` (the others keep the config's).
 
 Writes `<out>/results.csv`, `results.md` and `results.png` (accuracy against parameters, and per-run bars).
 Finished runs are skipped when run again. `--list` prints the runs; `--index $SLURM_ARRAY_TASK_ID` runs one (a job
@@ -27,16 +29,22 @@ DEFAULT_BACKBONES = [
 ]
 
 
+def backbone_run(spec: str) -> Run:
+    """A run for `backbone` or `backbone@weights`, named after it."""
+    backbone, _, weights = spec.partition("@")
+    model = {"backbone": backbone, **({"weights": weights} if weights else {})}
+    return Run(slug(spec.replace("@", "-")), model, {"model": model})
+
+
 def plan(args: argparse.Namespace, common: dict[str, Any]) -> Sweep:
-    """One run per backbone, named after it."""
-    runs = [Run(slug(b), {"backbone": b}, {"model": {"backbone": b}}) for b in args.backbones]
-    return Sweep(args.out, args.config, runs, common)
+    """One run per backbone."""
+    return Sweep(args.out, args.config, [backbone_run(spec) for spec in args.backbones], common)
 
 
 def main(argv: Sequence[str] | None = None, launcher: Launcher = subprocess_launcher) -> int:
     """The command line; see the module docstring."""
     parser = sweep_parser(__doc__, "runs/compare_backbones")
-    parser.add_argument("--backbones", nargs="+", default=DEFAULT_BACKBONES, help="model.backbone values")
+    parser.add_argument("--backbones", nargs="+", default=DEFAULT_BACKBONES, help="model.backbone[@weights] values")
     return run_cli(parser, plan, argv, launcher)
 
 

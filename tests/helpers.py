@@ -56,3 +56,14 @@ def in_process(args: list[str], log: Path) -> int:
         except SystemExit as err:
             return err.code if isinstance(err.code, int) else 1
     return 0
+
+
+class FailAtEpoch(pl.Callback):
+    """Raise when `epoch` starts if the environment variable `FTLAB_TEST_FAIL` is set: a crash after checkpoints."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch and os.environ.get("FTLAB_TEST_FAIL"):
+            raise RuntimeError("FailAtEpoch: the injected crash")
