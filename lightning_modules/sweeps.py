@@ -166,9 +166,14 @@ def grid_runs(grid: dict[str, Any]) -> list[Run]:
         config: dict[str, Any] = {}
         for _, _, layer in combo:
             config = merge(config, layer)
-        name = slug("_".join(f"{label}={value}" for label, value, _ in combo))
+        name = slug("_".join(f"{label}={_short(value)}" for label, value, _ in combo))
         runs.append(Run(name, {label: value for label, value, _ in combo}, config))
     return runs
+
+
+def _short(value: Any) -> str:
+    """A value as it reads in a run name: lists joined by `-` (`[]` is `none`)."""
+    return "-".join(map(str, value)) or "none" if isinstance(value, list) else str(value)
 
 
 def load_grid(path: Path) -> tuple[list[str], list[Run], str]:
