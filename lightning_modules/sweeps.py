@@ -266,6 +266,15 @@ def run_one(sweep: Sweep, run: Run, launcher: Launcher = subprocess_launcher) ->
 # ------------------------------------------------------------------------------------------ the scripts' CLI
 
 
+def describe(sweep: Sweep) -> str:
+    """What every run shares (base configs, common overrides), when the run folders agree with this command."""
+    made = [(sweep.root(run) / "run.yaml", sweep.layer(run)) for run in sweep.runs]
+    if any(path.is_file() and yaml.safe_load(path.read_text()) != layer for path, layer in made):
+        return "Some runs were made with other settings than this command's: see each `runs/<run>/run.yaml`."
+    common = yaml.safe_dump(sweep.common, default_flow_style=True, width=1000).strip() if sweep.common else "none"
+    return f"Base: {', '.join(f'`{b}`' for b in sweep.base) or 'defaults only'}; overrides for every run: `{common}`."
+
+
 def sweep_parser(description: str | None, default_out: str) -> argparse.ArgumentParser:
     """The options every sweep script shares; any other `--key value` is an override for every run."""
     parser = argparse.ArgumentParser(
@@ -335,7 +344,8 @@ def run_cli(
             print(f"Run finished; the table: {sys.argv[0]} ... --collect-only --out {sweep.out}")
             return 1 if failed else 0
         rows = collect(sweep)
-        write_results(sweep, rows, note=after(sweep, rows) if after is not None and rows else "")
+        notes = [describe(sweep), after(sweep, rows) if after is not None and rows else ""]
+        write_results(sweep, rows, note="\n\n".join(filter(None, notes)))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
