@@ -152,8 +152,10 @@ def grid_runs(grid: dict[str, Any]) -> list[Run]:
         if isinstance(values, list) and values:
             axes.append([(label, v, dotted(key, v)) for v in values])
         elif isinstance(values, dict) and values and "." not in key:
-            for layer in values.values():
-                for top in layer if isinstance(layer, dict) else [None]:
+            for name, layer in values.items():
+                if not isinstance(layer, dict):
+                    raise ConfigError(f"grid key {key!r}: {name!r} must map to a YAML layer such as {{model: ...}}")
+                for top in layer:
                     check_key(str(top))
             axes.append([(label, name, layer) for name, layer in values.items()])
         else:

@@ -46,6 +46,7 @@ def test_grid_is_the_cartesian_product_with_readable_names() -> None:
         ({"model.head_dropout": 0.1}, "non-empty list"),
         ({"strategy": {"frozen": {"trainr": {}}}}, "did you mean 'trainer'"),
         ({}, "mapping of config keys"),
+        ({"strategy": {"frozen": 1}}, "must map to a YAML layer"),
     ],
 )
 def test_bad_grids_are_clear_errors(grid: dict[str, object], message: str) -> None:
