@@ -176,7 +176,10 @@ def kfold_split(pool: LabeledDataset, num_folds: int, fold: int, seed: int) -> t
     from sklearn.model_selection import StratifiedKFold
 
     folds = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
-    train, val = list(folds.split(np.zeros(len(pool)), list(pool.targets)))[fold]
+    try:
+        train, val = list(folds.split(np.zeros(len(pool)), list(pool.targets)))[fold]
+    except ValueError as err:  # more folds than samples of every class
+        raise ConfigError(f"data.init_args.num_folds {num_folds}: {err}") from None
     return Subset(pool, train.tolist()), Subset(pool, val.tolist())
 
 

@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from datamodules import DigitsDataModule
+from datamodules.base import Concat, TensorImages, kfold_split
 from lightning_modules.backbones import data_config_dict
+from lightning_modules.errors import ConfigError
 from lightning_modules.module import FineTuneModule
 from tests.conftest import quiet_trainer
 
@@ -94,7 +97,6 @@ def test_kfold_folds_partition_train_and_val_and_leave_test_alone() -> None:
 
 
 def test_kfold_pools_a_dataset_own_val_split() -> None:
-    from datamodules.base import Concat, TensorImages, kfold_split
 
     a = TensorImages(torch.zeros(6, 1, 2, 2, dtype=torch.uint8), [0, 1] * 3)
     b = TensorImages(torch.ones(4, 1, 2, 2, dtype=torch.uint8), [0, 1] * 2)
@@ -102,12 +104,11 @@ def test_kfold_pools_a_dataset_own_val_split() -> None:
     assert len(pool) == 10 and int(pool[7][0].sum()) == 4 and pool[7][1] == 1
     train, val = kfold_split(pool, 2, 0, seed=0)
     assert len(train) == len(val) == 5 and sorted([*train.targets, *val.targets]) == sorted(pool.targets)
+    with pytest.raises(ConfigError, match="num_folds 6"):
+        kfold_split(pool, 6, 0, seed=0)  # five samples per class
 
 
 def test_kfold_arguments_are_checked() -> None:
-    import pytest
-
-    from lightning_modules.errors import ConfigError
 
     with pytest.raises(ConfigError, match="num_folds >= 2"):
         DigitsDataModule(num_folds=3, fold=3)
