@@ -176,7 +176,7 @@ def plot(rows: list[dict[str, Any]], summary: list[dict[str, Any]], title: str) 
         mean, std = summary[0]["test_acc"], summary[1]["test_acc"] or 0.0
         right.axvline(mean, color="black", linestyle="--", label=f"mean acc {mean:.3f} ± {std:.3f}")
         right.axvspan(mean - std, mean + std, color="grey", alpha=0.2)
-    right.legend(fontsize=8, loc="lower right")
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3)
     right.set_title("per run")
     fig.suptitle(title)
     fig.tight_layout()
