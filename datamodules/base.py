@@ -184,6 +184,33 @@ def stratified_split(dataset: LabeledDataset, fraction: float, seed: int) -> tup
     return Subset(dataset, sorted(rest.tolist())), Subset(dataset, sorted(part.tolist()))
 
 
+class Concat(LabeledDataset):
+    """The samples of several labeled datasets, one after another."""
+
+    def __init__(self, parts: Sequence[LabeledDataset]) -> None:
+        self.parts = list(parts)
+        self.targets = [t for part in self.parts for t in part.targets]
+
+    def __getitem__(self, index: int) -> Any:
+        for part in self.parts:
+            if index < len(part):
+                return part[index]
+            index -= len(part)
+        raise IndexError(index)
+
+
+def kfold_split(pool: LabeledDataset, num_folds: int, fold: int, seed: int) -> tuple[LabeledDataset, LabeledDataset]:
+    """(train, val) of fold `fold` of a seeded stratified k-fold of `pool`: fold i is the val part."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
+    try:
+        train, val = list(folds.split(np.zeros(len(pool)), list(pool.targets)))[fold]
+    except ValueError as err:  # more folds than samples of every class
+        raise ConfigError(f"data.init_args.num_folds {num_folds}: {err}") from None
+    return Subset(pool, train.tolist()), Subset(pool, val.tolist())
+
+
 class ImageClassificationDataModule(LightningDataModule):
     """Splits, transforms and loaders for image classification.
 
@@ -204,6 +231,9 @@ class ImageClassificationDataModule(LightningDataModule):
         data_config: the backbone's preprocessing, linked from the model by the CLI.
         pin_memory: default: on when CUDA is available.
         predict_root: a folder of images for `ftlab predict` (any layout); default: the test split.
+        num_folds: stratified k-fold cross-validation: train + val (never test) are pooled and cut into this many
+            folds, seeded by `split_seed`; `fold` is the val split, the others train. Default: no folds.
+        fold: which fold (0 to num_folds - 1) is the val split.
     """
 
     hparams_ignore: tuple[str, ...] = ()
@@ -219,8 +249,12 @@ class ImageClassificationDataModule(LightningDataModule):
         data_config: dict[str, Any] | None = None,
         pin_memory: bool | None = None,
         predict_root: str | None = None,
+        num_folds: int | None = None,
+        fold: int = 0,
     ) -> None:
         super().__init__()
+        if num_folds is not None and not (num_folds >= 2 and 0 <= fold < num_folds):
+            raise ConfigError(f"k-fold needs num_folds >= 2 and 0 <= fold < num_folds, got {num_folds=} and {fold=}")
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 < value < 1:
                 raise ConfigError(f"data.init_args.{key} must be between 0 and 1 (exclusive), got {value}")
@@ -234,6 +268,7 @@ class ImageClassificationDataModule(LightningDataModule):
         self.data_config = DataConfig.from_dict(data_config) if data_config else DataConfig()
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.predict_root = predict_root
+        self.num_folds, self.fold = num_folds, fold
         self.predict_set: Indexed | None = None
         train_transform(self.data_config, augment)  # fail on a bad preset now, not at setup
         self.datasets: dict[str, Transformed] = {}
@@ -268,7 +303,10 @@ class ImageClassificationDataModule(LightningDataModule):
         train = raw["train"]
         if "test" not in raw:
             train, raw["test"] = stratified_split(train, self.test_fraction, self.split_seed)
-        if "val" not in raw:
+        if self.num_folds:
+            pool = Concat([train, raw["val"]]) if "val" in raw else train
+            train, raw["val"] = kfold_split(pool, self.num_folds, self.fold, self.split_seed)
+        elif "val" not in raw:
             train, raw["val"] = stratified_split(train, self.val_fraction, self.split_seed)
         evaluation = eval_transform(self.data_config)
         self.datasets = {

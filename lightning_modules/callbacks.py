@@ -1,17 +1,29 @@
-"""Small callbacks: what trains and at which rate, logged once per epoch."""
+"""Small callbacks: what trains, at which rate and how long an epoch takes, logged once per epoch."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning.pytorch as pl
 
 
 class TrainingStateLogger(pl.Callback):
-    """Logs `lr/<group>` for every param group (`lr/head`, `lr/layer4` ...) and `trainable_params`.
+    """Logs `lr/<group>` for every param group (`lr/head`, `lr/layer4` ...), `trainable_params` and `time/epoch_s`.
 
-    Logged at the first batch of each epoch, after every finetuning strategy has unfrozen what is due.
+    Learning rates and trainable parameters are logged at the first batch of each epoch, after every finetuning
+    strategy has unfrozen what is due; `time/epoch_s` is the wall time of the epoch (training and its validation).
     """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start the epoch's clock."""
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the epoch's wall time, `time/epoch_s`."""
+        start = getattr(self, "_epoch_start", None)
+        if start is not None:
+            pl_module.log("time/epoch_s", time.perf_counter() - start, on_step=False, on_epoch=True, batch_size=1)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

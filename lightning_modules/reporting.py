@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -195,10 +196,17 @@ class TestReport(pl.Callback):
         self.correct: list[tuple[torch.Tensor, int, int, float, float]] = []
         self.wrong: list[tuple[torch.Tensor, int, int, float, float]] = []
         self.top_losses: list[tuple[torch.Tensor, int, int, float, float]] = []
+        self.step_seconds, self.step_images = 0.0, 0
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start empty."""
         self._reset()
+
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Start the clock of the test step (forward pass and metrics; data loading excluded)."""
+        self._step_start = time.perf_counter()
 
     def on_test_batch_end(
         self,
@@ -212,6 +220,8 @@ class TestReport(pl.Callback):
         """Keep probabilities and targets; keep a few images for the grids."""
         if not isinstance(outputs, dict) or "logits" not in outputs:
             return
+        self.step_seconds += time.perf_counter() - self._step_start
+        self.step_images += len(outputs["logits"])
         logits, y = outputs["logits"].float().cpu(), batch[1].cpu()
         probs = logits.softmax(1)
         losses = F.cross_entropy(logits, y, reduction="none")
@@ -253,6 +263,8 @@ class TestReport(pl.Callback):
         ckpt = getattr(trainer, "ckpt_path", None)
         run = Path(log_dir)
         report["checkpoint"] = str(ckpt) if ckpt else None
+        report["params_total"] = sum(p.numel() for p in pl_module.parameters())
+        report["images_per_s"] = self.step_images / self.step_seconds if self.step_seconds else None  # this process
         atomic_write(run / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2)))
         figures = {
             "confusion_matrix": confusion_figure(np.array(report["confusion_matrix"]), class_names),

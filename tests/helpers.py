@@ -38,3 +38,32 @@ class DumpState(pl.Callback):
             "epoch": trainer.current_epoch,
         }
         Path(f"{self.path}.rank{trainer.global_rank}.json").write_text(json.dumps(state))
+
+
+def in_process(args: list[str], log: Path) -> int:
+    """A sweep launcher that runs `ftlab <args>` inside the test process (no interpreter start-up per run)."""
+    import contextlib
+
+    from lightning_modules.cli import cli_main
+    from lightning_modules.errors import ConfigError
+
+    with log.open("a") as out, contextlib.redirect_stdout(out):
+        try:
+            cli_main(args)
+        except ConfigError as err:
+            print(f"ftlab: error: {err}")
+            return 2
+        except SystemExit as err:
+            return err.code if isinstance(err.code, int) else 1
+    return 0
+
+
+class FailAtEpoch(pl.Callback):
+    """Raise when `epoch` starts if the environment variable `FTLAB_TEST_FAIL` is set: a crash after checkpoints."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch and os.environ.get("FTLAB_TEST_FAIL"):
+            raise RuntimeError("FailAtEpoch: the injected crash")

@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from datamodules import DigitsDataModule
+from datamodules.base import Concat, TensorImages, kfold_split
 from lightning_modules.backbones import data_config_dict
+from lightning_modules.errors import ConfigError
 from lightning_modules.module import FineTuneModule
 from tests.conftest import quiet_trainer
 
@@ -72,3 +75,40 @@ def test_short_training_on_digits_beats_chance_by_far(tmp_path: Path) -> None:
     trainer.fit(model, datamodule=dm)
     result = trainer.test(model, datamodule=dm, verbose=False)[0]
     assert result["test/acc"] > 0.85, result  # chance is 0.10
+
+
+def test_kfold_folds_partition_train_and_val_and_leave_test_alone() -> None:
+    plain = _dm()
+    pool = set(_indices(plain, "train")) | set(_indices(plain, "val"))
+    everything: Counter[int] = Counter(
+        [*plain.datasets["train"].dataset.targets, *plain.datasets["val"].dataset.targets]
+    )
+    vals = []
+    for fold in range(3):
+        dm = _dm(num_folds=3, fold=fold)
+        train, val = set(_indices(dm, "train")), set(_indices(dm, "val"))
+        assert not train & val and train | val == pool  # train + val pooled, nothing lost
+        assert _indices(dm, "test") == _indices(plain, "test")  # the test split is untouched
+        counts: Counter[int] = Counter(dm.datasets["val"].dataset.targets)  # type: ignore[attr-defined]
+        assert all(abs(counts[c] - n / 3) <= 1 for c, n in everything.items())  # stratified: a third of each class
+        vals.append(val)
+    assert not vals[0] & vals[1] and not vals[1] & vals[2] and vals[0] | vals[1] | vals[2] == pool
+    assert _indices(_dm(num_folds=3, fold=1), "val") == _indices(_dm(num_folds=3, fold=1), "val")  # seeded
+
+
+def test_kfold_pools_a_dataset_own_val_split() -> None:
+
+    a = TensorImages(torch.zeros(6, 1, 2, 2, dtype=torch.uint8), [0, 1] * 3)
+    b = TensorImages(torch.ones(4, 1, 2, 2, dtype=torch.uint8), [0, 1] * 2)
+    pool = Concat([a, b])
+    assert len(pool) == 10 and int(pool[7][0].sum()) == 4 and pool[7][1] == 1
+    train, val = kfold_split(pool, 2, 0, seed=0)
+    assert len(train) == len(val) == 5 and sorted([*train.targets, *val.targets]) == sorted(pool.targets)
+    with pytest.raises(ConfigError, match="num_folds 6"):
+        kfold_split(pool, 6, 0, seed=0)  # five samples per class
+
+
+def test_kfold_arguments_are_checked() -> None:
+
+    with pytest.raises(ConfigError, match="num_folds >= 2"):
+        DigitsDataModule(num_folds=3, fold=3)

@@ -1,0 +1,358 @@
+"""Sweeps: many `ftlab` runs of one experiment (backbones, a grid, folds, seeds), each its own process, resumable.
+
+A sweep lives in one folder:
+
+    <out>/runs/<run>/run.yaml        the run's own config layer: what differs, the common overrides, where it logs
+    <out>/runs/<run>/params.json     the run's labels in the table (backbone, lr, fold, seed ...)
+    <out>/runs/<run>/fit.log, test.log, fit.done
+    <out>/runs/<run>/version_0/      the run itself: TensorBoard events, checkpoints, config.yaml, metrics.json
+    <out>/results.csv, results.md, results.png (lightning_modules/results.py)
+
+Each run is `ftlab fit --config <base>... --config run.yaml`, then `ftlab test ... --ckpt_path best`, as
+subprocesses. A run whose `version_0/metrics.json` exists is finished and never run again; a fit that was cut
+short resumes from its `last.ckpt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_modules.errors import ConfigError, close_names
+
+Launcher = Callable[[list[str], Path], int]  # (ftlab arguments, log file) -> exit status
+VERSION = "version_0"
+TOP_LEVEL = ("model", "data", "trainer", "seed_everything", "early_stopping", "lr_find", "ckpt_path")
+
+
+@dataclass
+class Run:
+    """One run: its folder name, its labels in the table, and the config layer that makes it differ."""
+
+    name: str
+    params: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Sweep:
+    """Runs of the same base configs and common overrides, under `<out>/runs/<name>/`.
+
+    Args:
+        out: the sweep's folder.
+        base: the experiment's YAML files, in `--config` order.
+        runs: the runs, in table order.
+        common: overrides every run gets (nested, as in YAML), e.g. from `--trainer.max_epochs 2`.
+        summary: add mean and standard deviation rows (folds, seeds).
+        best_by: the table column that picks the best run (grids).
+    """
+
+    out: Path
+    base: list[str]
+    runs: list[Run]
+    common: dict[str, Any] = field(default_factory=dict)
+    summary: bool = False
+    best_by: str | None = None
+
+    def root(self, run: Run) -> Path:
+        """The folder of a run."""
+        return self.out / "runs" / run.name
+
+    def layer(self, run: Run) -> dict[str, Any]:
+        """The run's `run.yaml`: common overrides, then the run's own, then its fixed log location."""
+        logger = {"init_args": {"save_dir": str(self.out / "runs"), "name": run.name, "version": 0}}
+        return merge(merge(self.common, run.config), {"trainer": {"logger": logger}})
+
+
+# ------------------------------------------------------------------------------------------ config layers
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of two YAML trees: `over` wins; lists under `key+` (jsonargparse's append) are concatenated."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        elif key.endswith("+") and isinstance(value, list) and isinstance(out.get(key), list):
+            out[key] = [*out[key], *value]
+        else:
+            out[key] = value
+    return out
+
+
+def check_key(key: str) -> None:
+    """A dotted config key must start with a top-level key of `ftlab fit` (`model.`, `data.`, `trainer.` ...)."""
+    head = key.split(".", 1)[0]
+    if head not in TOP_LEVEL or not all(key.split(".")):
+        hint = close_names(head, list(TOP_LEVEL))
+        raise ConfigError(
+            f"{key!r} is not an ftlab config key: it must start with one of {', '.join(TOP_LEVEL)}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        )
+
+
+def dotted(key: str, value: Any) -> dict[str, Any]:
+    """`model.optimizer.init_args.lr`, 0.01 -> {"model": {"optimizer": {"init_args": {"lr": 0.01}}}}."""
+    check_key(key)
+    tree: dict[str, Any] = {}
+    node = tree
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return tree
+
+
+def overrides(args: Sequence[str]) -> dict[str, Any]:
+    """`--key value` and `--key=value` command-line overrides as one nested YAML tree (values read as YAML)."""
+    tree: dict[str, Any] = {}
+    items = list(args)
+    while items:
+        arg = items.pop(0)
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}: overrides are --<key> <value> or --<key>=<value>")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if not items or items[0].startswith("--"):
+                raise ConfigError(f"override --{key} needs a value")
+            value = items.pop(0)
+        tree = merge(tree, dotted(key, yaml.safe_load(value)))
+    return tree
+
+
+def slug(text: str) -> str:
+    """A folder name for a run: letters, digits, `.`, `-`, `_` and `=` only."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", text).strip("-") or "run"
+
+
+# ------------------------------------------------------------------------------------------ grids
+
+
+def grid_runs(grid: dict[str, Any]) -> list[Run]:
+    """The cartesian product of a grid: a dotted key maps to a list of values, any other name to a mapping of
+    labels to YAML layers (`strategy: {frozen: {trainer: {callbacks+: [...]}}, ...}`)."""
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError("grid must be a mapping of config keys to lists of values")
+    axes: list[list[tuple[str, Any, dict[str, Any]]]] = []
+    shorts = [key.rsplit(".", 1)[-1] for key in grid]
+    for (key, values), short in zip(grid.items(), shorts, strict=True):
+        label = short if shorts.count(short) == 1 else key
+        if isinstance(values, list) and values:
+            axes.append([(label, v, dotted(key, v)) for v in values])
+        elif isinstance(values, dict) and values and "." not in key:
+            for name, layer in values.items():
+                if not isinstance(layer, dict):
+                    raise ConfigError(f"grid key {key!r}: {name!r} must map to a YAML layer such as {{model: ...}}")
+                for top in layer:
+                    check_key(str(top))
+            axes.append([(label, name, layer) for name, layer in values.items()])
+        else:
+            raise ConfigError(
+                f"grid key {key!r}: give a non-empty list of values for a dotted key (model.head_dropout: [0, 0.2]) "
+                "or, for a name without dots, a mapping of labels to YAML layers"
+            )
+    runs = []
+    for combo in itertools.product(*axes):
+        config: dict[str, Any] = {}
+        for _, _, layer in combo:
+            config = merge(config, layer)
+        name = slug("_".join(f"{label}={_short(value)}" for label, value, _ in combo))
+        runs.append(Run(name, {label: value for label, value, _ in combo}, config))
+    return runs
+
+
+def _short(value: Any) -> str:
+    """A value as it reads in a run name: lists joined by `-` (`[]` is `none`)."""
+    return "-".join(map(str, value)) or "none" if isinstance(value, list) else str(value)
+
+
+def load_grid(path: Path) -> tuple[list[str], list[Run], str]:
+    """A grid file: `base` (an experiment YAML or a list), `grid` (see `grid_runs`), optional `metric`."""
+    if not path.is_file():
+        raise ConfigError(f"grid file {path} does not exist")
+    spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, dict) or "grid" not in spec or "base" not in spec:
+        raise ConfigError(f"grid file {path} needs `base: <experiment.yaml>` and `grid: {{<key>: [values]}}`")
+    unknown = set(spec) - {"base", "grid", "metric"}
+    if unknown:
+        raise ConfigError(f"grid file {path}: unknown keys {sorted(unknown)}; expected base, grid, metric")
+    base = [spec["base"]] if isinstance(spec["base"], str) else list(spec["base"])
+    return base, grid_runs(spec["grid"]), str(spec.get("metric", "val_acc"))
+
+
+def write_best(path: Path, sweep: Sweep, run: Run, note: str) -> None:
+    """A ready-to-run experiment: the base configs merged with the common overrides and the run's own layer."""
+    from lightning_modules.reporting import atomic_write
+
+    config: dict[str, Any] = {}
+    for base in sweep.base:
+        config = merge(config, yaml.safe_load(Path(base).read_text()) or {})
+    config = merge(merge(config, sweep.common), run.config)
+    text = f"# {note}\n# ftlab fit --config {path}\n" + yaml.safe_dump(config, sort_keys=False)
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def subprocess_launcher(args: list[str], log: Path) -> int:
+    """Run `ftlab <args>` as a child process with this checkout importable; its output goes to `log`."""
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    with log.open("a") as out:
+        cmd = [sys.executable, "-m", "lightning_modules.cli", *args]
+        return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
+
+
+def is_finished(sweep: Sweep, run: Run) -> bool:
+    """A run is finished when its test report is written (atomically, so never half)."""
+    return (sweep.root(run) / VERSION / "metrics.json").is_file()
+
+
+def _tail(log: Path) -> str:
+    lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+    return lines[-1] if lines else "(no output)"
+
+
+def run_one(sweep: Sweep, run: Run, launcher: Launcher = subprocess_launcher) -> bool:
+    """Fit and test one run unless it is finished; True when it is finished now. A config `ftlab` rejects
+    (exit status 2) raises ConfigError: every run of the sweep would fail the same way."""
+    root = sweep.root(run)
+    layer = yaml.safe_dump(sweep.layer(run), sort_keys=False)
+    written = root / "run.yaml"
+    if written.is_file() and written.read_text() != layer:
+        raise ConfigError(f"{root} was run with another config ({written}); use another --out or delete it")
+    if is_finished(sweep, run):
+        print(f"[{run.name}] finished before: skipped", flush=True)
+        return True
+    root.mkdir(parents=True, exist_ok=True)
+    written.write_text(layer)
+    (root / "params.json").write_text(json.dumps({"name": run.name, "params": run.params}, indent=2))
+    configs = [arg for path in [*sweep.base, str(written)] for arg in ("--config", path)]
+    steps = [("test", ["--ckpt_path", "best"])]
+    if not (root / "fit.done").is_file():
+        last = root / VERSION / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            shutil.rmtree(root / VERSION, ignore_errors=True)  # a fit that never finished an epoch: start over
+        steps.insert(0, ("fit", ["--ckpt_path", "last"] if last.is_file() else []))
+    for command, extra in steps:
+        print(
+            f"[{run.name}] ftlab {command}"
+            + (" (resuming from last.ckpt)" if extra == ["--ckpt_path", "last"] else ""),
+            flush=True,
+        )
+        log = root / f"{command}.log"
+        status = launcher([command, *configs, *extra], log)
+        if status == 2:
+            raise ConfigError(f"run {run.name}: ftlab {command} rejected the config ({log}): {_tail(log)}")
+        if status != 0:
+            print(f"[{run.name}] ftlab {command} failed with status {status}; see {log}: {_tail(log)}", flush=True)
+            return False
+        if command == "fit":
+            (root / "fit.done").touch()
+    return is_finished(sweep, run)
+
+
+# ------------------------------------------------------------------------------------------ the scripts' CLI
+
+
+def describe(sweep: Sweep) -> str:
+    """What every run shares (base configs, common overrides), when the run folders agree with this command."""
+    made = [(sweep.root(run) / "run.yaml", sweep.layer(run)) for run in sweep.runs]
+    if any(path.is_file() and yaml.safe_load(path.read_text()) != layer for path, layer in made):
+        return "Some runs were made with other settings than this command's: see each `runs/<run>/run.yaml`."
+    common = yaml.safe_dump(sweep.common, default_flow_style=True, width=1000).strip() if sweep.common else "none"
+    return f"Base: {', '.join(f'`{b}`' for b in sweep.base) or 'defaults only'}; overrides for every run: `{common}`."
+
+
+def sweep_parser(description: str | None, default_out: str) -> argparse.ArgumentParser:
+    """The options every sweep script shares; any other `--key value` is an override for every run."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any other --<key> <value> (e.g. --trainer.max_epochs 2) is passed to every run.",
+    )
+    parser.add_argument("--config", action="append", default=[], help="the experiment's YAML (repeatable)")
+    parser.add_argument("--out", type=Path, default=Path(default_out), help=f"the sweep's folder ({default_out})")
+    parser.add_argument("--collect-only", action="store_true", help="rebuild the table and plot from the run folders")
+    parser.add_argument("--list", action="store_true", help="print the runs (index and name) and exit")
+    parser.add_argument("--only", help="run only the run of this name (one task of a job array)")
+    parser.add_argument("--index", type=int, help="run only the run at this index, e.g. $SLURM_ARRAY_TASK_ID")
+    return parser
+
+
+def select(sweep: Sweep, only: str | None, index: int | None) -> list[Run]:
+    """The runs to run now: all, the one named `only`, or the one at `index`."""
+    if index is not None:
+        if not 0 <= index < len(sweep.runs):
+            raise ConfigError(
+                f"--index {index} is out of range: the sweep has {len(sweep.runs)} runs (0 to {len(sweep.runs) - 1})"
+            )
+        return [sweep.runs[index]]
+    if only is not None:
+        found = [r for r in sweep.runs if r.name == only]
+        if not found:
+            hint = close_names(only, [r.name for r in sweep.runs])
+            raise ConfigError(
+                f"--only {only!r} is not a run of this sweep" + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
+        return found
+    return sweep.runs
+
+
+def run_cli(
+    parser: argparse.ArgumentParser,
+    plan: Callable[[argparse.Namespace, dict[str, Any]], Sweep],
+    argv: Sequence[str] | None = None,
+    launcher: Launcher = subprocess_launcher,
+    after: Callable[[Sweep, list[dict[str, Any]]], str] | None = None,
+) -> int:
+    """Parse, plan, run what is not finished, then collect the table and plot; 0 when every run finished.
+
+    Args:
+        parser: from `sweep_parser`, with the script's own options.
+        plan: the sweep, from the parsed options and the common overrides.
+        argv: the command line (default: `sys.argv[1:]`).
+        launcher: how to run `ftlab` (default: a subprocess).
+        after: called with the sweep and its table rows before they are written; returns a note for results.md
+            (the grid writes best.yaml and names it).
+    """
+    try:
+        args, rest = parser.parse_known_args(argv)
+        sweep = plan(args, overrides(rest))
+        for base in sweep.base:
+            if not Path(base).is_file():
+                raise ConfigError(f"experiment config {base} does not exist")
+        if args.list:
+            print("\n".join(f"{i}\t{run.name}" for i, run in enumerate(sweep.runs)))
+            return 0
+        from lightning_modules.results import collect, write_results
+
+        chosen = [] if args.collect_only else select(sweep, args.only, args.index)
+        failed = [run.name for run in chosen if not run_one(sweep, run, launcher)]
+        if args.only is not None or args.index is not None:
+            print(f"Run finished; the table: {sys.argv[0]} ... --collect-only --out {sweep.out}")
+            return 1 if failed else 0
+        rows = collect(sweep)
+        notes = [describe(sweep), after(sweep, rows) if after is not None and rows else ""]
+        write_results(sweep, rows, note="\n\n".join(filter(None, notes)))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    missing = [run.name for run in sweep.runs if not is_finished(sweep, run)]
+    print(f"Results: {sweep.out / 'results.md'} ({len(rows)} of {len(sweep.runs)} runs finished)")
+    if missing:
+        print(f"Not finished: {', '.join(missing)}" + (f" (failed now: {', '.join(failed)})" if failed else ""))
+    return 1 if missing else 0
