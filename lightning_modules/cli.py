@@ -201,13 +201,23 @@ def main() -> None:
     """Console entry point: user mistakes print one clear line, not a traceback."""
     try:
         cli_main()
-    except ConfigError as err:
-        print(f"ftlab: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     except TrainingStopped as err:
         print(f"ftlab: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Exception as err:
+        mistake = _config_error(err)
+        if mistake is None:
+            raise
+        print(f"ftlab: error: {mistake}", file=sys.stderr)
+        raise SystemExit(2) from None
     _destroy_process_group()
+
+
+def _config_error(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind `err`, also when jsonargparse wrapped it (a class of `data:` failing to build)."""
+    while err is not None and not isinstance(err, ConfigError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def _destroy_process_group() -> None:
