@@ -3,13 +3,12 @@
 One uninterrupted run is the baseline. A second run on the same data is killed three times in a chain (at an
 epoch boundary after an unfreeze, in the middle of the next epoch, and while that epoch's checkpoint is being
 written), resumed each time with `--ckpt_path last`, and must end with exactly the baseline's weights, optimizer
-groups and EarlyStopping counters. Killed runs are forked children of the test process (a SIGKILL needs a
-process; forking skips the interpreter start-up). README: "Reliability".
+groups and EarlyStopping counters. Killed runs are child processes (a SIGKILL needs a process of its own).
+README: "Reliability".
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -60,20 +59,11 @@ def _inject(root: Path, name: str, class_path: str, **init_args: Any) -> list[st
     return ["--config", str(path)]
 
 
-def _child(args: list[str], log: str) -> None:
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # noqa: SIM115 - line-buffered: a SIGKILL loses no line
-    cli_main(args)
-
-
-def _run_killed(args: list[str], log: Path) -> int:
-    """Run `ftlab` in a forked child; its exit code (-9 when SIGKILLed)."""
-    process = multiprocessing.get_context("fork").Process(target=_child, args=(args, str(log)))
-    process.start()
-    process.join(600)
-    return int(process.exitcode if process.exitcode is not None else 0)
+def _ftlab(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`ftlab <args>` in a child process (a SIGKILL needs a process of its own): exit code -9 when killed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "lightning_modules.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _ckpt(path: Path) -> dict[str, Any]:
@@ -103,12 +93,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         mp.chdir(root)
         ckpts = root / "runs" / "chain" / "version_0" / "checkpoints"
         kill_boundary = _inject(root, "k1", "tests.helpers.KillAt", epoch=3)
-        out["exit_boundary"] = _run_killed(_fit_args("chain", *kill_boundary), root / "k1.log")
+        out["k1"] = _ftlab(root, *_fit_args("chain", *kill_boundary))
         out["after_boundary_kill"] = _ckpt(ckpts / "last.ckpt")
         kill_mid = _inject(root, "k2", "tests.helpers.KillAt", epoch=3, batch=2)
-        out["exit_mid"] = _run_killed(_fit_args("chain", "--ckpt_path", "last", *kill_mid), root / "k2.log")
+        out["k2"] = _ftlab(root, *_fit_args("chain", "--ckpt_path", "last", *kill_mid))
         kill_save = _inject(root, "k3", "tests.helpers.KillDuringSave", epoch=3)
-        out["exit_save"] = _run_killed(_fit_args("chain", "--ckpt_path", "last", *kill_save), root / "k3.log")
+        out["k3"] = _ftlab(root, *_fit_args("chain", "--ckpt_path", "last", *kill_save))
         out["partials"] = [(p.name, p.stat().st_size, _loads(p)) for p in ckpts.glob(".*.partial")]
         out["last_size"] = (ckpts / "last.ckpt").stat().st_size
         out["last_after_save_kill"] = _ckpt(ckpts / "last.ckpt")
@@ -130,7 +120,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         cli_main(_fit_args("straight"))
     out["straight"] = root / "runs" / "straight" / "version_0" / "checkpoints"
     out["chain"] = ckpts
-    out["logs"] = {name: (root / f"{name}.log").read_text() for name in ("k1", "k2", "k3")}
     yield out
 
 
@@ -143,7 +132,7 @@ def _logger(save_dir: Path, name: str) -> Any:
 def test_sigkill_at_an_epoch_boundary_resumes_to_the_same_weights_and_early_stopping_counters(
     runs: dict[str, Any],
 ) -> None:
-    assert runs["exit_boundary"] == -9  # SIGKILL at the start of epoch 3, two epochs after the unfreeze
+    assert runs["k1"].returncode == -9  # SIGKILL at the start of epoch 3, two epochs after the unfreeze
     killed = runs["after_boundary_kill"]
     assert killed["epoch"] == 2 and _early_stopping(killed)["wait_count"] == 2  # counters were mid-flight
     straight, resumed = _ckpt(runs["straight"] / "last.ckpt"), _ckpt(runs["chain"] / "last.ckpt")
@@ -157,9 +146,9 @@ def test_sigkill_at_an_epoch_boundary_resumes_to_the_same_weights_and_early_stop
 
 
 def test_sigkill_mid_epoch_warns_and_the_epoch_restarts_from_its_first_batch(runs: dict[str, Any]) -> None:
-    assert runs["exit_mid"] == -9  # killed before batch 2 of epoch 3: global step 14, checkpoint at step 12
-    assert MARK not in runs["logs"]["k2"]  # resuming after a kill at an epoch boundary redoes nothing
-    warning = " ".join(runs["logs"]["k3"].split())
+    assert runs["k2"].returncode == -9  # killed before batch 2 of epoch 3: global step 14, checkpoint at step 12
+    assert MARK not in runs["k2"].stderr  # resuming after a kill at an epoch boundary redoes nothing
+    warning = " ".join(runs["k3"].stderr.split())
     assert "saved at global step 12; the interrupted run had reached epoch 3, step 14. Epoch 3 " + MARK in warning
     # the final resume (after the kill during the checkpoint write) redid the whole of epoch 3 too
     assert any("had reached epoch 3, step 16" in w and MARK in w for w in runs["final_warnings"])
@@ -167,7 +156,7 @@ def test_sigkill_mid_epoch_warns_and_the_epoch_restarts_from_its_first_batch(run
 
 
 def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(runs: dict[str, Any]) -> None:
-    assert runs["exit_save"] == -9
+    assert runs["k3"].returncode == -9
     assert len(runs["partials"]) == 1  # the cut write: half a file beside the checkpoints, never over them
     name, size, loads = runs["partials"][0]
     assert name.startswith(".") and 0 < size < runs["last_size"] and not loads  # half a zip archive
@@ -213,12 +202,6 @@ def test_nan_loss_stops_with_epoch_and_step_and_the_last_good_checkpoint_is_inta
     assert ckpt["epoch"] == 0 and ckpt["global_step"] == 4  # nothing written after the NaN
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert [_ckpt(p)["epoch"] for p in named.parent.glob("*.ckpt")] == [0, 0]
-
-
-def _ftlab(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "lightning_modules.cli", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
