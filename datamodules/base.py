@@ -109,7 +109,7 @@ class Transformed(Dataset):
         if seed is None:
             return self.transform(image), label
         with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators are not touched
             return self.transform(image), label
 
 
