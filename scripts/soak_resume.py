@@ -14,6 +14,7 @@ import argparse
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,8 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", required=True, help="ftlab --config files, in order")
     parser.add_argument("--kills", type=int, default=8)
-    parser.add_argument("--min-seconds", type=float, default=10.0, help="shortest life of a process before a kill")
-    parser.add_argument("--max-seconds", type=float, default=40.0)
+    parser.add_argument("--min-seconds", type=float, default=5.0, help="shortest life of a process before a kill")
+    parser.add_argument("--max-seconds", type=float, help="longest; default: how long the uninterrupted run took")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     parser.add_argument("--save-dir", default="runs/soak")
     args, extra = parser.parse_known_args()
@@ -52,8 +53,10 @@ def main() -> None:
     base.append(f"--trainer.logger.init_args.save_dir={save_dir}")
     log = save_dir / "soak.log"
 
+    start = time.monotonic()
     if _fit(base, "uninterrupted", None, log).wait() != 0:
         raise SystemExit(f"the uninterrupted run failed; see {log}")
+    longest = args.max_seconds or time.monotonic() - start
     ckpt = save_dir / "killed" / "version_0" / "checkpoints" / "last.ckpt"
     rng = random.Random(args.seed)
     kills = 0
@@ -61,7 +64,7 @@ def main() -> None:
         process = _fit(base, "killed", ckpt, log)
         if kills < args.kills:
             try:
-                process.wait(timeout=rng.uniform(args.min_seconds, args.max_seconds))
+                process.wait(timeout=rng.uniform(args.min_seconds, longest))
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
