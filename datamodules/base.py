@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,15 +128,23 @@ class Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | BadSample, int]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor | BadSample, int]:
+        """`index`, or `(index, seed)` from `EpochShuffle`: the transform then draws from that seed alone."""
+        index, seed = index if isinstance(index, tuple) else (index, None)
         image, label = self.dataset[index]
-        return (image if isinstance(image, BadSample) else self.transform(image)), label
+        if isinstance(image, BadSample):
+            return image, label
+        if seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
+            torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators are not touched
+            return self.transform(image), label
 
 
 class Indexed(Transformed):
     """(image tensor, index) of a labeled dataset, for prediction: the writer maps indices back to names."""
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | BadSample, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | BadSample, int]:  # type: ignore[override]
         image, _ = super().__getitem__(index)
         return image, index
 
@@ -156,9 +164,11 @@ class Indexed(Transformed):
 
 
 class EpochShuffle(RandomSampler):
-    """Shuffles by (seed, epoch): a run resumed at epoch k sees the order an uninterrupted run sees at epoch k.
+    """Shuffles by (seed, epoch) and gives each sample an augmentation seed from (seed, epoch, index): a run
+    resumed at epoch k sees the order and the augmented images an uninterrupted run sees at epoch k.
 
-    A RandomSampler, so under DDP Lightning swaps in its shuffling DistributedSampler as usual.
+    A RandomSampler, so under DDP Lightning swaps in its shuffling DistributedSampler as usual (same order
+    by epoch; augmentation then draws from the global generator).
     """
 
     def __init__(self, data_source: Dataset, seed: int) -> None:
@@ -168,7 +178,12 @@ class EpochShuffle(RandomSampler):
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch."""
+        self.epoch = epoch
         self.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        for index in super().__iter__():
+            yield index, hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def stratified_split(dataset: LabeledDataset, fraction: float, seed: int) -> tuple[LabeledDataset, LabeledDataset]:

@@ -93,7 +93,9 @@ class Backbone(nn.Module):
         for s in self.stages:
             if s.name == key:
                 return s
-        raise ConfigError(f"backbone {self.name} has no stage {key!r}; its stages are: {self.stage_names()}")
+        close = close_names(str(key), self.stage_names(), n=3)
+        hint = f"did you mean {close}? " if close else ""
+        raise ConfigError(f"backbone {self.name} has no stage {key!r}; {hint}its stages are: {self.stage_names()}")
 
     def stage_names(self) -> list[str]:
         """Stage names from input to output."""

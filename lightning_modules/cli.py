@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from datamodules.base import ImageClassificationDataModule
 from lightning_modules.backbones import data_config_dict, is_weights_file
-from lightning_modules.errors import ConfigError
+from lightning_modules.errors import ConfigError, TrainingStopped
 from lightning_modules.module import FineTuneModule
 
 CKPT_SHORTCUTS = ("best", "last")
@@ -90,6 +90,9 @@ class FinetuneCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         """Undo the instantiation-only `weights: none` of `before_instantiate_classes` in the saved config."""
         super().after_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("ckpt_path"):
+            check_checkpoint_classes(config.ckpt_path, self.model.hparams["num_classes"])
         restore = getattr(self, "_restore_weights", None)
         if restore is not None:
             config, weights = restore
@@ -162,6 +165,20 @@ def resolve_checkpoint(which: str, logger: Namespace | None) -> Path:
     raise ConfigError(f"no {which}*.ckpt under {root}/*/checkpoints; train first with `ftlab fit`")
 
 
+def check_checkpoint_classes(ckpt_path: str, num_classes: int) -> None:
+    """A ConfigError when the checkpoint's head was trained for another number of classes than the data has."""
+    import torch
+
+    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    theirs = hparams.get("num_classes")
+    if theirs is not None and theirs != num_classes:
+        names = hparams.get("class_names")
+        raise ConfigError(
+            f"checkpoint {ckpt_path} was trained on {theirs} classes ({names}) but the data has {num_classes}; "
+            "use the data it was trained on, or a checkpoint trained on this data"
+        )
+
+
 def _with_defaults(run: bool) -> dict[str, Any]:
     """Parser kwargs that read `defaults_file()` first: per subcommand, or on the single parser when not running."""
     kwargs = {"default_config_files": defaults_file()}
@@ -187,10 +204,23 @@ def main() -> None:
     """Console entry point: user mistakes print one clear line, not a traceback."""
     try:
         cli_main()
-    except ConfigError as err:
+    except TrainingStopped as err:
         print(f"ftlab: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as err:
+        mistake = _config_error(err)
+        if mistake is None:
+            raise
+        print(f"ftlab: error: {mistake}", file=sys.stderr)
         raise SystemExit(2) from None
     _destroy_process_group()
+
+
+def _config_error(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind `err`, also when jsonargparse wrapped it (a class of `data:` failing to build)."""
+    while err is not None and not isinstance(err, ConfigError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def _destroy_process_group() -> None:

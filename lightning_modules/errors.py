@@ -10,3 +10,7 @@ def close_names(name: str, candidates: list[str], n: int = 5) -> list[str]:
     import difflib
 
     return difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (the loss became NaN or infinite); the message says where and what is left."""

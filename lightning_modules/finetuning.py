@@ -15,6 +15,7 @@ A strategy says which backbone stages train at each epoch (`trainable_stages`). 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -97,6 +98,11 @@ class FinetuningStrategy(BaseFinetuning):
         if added:
             rewrap_ddp(trainer)
         self.apply_bn_policy(_backbone(pl_module))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check every stage the strategy will ever unfreeze now: a wrong name fails at start, not at its epoch."""
+        self.trainable_stages(_backbone(pl_module), sys.maxsize)
+        super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """On resume, restore the param groups (base class) and the trainable flags of unfrozen stages."""

@@ -1,7 +1,8 @@
-"""Callbacks that tests load into `ftlab` subprocesses (through PYTHONPATH) to inject faults or check state."""
+"""Callbacks that tests load into `ftlab` runs (through PYTHONPATH in subprocesses) to inject faults or check state."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -12,15 +13,64 @@ import lightning.pytorch as pl
 import torch
 
 
-class KillAtEpoch(pl.Callback):
-    """SIGKILL this process when `epoch` starts, i.e. right after the previous epoch's checkpoints were written."""
+def _sigkill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillAt(pl.Callback):
+    """SIGKILL this process at the start of `epoch` (right after the previous epoch's checkpoints were written),
+    or just before batch `batch` of that epoch (a kill in the middle of an epoch)."""
+
+    def __init__(self, epoch: int, batch: int | None = None) -> None:
+        self.epoch = epoch
+        self.batch = batch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch and self.batch is None:
+            _sigkill()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            _sigkill()
+
+
+class KillDuringSave(pl.Callback):
+    """From `epoch` on, the next checkpoint write is cut short: half its bytes reach the file, then SIGKILL."""
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.current_epoch != self.epoch:
+            return
+        real_save = torch.save
+
+        def cut_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            if hasattr(f, "fileno"):
+                os.fsync(f.fileno())
+            _sigkill()
+
+        torch.save = cut_save
+
+
+class PoisonBatch(pl.Callback):
+    """Fill the images of the batch at global step `step` with NaN (a corrupt batch that makes the loss NaN)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            batch[0].fill_(float("nan"))
 
 
 class DumpState(pl.Callback):
@@ -35,6 +85,7 @@ class DumpState(pl.Callback):
             "groups": [[g.get("name"), g["lr"], len(g["params"])] for g in trainer.optimizers[0].param_groups],
             "checksum": float(sum(p.detach().double().sum() for p in pl_module.parameters())),
             "val_acc": float(trainer.callback_metrics.get("val/acc", torch.tensor(-1.0))),
+            "val_loss": float(trainer.callback_metrics.get("val/loss", torch.tensor(-1.0))),
             "epoch": trainer.current_epoch,
         }
         Path(f"{self.path}.rank{trainer.global_rank}.json").write_text(json.dumps(state))

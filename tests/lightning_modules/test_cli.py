@@ -112,6 +112,8 @@ def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) 
         "ModelCheckpoint",
         "ModelCheckpoint",
         "TrainingStateLogger",
+        "StopOnNonFiniteLoss",
+        "ResumeNotice",
         "TestReport",
         "PredictionWriter",
         "FreezeUnfreeze",

@@ -1,0 +1,57 @@
+"""Checkpoint files that survive a kill: written beside their target, then renamed into place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Saves each checkpoint to a hidden `.<name>.partial` in the same folder, syncs it, and renames it over the
+    target, so a process killed while writing leaves the previous checkpoint whole. Loads with
+    `weights_only=True` unless told otherwise.
+
+    Lightning's own save writes into the system temp folder and moves the file, which is a rename only when that
+    folder is on the same filesystem as the checkpoints (on clusters it often is not: the move becomes a copy).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Write `checkpoint` to `path` atomically (remote URLs go through Lightning's fsspec writer)."""
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        with partial.open("wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, target)
+        _fsync_dir(target.parent)
+
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Load with `weights_only=True` by default: tensors and primitives only, never arbitrary objects."""
+        weights_only = True if weights_only is None else weights_only
+        if map_location is None:
+            return super().load_checkpoint(path, weights_only=weights_only)
+        return super().load_checkpoint(path, map_location, weights_only)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (where the OS allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
