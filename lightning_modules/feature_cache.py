@@ -42,8 +42,10 @@ class FeatureSet(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.features[index], int(self.targets[index])
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """`index`, or `(index, augmentation seed)` from `EpochShuffle` (features are not augmented)."""
+        position = index[0] if isinstance(index, tuple) else index
+        return self.features[position], int(self.targets[position])
 
     def state(self) -> dict[str, Any]:
         """Tensors and strings only: loads with `weights_only=True`."""
