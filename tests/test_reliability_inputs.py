@@ -126,7 +126,16 @@ def test_dirty_folder_of_hundreds_of_images_every_epoch_sees_each_decodable_imag
         "--data.init_args.num_workers=0",
         "--data.init_args.augment=basic",
     ]
-    args = ["--config", "experiments/quickstart.yaml", *TINY, *QUIET, *data, "--trainer.max_epochs=2"]
+    images_every_epoch = "--feature_cache.store=off"  # the quickstart's frozen epochs would read cached features
+    args = [
+        "--config",
+        "experiments/quickstart.yaml",
+        *TINY,
+        *QUIET,
+        *data,
+        "--trainer.max_epochs=2",
+        images_every_epoch,
+    ]
     run = cli_main([*args, "--trainer.num_sanity_val_steps=0"], run=False)
     recorder = RecordEpochs()
     run.trainer.callbacks.append(recorder)  # type: ignore[attr-defined]
