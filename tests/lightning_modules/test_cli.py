@@ -123,7 +123,7 @@ def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) 
     assert (config.feature_cache.store, config.feature_cache.force) == ("memory", True)  # defaults, then quickstart
 
 
-def _fit_quick(tmp: Path, epochs: int = 4) -> Path:  # the quickstart unfreezes at epoch 3
+def _fit_quick(tmp: Path, epochs: int = 2) -> Path:
     args = [
         "fit",
         "--config",
@@ -155,7 +155,7 @@ def test_fit_saves_config_and_test_best_reuses_the_run_directory(in_tmp: Path) -
     scalars = events.Tags()["scalars"]
     assert {"lr/head", "lr/blocks.6", "lr/stem", "trainable_params", "val/acc", "train/loss_epoch"} <= set(scalars)
     counts = [e.value for e in events.Scalars("trainable_params")]
-    assert len(counts) == 4 and counts[0] == counts[2] < counts[3]  # the head alone, then the backbone too
+    assert len(counts) == 2 and counts[1] > counts[0]  # the head alone, then the unfrozen backbone too
     assert [e.value for e in events.Scalars("lr/blocks.6")] == pytest.approx([0.0003])  # head 3e-3 x 0.1
     best = list((run_dir / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 1 and (run_dir / "checkpoints" / "last.ckpt").is_file()
