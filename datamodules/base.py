@@ -17,7 +17,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
 from datamodules.images import BadSample, bad_reason, check_header, load_image, write_bad_images
-from datamodules.transforms import eval_transform, train_transform
+from datamodules.transforms import CROP_SCALE, eval_transform, train_transform
 from lightning_modules.backbones import DataConfig
 from lightning_modules.distributed import gather_lists
 from lightning_modules.errors import ConfigError
@@ -199,6 +199,21 @@ def stratified_split(dataset: LabeledDataset, fraction: float, seed: int) -> tup
     return Subset(dataset, sorted(rest.tolist())), Subset(dataset, sorted(part.tolist()))
 
 
+def stratified_subset(dataset: LabeledDataset, size: float, seed: int) -> LabeledDataset:
+    """A seeded subset keeping class proportions: `size` is a fraction (0 < size < 1) of each class, or a number of
+    samples per class (a class with fewer keeps all of them)."""
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(dataset.targets):
+        by_class.setdefault(int(target), []).append(index)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        count = max(1, round(len(members) * size)) if size < 1 else min(int(size), len(members))
+        chosen += rng.choice(members, size=count, replace=False).tolist()
+    return Subset(dataset, sorted(chosen))
+
+
 class Concat(LabeledDataset):
     """The samples of several labeled datasets, one after another."""
 
@@ -242,7 +257,12 @@ class ImageClassificationDataModule(LightningDataModule):
         val_fraction: part of train (after any test carve) held out for validation when the data has no val split.
         test_fraction: part of train held out for testing when the data has no test split.
         split_seed: seed of every split, independent of the training seed.
-        augment: training augmentation preset: none, basic, notebook, randaugment, trivialaugment.
+        augment: training augmentation preset: none, basic, affine, notebook, randaugment, trivialaugment
+            (`basic`: padded random crops and flips for small images, random resized crops and flips for photos).
+        crop_scale: the smallest part of a photo's area that random resized crops keep (`basic`, `randaugment`,
+            `trivialaugment`); torchvision's default 0.08 suits training from scratch on ImageNet.
+        train_subset: train on part of the train split (after val and test are carved, so they do not change):
+            a fraction (`0.1`) or a number of images per class (`500`), stratified and seeded by `split_seed`.
         data_config: the backbone's preprocessing, linked from the model by the CLI.
         pin_memory: default: on when CUDA is available.
         predict_root: a folder of images for `ftlab predict` (any layout); default: the test split.
@@ -261,6 +281,8 @@ class ImageClassificationDataModule(LightningDataModule):
         test_fraction: float = 0.2,
         split_seed: int = 42,
         augment: str = "basic",
+        crop_scale: float = CROP_SCALE[0],
+        train_subset: float | None = None,
         data_config: dict[str, Any] | None = None,
         pin_memory: bool | None = None,
         predict_root: str | None = None,
@@ -280,12 +302,19 @@ class ImageClassificationDataModule(LightningDataModule):
         self.test_fraction = test_fraction
         self.split_seed = split_seed
         self.augment = augment
+        self.crop_scale = crop_scale
+        if train_subset is not None and not (0 < train_subset < 1 or (train_subset >= 1 and train_subset % 1 == 0)):
+            raise ConfigError(
+                f"data.init_args.train_subset must be a fraction in (0, 1) or a whole number of images per class, "
+                f"got {train_subset}"
+            )
+        self.train_subset = train_subset
         self.data_config = DataConfig.from_dict(data_config) if data_config else DataConfig()
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.predict_root = predict_root
         self.num_folds, self.fold = num_folds, fold
         self.predict_set: Indexed | None = None
-        train_transform(self.data_config, augment)  # fail on a bad preset now, not at setup
+        train_transform(self.data_config, augment, crop_scale)  # fail on a bad preset now, not at setup
         self.datasets: dict[str, Transformed] = {}
         self.features: dict[str, Dataset] = {}  # split -> cached backbone features, while the backbone is frozen
         self.skipped: set[tuple[str, str, str]] = set()  # (split, path, reason) of files that could not be read
@@ -323,12 +352,18 @@ class ImageClassificationDataModule(LightningDataModule):
             train, raw["val"] = kfold_split(pool, self.num_folds, self.fold, self.split_seed)
         elif "val" not in raw:
             train, raw["val"] = stratified_split(train, self.val_fraction, self.split_seed)
+        if self.train_subset is not None:
+            train = stratified_subset(train, self.train_subset, self.split_seed)
         evaluation = eval_transform(self.data_config)
         self.datasets = {
-            "train": Transformed(train, train_transform(self.data_config, self.augment)),
+            "train": Transformed(train, train_transform(self.data_config, self.augment, self.crop_scale)),
             "val": Transformed(raw["val"], evaluation),
             "test": Transformed(raw["test"], evaluation),
         }
+
+    def split_sizes(self) -> dict[str, int]:
+        """Images per split (after setup): what the run trained, validated and tested on."""
+        return {split: len(dataset) for split, dataset in self.datasets.items()}
 
     def deterministic_view(self, split: str, force: bool = False) -> Transformed | None:
         """The split with inputs that are the same every epoch (what a feature cache may store): val and test

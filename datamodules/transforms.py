@@ -15,6 +15,12 @@ from lightning_modules.backbones import DataConfig
 from lightning_modules.errors import ConfigError
 
 AUGMENT_PRESETS = ("none", "basic", "affine", "notebook", "randaugment", "trivialaugment")
+# Images whose shorter side is at most this many pixels (CIFAR 32, MNIST 28, the digits 8) are "small": random crops
+# take them whole and shift them (the CIFAR standard) instead of zooming into a patch of them.
+SMALL_IMAGE = 64
+# The smallest part of a photo RandomResizedCrop keeps when fine-tuning (torchvision's default, 0.08, is
+# ImageNet-from-scratch; measured on the dev cats vs dogs photos: see docs/augmentation.md).
+CROP_SCALE = (0.35, 1.0)
 
 
 class ToChannels(torch.nn.Module):
@@ -79,18 +85,46 @@ def _resize_crop(cfg: DataConfig) -> list[Any]:
     return [v2.Resize(scale, interpolation=_interpolation(cfg.interpolation), antialias=True), v2.CenterCrop(size)]
 
 
+class RandomCrop(torch.nn.Module):
+    """The `basic` crop, chosen by the size of each source image.
+
+    Small images (shorter side <= `SMALL_IMAGE` px) are resized and center-cropped to `size` as for evaluation,
+    then shifted: a random `size` crop of the image zero-padded by `size // 8` on each side (4 px at 32 px, the CIFAR
+    standard). Larger images get a RandomResizedCrop keeping `scale` of the area (at least 35% by default).
+    """
+
+    def __init__(self, data_config: DataConfig, scale: tuple[float, float] = CROP_SCALE) -> None:
+        super().__init__()
+        size = data_config.input_size[1]
+        self.small = v2.Compose([*_resize_crop(data_config), v2.RandomCrop(size, padding=max(1, size // 8))])
+        interp = _interpolation(data_config.interpolation)
+        self.large = v2.RandomResizedCrop(size, scale=scale, interpolation=interp, antialias=True)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """(C, H, W) image of any size -> (C, size, size)."""
+        return self.small(img) if min(img.shape[-2:]) <= SMALL_IMAGE else self.large(img)
+
+
 def eval_transform(data_config: DataConfig) -> v2.Compose:
     """Resize to size / crop_pct, center-crop to size, scale to [0, 1] and normalise (timm's eval pipeline)."""
     return v2.Compose(_head(data_config) + _resize_crop(data_config) + _tail(data_config))
 
 
-def train_transform(data_config: DataConfig, augment: str = "basic") -> v2.Compose:
-    """Training pipeline for an augmentation preset (`AUGMENT_PRESETS`)."""
+def train_transform(data_config: DataConfig, augment: str = "basic", crop_scale: float = CROP_SCALE[0]) -> v2.Compose:
+    """Training pipeline for an augmentation preset (`AUGMENT_PRESETS`); `crop_scale` is the smallest part of a
+    large image's area that the random crops of `basic`, `randaugment` and `trivialaugment` keep."""
     if augment == "none":
         return eval_transform(data_config)
+    if not 0 < crop_scale <= 1:
+        raise ConfigError(f"data.init_args.crop_scale must be in (0, 1], got {crop_scale}")
     size = data_config.input_size[1]
     interp = _interpolation(data_config.interpolation)
-    crop = v2.RandomResizedCrop(size, interpolation=interp, antialias=True)
+    crop = RandomCrop(data_config, scale=(crop_scale, 1.0))
+    # RandAugment's rotations and shears on tensors take nearest or bilinear only (bicubic raises, e.g. for timm's
+    # EfficientNets): bilinear there, the backbone's own interpolation for every resize
+    geometric = (
+        interp if interp in (InterpolationMode.NEAREST, InterpolationMode.BILINEAR) else InterpolationMode.BILINEAR
+    )
     presets: dict[str, list[Any]] = {
         "basic": [crop, v2.RandomHorizontalFlip()],
         # small shifts, turns and zooms, no flip: for digits, characters and other orientation-bound images
@@ -101,8 +135,8 @@ def train_transform(data_config: DataConfig, augment: str = "basic") -> v2.Compo
             v2.RandomRotation(10),
             v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
         ],
-        "randaugment": [crop, v2.RandomHorizontalFlip(), v2.RandAugment(interpolation=interp)],
-        "trivialaugment": [crop, v2.RandomHorizontalFlip(), v2.TrivialAugmentWide(interpolation=interp)],
+        "randaugment": [crop, v2.RandomHorizontalFlip(), v2.RandAugment(interpolation=geometric)],
+        "trivialaugment": [crop, v2.RandomHorizontalFlip(), v2.TrivialAugmentWide(interpolation=geometric)],
     }
     if augment not in presets:
         raise ConfigError(f"data.augment {augment!r} is not a preset; choose one of {list(AUGMENT_PRESETS)}")

@@ -296,8 +296,9 @@ def _build_scratch(arch: str, weights: str, data_config: DataConfig) -> tuple[nn
             )
         )
     elif arch == "simple_cnn":
-        conv1 = nn.Sequential(nn.Conv2d(c, 32, 3), nn.ReLU(), nn.MaxPool2d(2))
-        conv2 = nn.Sequential(nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2))
+        # the exercise's Keras model: 3x3 convolutions with padding='same', each followed by 2x2 max-pooling
+        conv1 = nn.Sequential(nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        conv2 = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         with torch.no_grad():
             flat = conv2(conv1(torch.zeros(1, c, h, w))).numel()
         fc = nn.Sequential(nn.Flatten(), nn.Linear(flat, 512), nn.ReLU())

@@ -5,6 +5,7 @@ A sweep lives in one folder:
     <out>/runs/<run>/run.yaml        the run's own config layer: what differs, the common overrides, where it logs
     <out>/runs/<run>/params.json     the run's labels in the table (backbone, lr, fold, seed ...)
     <out>/runs/<run>/fit.log, test.log, fit.done
+    <out>/runs/<run>/timing.json     wall seconds of each command (`fit_s`, `test_s`), summed over resumes
     <out>/runs/<run>/version_0/      the run itself: TensorBoard events, checkpoints, config.yaml, metrics.json
     <out>/results.csv, results.md, results.png (lightning_modules/results.py)
 
@@ -23,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +228,13 @@ def _tail(log: Path) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+def add_time(path: Path, key: str, seconds: float) -> None:
+    """Add `seconds` to `key` of a run's timing file (a resumed fit adds its part to the interrupted one's)."""
+    timing = json.loads(path.read_text()) if path.is_file() else {}
+    timing[key] = round(timing.get(key, 0.0) + seconds, 1)
+    path.write_text(json.dumps(timing, indent=2))
+
+
 def run_one(sweep: Sweep, run: Run, launcher: Launcher = subprocess_launcher) -> bool:
     """Fit and test one run unless it is finished; True when it is finished now. A config `ftlab` rejects
     (exit status 2) raises ConfigError: every run of the sweep would fail the same way."""
@@ -254,7 +263,9 @@ def run_one(sweep: Sweep, run: Run, launcher: Launcher = subprocess_launcher) ->
             flush=True,
         )
         log = root / f"{command}.log"
+        started = time.perf_counter()
         status = launcher([command, *configs, *extra], log)
+        add_time(root / "timing.json", f"{command}_s", time.perf_counter() - started)
         if status == 2:
             raise ConfigError(f"run {run.name}: ftlab {command} rejected the config ({log}): {_tail(log)}")
         if status != 0:
