@@ -1,11 +1,14 @@
 # `make demo`: offline fine-tuning demo; `make test`: the test suite. Each creates .venv and installs what it needs.
+# `make results DATA=../shared/data`: every recipe of scripts/results.yaml on the real data -> docs/results.md.
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 # torch and torchvision pinned to the releases on this machine's disk (pip takes them without a download).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint clean
+DATA ?= ../shared/data
+
+.PHONY: demo test lint clean results
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +28,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
+
+results: $(VENV)/.installed
+	$(BIN)/python scripts/results.py --data $(DATA) --doc docs/results.md
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

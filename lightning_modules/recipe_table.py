@@ -201,7 +201,8 @@ def machine() -> str:
 
 def markdown(table: list[dict[str, Any]], missing: list[Row], not_run: dict[str, str], data: Path) -> str:
     """results.md: the machine, the table, the rows not finished and the recipes not run."""
-    head = "| dataset | recipe | backbone | train / val / test images | best val acc | test acc | goal | epochs | fit time | notebook |"
+    columns = ["dataset", "recipe", "backbone", "train / val / test images", "best val acc", "test acc", "goal"]
+    head = "| " + " | ".join([*columns, "epochs", "fit time", "notebook"]) + " |"
     lines = [
         "# Recipes on real data",
         "",
@@ -212,7 +213,7 @@ def markdown(table: list[dict[str, Any]], missing: list[Row], not_run: dict[str,
         "epoch), on a machine that may have been running other work.",
         "",
         head,
-        "|" + "---|" * head.count(" | ") + "---|",
+        "|" + "---|" * (len(columns) + 3),
     ]
     for r in table:
         sizes = " / ".join(f"{r[k]:,}" if r[k] is not None else "?" for k in ("train", "val", "test"))

@@ -265,7 +265,7 @@ class TestReport(pl.Callback):
         report["checkpoint"] = str(ckpt) if ckpt else None
         report["params_total"] = sum(p.numel() for p in pl_module.parameters())
         report["images_per_s"] = self.step_images / self.step_seconds if self.step_seconds else None  # this process
-        split_sizes = getattr(trainer.datamodule, "split_sizes", None)  # the DataModule's public API, when it has it
+        split_sizes = getattr(trainer.datamodule, "split_sizes", None)  # type: ignore[attr-defined]  # public API
         report["split_sizes"] = split_sizes() if callable(split_sizes) else None
         atomic_write(run / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2)))
         figures = {

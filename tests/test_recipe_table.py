@@ -66,7 +66,12 @@ def test_quick_mode_runs_rows_writes_the_table_and_skips_finished_rows(in_tmp: P
     assert "val_acc >= 0.95: " in text and "Recipes not in this table:" in text
 
     calls: list[list[str]] = []
-    assert main(args, launcher=lambda a, log: calls.append(a) or 0) == 0
+
+    def counting(ftlab_args: list[str], log: Path) -> int:
+        calls.append(ftlab_args)
+        return 0
+
+    assert main(args, launcher=counting) == 0
     assert calls == []  # finished rows are not rerun
     (out / "results.md").unlink()
     assert main([*args, "--collect-only"], launcher=in_process) == 0
@@ -74,11 +79,10 @@ def test_quick_mode_runs_rows_writes_the_table_and_skips_finished_rows(in_tmp: P
 
 
 def test_missing_data_and_unknown_rows_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert (
-        main(["--data", str(tmp_path), "--plan", str(PLAN), "--out", str(tmp_path / "o"), "--only", "mnist-mlp"]) == 2
-    )
+    out = str(tmp_path / "o")
+    assert main(["--data", str(tmp_path), "--plan", str(PLAN), "--out", out, "--only", "mnist-mlp"]) == 2
     assert f"{tmp_path / 'mnist'} not found: DATA must hold mnist/" in capsys.readouterr().out
-    assert main(["--data", str(tmp_path), "--plan", str(PLAN), "--only", "mnist-mpl"]) == 2
+    assert main(["--data", str(tmp_path), "--plan", str(PLAN), "--out", out, "--only", "mnist-mpl"]) == 2
     assert "--only: no rows ['mnist-mpl']" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="does not exist"):
         load_plan(tmp_path / "none.yaml")
