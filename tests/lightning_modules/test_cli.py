@@ -14,6 +14,8 @@ from tests.datamodules.conftest import write_cifar, write_class_folders, write_m
 
 EXPERIMENTS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
 DATA = [e for e in EXPERIMENTS if e.startswith("experiments/data/")]
+# a data config that also sets the model is a complete recipe (the own-images one): it runs on its own
+RECIPE_DATA = [e for e in DATA if "model" in (yaml.safe_load((REPO / e).read_text()) or {})]
 TRAINER = [e for e in EXPERIMENTS if e.startswith("experiments/trainer/")]
 RUNNABLE = [e for e in EXPERIMENTS if not e.endswith("defaults.yaml") and e not in DATA + TRAINER]
 DATASETS = ("cats_vs_dogs", "cifar10", "mnist", "pet_expressions")
@@ -63,10 +65,10 @@ def test_every_experiment_runs_fast_dev_run(in_tmp: Path, experiment: str) -> No
 @pytest.mark.parametrize("data_config", DATA)
 def test_every_dataset_config_runs_on_its_real_format(in_tmp: Path, data_config: str) -> None:
     root = _tiny_data(Path(data_config).stem, in_tmp / "data")
+    base = [] if data_config in RECIPE_DATA else ["--config", "experiments/quickstart.yaml"]
     args = [
         "fit",
-        "--config",
-        "experiments/quickstart.yaml",
+        *base,
         "--config",
         data_config,
         *TINY_MODEL,
@@ -232,3 +234,4 @@ def test_lr_find_applies_its_suggestion_with_a_strategy_in_place(
 def test_the_experiment_lists_are_found() -> None:
     # a parametrized test over an empty list passes silently: make sure every kind of config is present
     assert len(RUNNABLE) >= 11 and len(DATA) == 5 and TRAINER
+    assert RECIPE_DATA == ["experiments/data/image_folder.yaml"]

@@ -18,10 +18,8 @@ FIGURES = ("confusion_matrix", "correct", "misclassified", "top_losses", "first_
 
 
 def _folder_args(root: Path, batch_size: int) -> list[str]:
-    """The quickstart on an image folder with a tiny stand-in backbone."""
+    """The own-images recipe with a tiny stand-in backbone."""
     return [
-        "--config",
-        "experiments/quickstart.yaml",
         "--config",
         "experiments/data/image_folder.yaml",
         "--model.backbone=timm/test_resnet",
