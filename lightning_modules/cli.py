@@ -69,8 +69,10 @@ class FinetuneCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Resolve `--ckpt_path best|last`, reuse its run directory, and skip pretrained downloads it overrides."""
+        """One finetuning strategy at most; resolve `--ckpt_path best|last`, reuse its run directory, and skip
+        pretrained downloads it overrides."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_one_strategy(config.trainer.get("callbacks") or [])
         ckpt = config.get("ckpt_path")
         if not ckpt:
             return
@@ -140,6 +142,28 @@ class FinetuneCLI(LightningCLI):
         self._print_run_dir()
 
     after_validate = after_test = after_predict = _print_run_dir
+
+
+def check_one_strategy(callbacks: list[Any]) -> None:
+    """A ConfigError naming them when the callbacks hold two finetuning strategies (two stacked recipes)."""
+    import importlib
+
+    from lightning_modules.finetuning import FinetuningStrategy
+
+    names = []
+    for callback in callbacks:
+        class_path = getattr(callback, "class_path", None)
+        if class_path is None:
+            continue
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None) if module else None
+        if isinstance(cls, type) and issubclass(cls, FinetuningStrategy):
+            names.append(name)
+    if len(names) > 1:
+        raise ConfigError(
+            f"trainer.callbacks holds {len(names)} finetuning strategies ({', '.join(names)}): keep one. A recipe "
+            f"that sets its own (e.g. experiments/data/image_folder.yaml) runs on its own, not stacked on another"
+        )
 
 
 def _tensorboard_logger(trainer_config: Namespace) -> Namespace | None:

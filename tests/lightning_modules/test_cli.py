@@ -205,6 +205,22 @@ def test_bad_backbone_is_one_line_error(
     assert "timm has no model 'efficientnet_lite9'" in err and "efficientnet_lite0" in err
 
 
+def test_two_stacked_strategies_are_one_line_error(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the README once stacked quickstart.yaml under the own-images recipe: each brings a FreezeUnfreeze
+    argv = ["ftlab", "fit", "--config", "experiments/quickstart.yaml", "--config", "experiments/data/image_folder.yaml"]
+    monkeypatch.setattr("sys.argv", [*argv, *FAST])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "ftlab: error: trainer.callbacks holds 2 finetuning strategies (FreezeUnfreeze, FreezeUnfreeze): keep one. A recipe "
+        "that sets its own (e.g. experiments/data/image_folder.yaml) runs on its own, not stacked on another"
+    ]
+
+
 def test_lr_find_applies_its_suggestion_with_a_strategy_in_place(
     in_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
