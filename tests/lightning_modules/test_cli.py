@@ -216,8 +216,8 @@ def test_two_stacked_strategies_are_one_line_error(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "ftlab: error: trainer.callbacks holds 2 finetuning strategies (FreezeUnfreeze, FreezeUnfreeze): keep one. A recipe "
-        "that sets its own (e.g. experiments/data/image_folder.yaml) runs on its own, not stacked on another"
+        "ftlab: error: trainer.callbacks holds 2 finetuning strategies (FreezeUnfreeze, FreezeUnfreeze): keep one. "
+        "A recipe that sets its own (e.g. experiments/data/image_folder.yaml) runs on its own, not stacked on another"
     ]
 
 
