@@ -42,17 +42,32 @@ class FinetuningStrategy(BaseFinetuning):
             `slice(lr/100, lr)`); 1.0 gives every stage the same rate.
         train_bn: whether BatchNorm layers of *unfrozen* stages train (train mode, affine parameters trainable).
             BatchNorm layers of frozen stages are always in eval mode with their statistics untouched.
+        warmup_steps: a newly unfrozen stage's rate ramps up linearly over this many optimizer steps (1/n of its
+            rate at the first step, all of it at the n-th). Adam's first steps move every new weight by about
+            the full rate whatever its gradient; a ramp keeps them from wrecking pretrained features (measured
+            on the demo: see experiments/quickstart.yaml). The scheduler and the `lr/<group>` log see the
+            unramped rate. 0: no ramp.
     """
 
     def __init__(
-        self, lr: float | None = None, lr_factor: float = 1.0, lr_decay: float = 1.0, train_bn: bool = True
+        self,
+        lr: float | None = None,
+        lr_factor: float = 1.0,
+        lr_decay: float = 1.0,
+        train_bn: bool = True,
+        warmup_steps: int = 0,
     ) -> None:
         super().__init__()
+        if warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be 0 or more, got {warmup_steps}")
         self.lr = lr
         self.lr_factor = lr_factor
         self.lr_decay = lr_decay
         self.train_bn = train_bn
+        self.warmup_steps = warmup_steps
         self.unfrozen: list[str] = []
+        self.warming: dict[str, int] = {}  # group name -> optimizer steps it has taken while its rate ramps up
+        self._hooked: set[int] = set()
 
     def trainable_stages(self, backbone: Backbone, epoch: int) -> list[Stage]:
         """Stages that should be trainable during `epoch` (cumulative: a stage once unfrozen stays so)."""
@@ -85,7 +100,39 @@ class FinetuningStrategy(BaseFinetuning):
             if params:
                 lr = self.stage_lr(backbone, stage, head_lr)
                 optimizer.add_param_group({"name": stage.name, "params": params, "lr": lr})
+                if self.warmup_steps:
+                    self.warming[stage.name] = 0
             self.unfrozen.append(stage.name)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        """While a stage warms up, ramp its rate around each optimizer step (hooks on the optimizer: they run
+        before the step and after it, so step- and epoch-interval schedulers only ever see the full rate)."""
+        if not self.warming:
+            return
+        for optimizer in trainer.optimizers:
+            if id(optimizer) not in self._hooked:
+                optimizer.register_step_pre_hook(self.ramp_down)
+                optimizer.register_step_post_hook(self.ramp_up)
+                self._hooked.add(id(optimizer))
+
+    def ramp_down(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """Before a step: each warming group at (steps taken + 1) / warmup_steps of its rate."""
+        for group in optimizer.param_groups:
+            taken = self.warming.get(group.get("name", ""))
+            if taken is not None:
+                group["full_lr"] = group["lr"]
+                group["lr"] = group["lr"] * (taken + 1) / self.warmup_steps
+
+    def ramp_up(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """After a step: the full rates back; a group that has taken `warmup_steps` steps stops warming."""
+        for group in optimizer.param_groups:
+            full = group.pop("full_lr", None)
+            if full is not None:
+                group["lr"] = full
+                name = group["name"]
+                self.warming[name] += 1
+                if self.warming[name] >= self.warmup_steps:
+                    del self.warming[name]
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Unfreeze what is due, tell schedulers and DDP, and put frozen BatchNorm layers back in eval mode."""
@@ -113,12 +160,13 @@ class FinetuningStrategy(BaseFinetuning):
 
     def state_dict(self) -> dict[str, Any]:
         """Param-group metadata (base class) plus the names of the unfrozen stages."""
-        return {**super().state_dict(), "unfrozen": list(self.unfrozen)}
+        return {**super().state_dict(), "unfrozen": list(self.unfrozen), "warming": dict(self.warming)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what `state_dict` saved."""
         super().load_state_dict(state_dict)
         self.unfrozen = list(state_dict.get("unfrozen", []))
+        self.warming = dict(state_dict.get("warming", {}))
 
     def prepare(self, pl_module: pl.LightningModule, epoch: int = 0) -> None:
         """Set the trainable flags this strategy gives the backbone at `epoch`, without an optimizer (for tools
@@ -177,7 +225,7 @@ class FreezeUnfreeze(FinetuningStrategy):
         unfreeze_at_epoch: first epoch (0-based) at which the stages train; `null` keeps the backbone frozen.
         stages: how many stages to unfreeze, counted from the top (-1: all), or a list of stage names.
         lr_factor: the unfrozen stages start at the head's rate times this (default 0.1), unless `lr` is given.
-        lr, lr_decay, train_bn: see `FinetuningStrategy`.
+        lr, lr_decay, train_bn, warmup_steps: see `FinetuningStrategy`.
     """
 
     def __init__(
@@ -188,8 +236,9 @@ class FreezeUnfreeze(FinetuningStrategy):
         lr_factor: float = 0.1,
         lr_decay: float = 1.0,
         train_bn: bool = True,
+        warmup_steps: int = 0,
     ) -> None:
-        super().__init__(lr=lr, lr_factor=lr_factor, lr_decay=lr_decay, train_bn=train_bn)
+        super().__init__(lr=lr, lr_factor=lr_factor, lr_decay=lr_decay, train_bn=train_bn, warmup_steps=warmup_steps)
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.stages = stages
 
@@ -206,7 +255,7 @@ class Milestones(FinetuningStrategy):
     Args:
         milestones: at each epoch, the top `stages` (a count, -1 for all, or names) become trainable too.
         lr_factor: new stages start at the head's rate times this (default 0.1), unless `lr` is given.
-        lr, lr_decay, train_bn: see `FinetuningStrategy`.
+        lr, lr_decay, train_bn, warmup_steps: see `FinetuningStrategy`.
     """
 
     def __init__(
@@ -216,8 +265,9 @@ class Milestones(FinetuningStrategy):
         lr_factor: float = 0.1,
         lr_decay: float = 1.0,
         train_bn: bool = True,
+        warmup_steps: int = 0,
     ) -> None:
-        super().__init__(lr=lr, lr_factor=lr_factor, lr_decay=lr_decay, train_bn=train_bn)
+        super().__init__(lr=lr, lr_factor=lr_factor, lr_decay=lr_decay, train_bn=train_bn, warmup_steps=warmup_steps)
         epochs = [int(m[0]) for m in milestones]
         if epochs != sorted(epochs) or len(set(epochs)) != len(epochs):
             raise ConfigError(f"milestones must have increasing, distinct epochs; got {epochs}")

@@ -6,6 +6,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -129,3 +130,59 @@ def test_frozen_stages_are_fixed_feature_extractors(tmp_path: Path) -> None:
     )
     assert seen[0] == {"features.3": False, "features.7": False}  # frozen: no stochastic depth
     assert seen[1] == {"features.3": False, "features.7": True}  # features.7 unfrozen: trains normally
+
+
+class StepSpy(Recorder):
+    """Also records each group's rate inside every optimizer step (hooks registered after the strategy's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside: list[dict[str, float]] = []
+        self.after: list[dict[str, float]] = []
+        self.hooked = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        optimizer = trainer.optimizers[0]
+        if not self.hooked and len(optimizer.param_groups) > 1:
+            rates = lambda o: {g["name"]: g["lr"] for g in o.param_groups}  # noqa: E731
+            optimizer.register_step_pre_hook(lambda o, a, k: self.inside.append(rates(o)))
+            optimizer.register_step_post_hook(lambda o, a, k: self.after.append(rates(o)))
+            self.hooked = True
+
+
+def test_warmup_ramps_a_new_stage_over_steps_and_schedulers_see_the_full_rate(tmp_path: Path) -> None:
+    from lightning_modules.finetuning import FreezeUnfreeze
+
+    model = FineTuneModule(
+        backbone="timm/test_resnet",
+        weights="none",
+        image_size=32,
+        num_classes=3,
+        optimizer=partial(torch.optim.SGD, lr=0.01),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+    )
+    spy = StepSpy()
+    strategy = FreezeUnfreeze(unfreeze_at_epoch=1, stages=1, lr_factor=0.1, warmup_steps=3)
+    quiet_trainer(tmp_path, max_epochs=3, callbacks=[strategy, spy]).fit(model, train_dataloaders=_loader())
+    # two steps an epoch; layer4 joins at epoch 1 at a tenth of the head's 0.005, StepLR halves both at epoch 2;
+    # the ramp (1/3, 2/3, 3/3) crosses the epoch boundary
+    full = [0.0005, 0.0005, 0.00025, 0.00025]
+    ramp = [1 / 3, 2 / 3, 1.0, 1.0]
+    assert [s["layer4"] for s in spy.inside] == pytest.approx([f * r for f, r in zip(full, ramp, strict=True)])
+    assert [s["layer4"] for s in spy.after] == pytest.approx(full)
+    assert [s["head"] for s in spy.inside] == pytest.approx([0.005, 0.005, 0.0025, 0.0025])
+    assert strategy.warming == {}
+    assert strategy.state_dict()["warming"] == {}
+
+
+def test_warmup_progress_survives_a_checkpoint() -> None:
+    from lightning_modules.finetuning import FreezeUnfreeze
+
+    strategy = FreezeUnfreeze(warmup_steps=5)
+    strategy.warming = {"layer4": 2}
+    restored = FreezeUnfreeze(warmup_steps=5)
+    restored.load_state_dict(strategy.state_dict())
+    assert restored.warming == {"layer4": 2}
+    with pytest.raises(ConfigError, match="warmup_steps must be 0 or more"):
+        FreezeUnfreeze(warmup_steps=-1)
