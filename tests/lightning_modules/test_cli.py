@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,8 @@ def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) 
         "FreezeUnfreeze",
     ]
     assert config.data.init_args.data_config["input_size"] == [3, 32, 32]
-    assert (config.early_stopping.monitor, config.early_stopping.patience) == ("val/acc", 5)
+    # monitor from defaults.yaml, patience from the quickstart
+    assert (config.early_stopping.monitor, config.early_stopping.patience) == ("val/acc", 20)
     assert (config.feature_cache.store, config.feature_cache.force) == ("memory", True)  # defaults, then quickstart
 
 
@@ -158,7 +160,9 @@ def test_fit_saves_config_and_test_best_reuses_the_run_directory(in_tmp: Path) -
     assert {"lr/head", "lr/blocks.6", "lr/stem", "trainable_params", "val/acc", "train/loss_epoch"} <= set(scalars)
     counts = [e.value for e in events.Scalars("trainable_params")]
     assert len(counts) == 2 and counts[1] > counts[0]  # the head alone, then the unfrozen backbone too
-    assert [e.value for e in events.Scalars("lr/blocks.6")] == pytest.approx([0.0003])  # head 3e-3 x 0.1
+    # unfrozen at epoch 1: the head's 3e-3 after one epoch of the quickstart's 20-epoch cosine, times 0.1
+    head_lr = 0.003 * (1 + math.cos(math.pi / 20)) / 2
+    assert [e.value for e in events.Scalars("lr/blocks.6")] == pytest.approx([head_lr * 0.1])
     best = list((run_dir / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 1 and (run_dir / "checkpoints" / "last.ckpt").is_file()
     run = cli_main(
