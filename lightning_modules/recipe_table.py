@@ -162,7 +162,7 @@ def table_row(row: Row, sweep: Sweep, run: Run) -> dict[str, Any] | None:
     return {
         "row": row.name,
         "dataset": row.dataset,
-        "recipe": " + ".join(row.recipe),
+        "recipe": " + ".join(row.recipe) + "".join(f", {k.rsplit('.', 1)[-1]}={v}" for k, v in row.overrides.items()),
         "backbone": backbone,
         "train": sizes.get("train"),
         "val": sizes.get("val"),
@@ -238,7 +238,8 @@ def markdown(table: list[dict[str, Any]], missing: list[Row], not_run: dict[str,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if missing:
-        lines += ["", "Not finished: " + ", ".join(f"`{row.name}`" for row in missing) + "."]
+        lines += ["", "Not finished (not run yet, or cut; `--only <row>` runs one): "]
+        lines[-1] += ", ".join(f"`{row.name}`" for row in missing) + "."
     if not_run:
         lines += ["", "Recipes not in this table:", ""]
         lines += [f"- `{recipe}`: {why}" for recipe, why in not_run.items()]
