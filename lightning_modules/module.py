@@ -72,7 +72,10 @@ class FineTuneModule(LightningModule):
         head_hidden: hidden sizes of an MLP head; empty for a linear head.
         head_dropout: dropout before each head layer that follows a hidden layer (or before a linear head).
         label_smoothing: cross-entropy label smoothing.
-        optimizer: optimizer factory; receives only the trainable parameters, as named groups.
+        optimizer: optimizer factory; receives only the trainable parameters, as named groups. Default (null):
+            AdamW with its own defaults (lr 1e-3, weight_decay 0.01). Null rather than AdamW so that a config
+            naming another class (`class_path: torch.optim.Adam`) gets that class's defaults: jsonargparse keeps
+            the init_args two classes share, and a default AdamW would hand Adam a coupled L2 of 0.01.
         lr_scheduler: optional scheduler factory.
         scheduler_monitor: metric that ReduceLROnPlateau watches.
         sync_batchnorm: under DDP, make BatchNorm layers use the statistics of the global batch (timm's fused
@@ -97,7 +100,7 @@ class FineTuneModule(LightningModule):
         head_hidden: list[int] | None = None,
         head_dropout: float = 0.0,
         label_smoothing: float = 0.0,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
+        optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_monitor: str = "val/loss",
         lr: float | None = None,
@@ -113,7 +116,7 @@ class FineTuneModule(LightningModule):
         self.head = build_head(self.backbone.num_features, num_classes, head_hidden or (), head_dropout)
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.lr = lr
-        self.optimizer_factory: Any = optimizer
+        self.optimizer_factory: Any = optimizer or torch.optim.AdamW
         self.scheduler_factory: Any = lr_scheduler
         self.metrics = nn.ModuleDict(
             {f"{s}_metrics": classification_metrics(num_classes, f"{s}/", auroc=s != "train") for s in STAGES}

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_modules import cli
@@ -125,6 +126,19 @@ def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) 
     # monitor from defaults.yaml, patience from the quickstart
     assert (config.early_stopping.monitor, config.early_stopping.patience) == ("val/acc", 20)
     assert (config.feature_cache.store, config.feature_cache.force) == ("memory", True)  # defaults, then quickstart
+
+
+def test_an_optimizer_class_gets_its_own_defaults_not_adamws(in_tmp: Path) -> None:
+    """A recipe naming Adam trains with Adam's weight_decay 0, not AdamW's 0.01 carried over as a coupled L2
+    (it made the CIFAR-10 CNN underfit: train accuracy 0.59 after 50 epochs)."""
+    data = [f"--data.init_args.root={_tiny_data('mnist', in_tmp / 'mnist')}"]
+    run = cli_main(["--config", "experiments/mnist/mlp.yaml", *data, *FAST], run=False)
+    optimizer = run.model.configure_optimizers()["optimizer"]
+    assert type(optimizer) is torch.optim.Adam
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0}
+    plain = cli_main(["--config", "experiments/mnist/mlp.yaml", "--model.optimizer=null", *data, *FAST], run=False)
+    optimizer = plain.model.configure_optimizers()["optimizer"]
+    assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["weight_decay"] == 0.01
 
 
 def _fit_quick(tmp: Path, epochs: int = 2) -> Path:
