@@ -15,15 +15,14 @@ from lightning_modules.errors import ConfigError, TrainingStopped
 from lightning_modules.module import FineTuneModule
 
 CKPT_SHORTCUTS = ("best", "last")
-DEFAULTS = Path("experiments") / "defaults.yaml"
+DEFAULTS = Path(__file__).with_name("defaults.yaml")  # package data: an installed ftlab reads the same file
 
 
 def defaults_file() -> list[str]:
-    """`experiments/defaults.yaml` of the working directory, else of this checkout; read before any --config."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (root / DEFAULTS).is_file():
-            return [str(root / DEFAULTS)]
-    return []
+    """The shared defaults (`lightning_modules/defaults.yaml`), read before any --config."""
+    if not DEFAULTS.is_file():
+        raise ConfigError(f"{DEFAULTS} is missing from the installed package; reinstall finetune-lab")
+    return [str(DEFAULTS)]
 
 
 class RunConfigCallback(SaveConfigCallback):
