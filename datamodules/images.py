@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchcodec.decoders import decode_jpeg
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -46,23 +46,19 @@ def read_rgb(path: str | Path) -> Image.Image:
 
 
 def load_image(path: str | Path) -> Image.Image | torch.Tensor:
-    """`read_rgb`, faster for baseline RGB or grayscale JPEGs: those are decoded by torchvision (libjpeg-turbo)
+    """`read_rgb`, faster for baseline RGB or grayscale JPEGs: those are decoded by TorchCodec (libjpeg-turbo)
     straight to a (3, H, W) uint8 tensor, EXIF orientation applied, skipping PIL's decode and the PIL-to-tensor
-    copy (measured by `scripts/benchmark.py`). Anything else, or any warning from that decoder (a truncated
-    file), goes through PIL, which reports the problem."""
+    copy (measured by `scripts/benchmark_decode.py`). Anything else, or a file that decoder refuses (truncated),
+    goes through PIL, which reports the problem."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as raw:  # header only: format, mode and the decompression-bomb check
             plain_jpeg = raw.format == "JPEG" and raw.mode in ("RGB", "L")
     if plain_jpeg:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)  # libjpeg's "premature end of data": let PIL report it
-            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
-            try:
-                data = read_file(str(path))
-                return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-            except (RuntimeError, UserWarning):
-                pass
+        try:
+            return decode_jpeg(str(path), mode="RGB")
+        except RuntimeError:  # "Image is incomplete or truncated": let PIL say what is wrong
+            pass
     return read_rgb(path)
 
 

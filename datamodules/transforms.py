@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from timm.data.transforms import MaybePILToTensor
+from timm.data.transforms_factory import transforms_imagenet_eval
 from torchvision.transforms import InterpolationMode, v2
 
 from lightning_modules.backbones import DataConfig
@@ -80,9 +82,26 @@ def _tail(cfg: DataConfig) -> list[Any]:
 
 
 def _resize_crop(cfg: DataConfig) -> list[Any]:
-    size = cfg.input_size[1]
-    scale = int(size / cfg.crop_pct) if cfg.crop_pct else size
-    return [v2.Resize(scale, interpolation=_interpolation(cfg.interpolation), antialias=True), v2.CenterCrop(size)]
+    """timm's own evaluation resize and crop for the config's `crop_mode` (center, squash or border) and
+    `crop_pct`, called rather than re-derived, then to an image tensor (its normalisation is left to `Normalize`).
+
+    A PIL image is resized by PIL as in timm; a decoded tensor by torchvision. `border` pads with the mean
+    colour per channel, which timm does on PIL images only: tensors go through PIL for it.
+    """
+    _interpolation(cfg.interpolation)  # an unknown name: our error, not timm's KeyError
+    height, width = cfg.input_size[1:]
+    steps = transforms_imagenet_eval(
+        img_size=height if height == width else (height, width),
+        crop_pct=cfg.crop_pct,
+        crop_mode=cfg.crop_mode,
+        interpolation=cfg.interpolation,
+        mean=cfg.mean,  # border's fill colour
+        std=cfg.std,
+        normalize=False,
+    ).transforms
+    steps = [t for t in steps if not isinstance(t, MaybePILToTensor)]
+    to_pil = [v2.ToPILImage()] if cfg.crop_mode == "border" else []
+    return [*to_pil, *steps, v2.ToImage()]
 
 
 class RandomCrop(torch.nn.Module):
@@ -106,8 +125,8 @@ class RandomCrop(torch.nn.Module):
 
 
 def eval_transform(data_config: DataConfig) -> v2.Compose:
-    """Resize to size / crop_pct, center-crop to size, scale to [0, 1] and normalise (timm's eval pipeline)."""
-    return v2.Compose(_head(data_config) + _resize_crop(data_config) + _tail(data_config))
+    """timm's eval pipeline: resize and crop by `crop_mode` and `crop_pct`, scale to [0, 1] and normalise."""
+    return v2.Compose([*_resize_crop(data_config), ToChannels(data_config.input_size[0]), *_tail(data_config)])
 
 
 def train_transform(data_config: DataConfig, augment: str = "basic", crop_scale: float = CROP_SCALE[0]) -> v2.Compose:

@@ -231,11 +231,11 @@ def decode_pil(path: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def decode_torchvision(path: str) -> torch.Tensor:
-    """torchvision (libjpeg-turbo) decode to an RGB tensor."""
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+def decode_torchcodec(path: str) -> torch.Tensor:
+    """TorchCodec (libjpeg-turbo) decode to an RGB tensor."""
+    from torchcodec.decoders import decode_jpeg
 
-    return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
+    return decode_jpeg(path, mode="RGB")
 
 
 def per_second(loader: Iterable[Any], count: Callable[[Any], int]) -> float:
@@ -278,8 +278,8 @@ def pipeline_rates(setup: Setup, root: Path) -> dict[str, float]:
         "pipeline": best(lambda: per_second(data.train_dataloader(), lambda b: len(b[1]))),
         "pipeline on the pre-resized copy": best(lambda: per_second(small.train_dataloader(), lambda b: len(b[1]))),
         "decode PIL": best(lambda: per_second(loader_of(DecodeOnly(paths, decode_pil), workers, list), len)),
-        "decode torchvision": best(
-            lambda: per_second(loader_of(DecodeOnly(paths, decode_torchvision), workers, list), len)
+        "decode TorchCodec": best(
+            lambda: per_second(loader_of(DecodeOnly(paths, decode_torchcodec), workers, list), len)
         ),
     }
     evaluation = Transformed(files_of(data), eval_transform(DataConfig.from_dict(config)))
@@ -292,7 +292,7 @@ def pipeline_rates(setup: Setup, root: Path) -> dict[str, float]:
     resize, augment = eval_transform(dc), train_transform(dc, "basic")
     single: dict[str, Callable[[int], Any]] = {  # one process, one image at a time
         "1 process: decode PIL (read_rgb)": lambda i: read_rgb(paths[i]),
-        "1 process: decode torchvision (load_image)": lambda i: load_image(paths[i]),
+        "1 process: decode TorchCodec (load_image)": lambda i: load_image(paths[i]),
         "1 process: eval transform on the PIL image": lambda i: resize(pil_images[i]),
         "1 process: eval transform on the tensor": lambda i: resize(tensors[i]),
         "1 process: basic augment on the tensor": lambda i: augment(tensors[i]),
@@ -355,7 +355,7 @@ def run(setup: Setup) -> str:
         cached, fit_cached, acc_cached = frozen_epochs(setup, tmp, "memory")
         after = statistics.mean(uncached[1:]) / statistics.mean(cached[1:])
         pipe = pipeline_rates(setup, Path(tmp) / "jpegs")
-        floor = max(pipe["decode PIL"], pipe["decode torchvision"])
+        floor = max(pipe["decode PIL"], pipe["decode TorchCodec"])
         fw_rate, raw_rate, count = predict_rates(setup, tmp)
         lines += [
             "| measure | finetune-lab | reference | ratio | goal |",

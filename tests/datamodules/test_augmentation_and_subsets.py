@@ -135,3 +135,28 @@ def test_train_subset_by_count_per_class_is_seeded(unbalanced: Path) -> None:
 def test_train_subset_that_is_neither_fraction_nor_count_is_a_clear_error(bad: float) -> None:
     with pytest.raises(ConfigError, match=r"data\.init_args\.train_subset must be a fraction"):
         ImageFolderDataModule(root="anywhere", train_subset=bad)
+
+
+@pytest.mark.parametrize(
+    ("model", "crop_mode"),
+    [
+        ("efficientnet_lite0.ra_in1k", "center"),
+        ("convnext_base.fb_in22k_ft_in1k_384", "squash"),
+        ("deepseek_vit_412m.deepseek_v4_flash_vision_exp", "border"),
+    ],
+)
+def test_eval_transform_is_timms_own_for_each_crop_mode(model: str, crop_mode: str) -> None:
+    import timm
+    from timm.data import create_transform
+    from timm.data import resolve_data_config as timm_resolve
+
+    from datamodules.transforms import eval_transform
+
+    ours = resolve_data_config(f"timm/{model}", "none")
+    assert ours.crop_mode == crop_mode
+    theirs = create_transform(**timm_resolve(pretrained_cfg=timm.get_pretrained_cfg(model).to_dict()))
+    image = photo(7, (200, 300))  # tall: squash, border and center crop it differently
+    expected = theirs(image)
+    got = eval_transform(ours)(image)
+    assert got.shape == expected.shape == (3, *ours.input_size[1:])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
