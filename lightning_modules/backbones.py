@@ -131,14 +131,10 @@ def resolve_data_config(
     """The preprocessing of a backbone's pretrained weights, without building the network or using the network."""
     family, _, arch = backbone.partition("/")
     if family == "timm":
-        import timm
         from timm.data import resolve_data_config as timm_resolve
 
-        try:
-            cfg = timm.get_pretrained_cfg(arch, allow_unregistered=False)
-        except RuntimeError:
-            cfg = None
-        base = DataConfig(**_tupled(timm_resolve(pretrained_cfg=cfg.to_dict()))) if cfg else DataConfig()
+        cfg = _timm_pretrained_cfg(arch)
+        base = DataConfig(**_tupled(timm_resolve(pretrained_cfg=cfg))) if cfg else DataConfig()
     elif family == "torchvision":
         base = _torchvision_data_config(arch, weights)
     elif family == "scratch":
@@ -228,13 +224,49 @@ def embedded_efficientnet_lite0() -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------- families
 
 
+TIMM_SOURCES = ("hf-hub:", "local-dir:")  # timm names of a model on the Hugging Face Hub or in a local folder
+
+
+def _timm_pretrained_cfg(arch: str) -> dict[str, Any] | None:
+    """The pretrained config of a timm name: from timm's registry, or the `config.json` of an `hf-hub:` repo or
+    a `local-dir:` folder (a ConfigError saying what to put where when it cannot be read)."""
+    import timm
+
+    if not arch.startswith(TIMM_SOURCES):
+        try:
+            return timm.get_pretrained_cfg(arch, allow_unregistered=False).to_dict()
+        except RuntimeError:
+            return None
+    from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
+
+    source, _, ident = arch.partition(":")
+    try:
+        if source == "local-dir":
+            return load_model_config_from_path(ident)[0]
+        return load_model_config_from_hf(ident)[0]
+    except (OSError, ValueError) as err:  # no config.json, or the Hub unreachable (offline) and not cached
+        if source == "local-dir":
+            raise ConfigError(
+                f"timm/{arch}: no readable config.json in {ident} ({type(err).__name__}); the folder must hold "
+                "timm's Hugging Face layout (config.json + model.safetensors), as scripts/export.py writes it"
+            ) from None
+        raise ConfigError(
+            f"timm/{arch}: cannot read {ident} from the Hugging Face Hub ({type(err).__name__}: offline, or no "
+            f"such repo). On a machine with network, `hf download {ident} --local-dir <folder>`, copy the folder "
+            f"here and set model.backbone: timm/local-dir:<folder>"
+        ) from None
+
+
 def _build_timm(arch: str, weights: str, data_config: DataConfig) -> tuple[nn.Module, list[Stage]]:
     import timm
     from timm.models import group_parameters
 
-    names = timm.list_models()
-    if arch.split(".")[0] not in names:
-        raise ConfigError(f"timm has no model {arch!r}; close names: {close_names(arch, names)}")
+    if arch.startswith(TIMM_SOURCES):
+        _timm_pretrained_cfg(arch)  # a clear error before timm's own
+    else:
+        names = timm.list_models()
+        if arch.split(".")[0] not in names:
+            raise ConfigError(f"timm has no model {arch!r}; close names: {close_names(arch, names)}")
     pretrained = weights == "pretrained"
     try:
         model: Any = timm.create_model(arch, pretrained=pretrained, in_chans=data_config.input_size[0])

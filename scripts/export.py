@@ -1,20 +1,35 @@
-"""Export a finetune-lab checkpoint to ONNX and to a `torch.export` program, and check both against the model.
+"""Export a finetune-lab checkpoint for use elsewhere: ONNX, a `torch.export` program and a timm folder.
 
-    python scripts/export.py runs/quickstart/version_0/checkpoints/best-epoch07-acc0.9792.ckpt
+    python scripts/export.py runs/quickstart/version_0/checkpoints/best-epoch07-acc0.9792.ckpt [--softmax]
 
-Writes `<run>/export/model.onnx` and `<run>/export/model.pt2` (each written aside, then renamed) and prints the
-largest absolute difference of each from the eager model's logits on one batch. Needs the `export` extra
-(`pip install -e ".[export]"`: onnx, onnxscript, onnxruntime).
+Writes into `<run>/export/` (each file written aside, then renamed into place):
+
+- `model.onnx`: input `images` (batch, C, H, W), normalised; output `logits`, or `probabilities` with
+  `--softmax`. Its metadata (`onnxruntime`: `session.get_modelmeta().custom_metadata_map`) holds the class names
+  and the preprocessing (`input_size`, `mean`, `std`, `interpolation`, `crop_pct`, `crop_mode`) as JSON strings.
+- `model.pt2`: the same model as a `torch.export` program.
+- `timm/`: for a timm backbone with a linear head, the model in timm's Hugging Face layout
+  (`model.safetensors` + `config.json` with `label_names` and the preprocessing): `timm.create_model(
+  "local-dir:<run>/export/timm", pretrained=True)` loads it back, and `model.backbone: timm/local-dir:...`
+  fine-tunes it again.
+
+Prints the largest absolute difference of each from the eager model's output on one batch. Needs the `export`
+extra (`pip install ".[export]"`: onnx, onnxscript, onnxruntime).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from lightning_modules.errors import ConfigError
 from lightning_modules.module import FineTuneModule
@@ -28,43 +43,114 @@ def load_model(ckpt: Path) -> FineTuneModule:
     return model.eval()
 
 
-def export(ckpt: Path, out_dir: Path, batch_size: int = 4, seed: int = 0) -> dict[str, float]:
-    """Write model.onnx and model.pt2 into `out_dir`; return the max |difference| from eager for each."""
-    import numpy as np
-    import onnxruntime as ort
+def metadata(model: FineTuneModule, output: str) -> dict[str, str]:
+    """What a user of the exported file needs besides the weights, as ONNX metadata (string values)."""
+    config = model.backbone.data_config.to_dict()
+    return {
+        "class_names": json.dumps(list(model.class_names)),
+        "output": output,
+        "backbone": str(model.hparams["backbone"]),
+        **{key: json.dumps(value) for key, value in config.items()},
+    }
 
-    model = load_model(ckpt)
-    size = model.backbone.data_config.input_size
-    x = torch.rand(batch_size, *size, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        eager = model(x).numpy()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    batch = {"x": {0: torch.export.Dim("batch", min=1)}}
 
-    onnx_path, tmp = out_dir / "model.onnx", out_dir / ".model.tmp.onnx"
+def export_onnx(model: nn.Module, x: torch.Tensor, path: Path, output: str, props: dict[str, str]) -> None:
+    """ONNX (dynamo exporter, dynamic batch) with `props` as metadata, written aside then renamed."""
+    import onnx
+
+    tmp = path.with_name(f".{path.stem}.tmp.onnx")
     torch.onnx.export(
         model,
         (x,),
         str(tmp),
         dynamo=True,
         input_names=["images"],
-        output_names=["logits"],
-        dynamic_shapes=batch,
+        output_names=[output],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
         external_data=False,
     )
-    os.replace(tmp, onnx_path)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    proto = onnx.load(str(tmp))
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+
+
+def timm_model(model: FineTuneModule) -> nn.Module:
+    """The backbone with the trained head as its own timm classifier; a ConfigError when timm cannot hold it."""
+    backbone = str(model.hparams["backbone"])
+    linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+    if not backbone.startswith("timm/") or len(linears) != 1:
+        raise ConfigError(
+            f"a timm folder needs a timm backbone with a linear head; this model is {backbone} with "
+            f"{len(linears)} linear head layers (model.head_hidden): use model.onnx or model.pt2"
+        )
+    body: Any = copy.deepcopy(model.backbone.body).to(memory_format=torch.contiguous_format)  # safetensors
+    body.reset_classifier(len(model.class_names))
+    classifier = body.get_classifier()
+    classifier.load_state_dict(linears[0].state_dict())
+    return body.eval()
+
+
+def export_timm(model: FineTuneModule, out_dir: Path) -> nn.Module:
+    """The timm folder (`save_for_hf`, safetensors), written aside then moved into place; returns the model."""
+    from timm.models import save_for_hf
+
+    body = timm_model(model)
+    config = model.backbone.data_config.to_dict()
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_for_hf(
+        body,
+        str(tmp),
+        model_config={"label_names": list(model.class_names)},
+        safe_serialization=True,
+        data_config={k: tuple(v) if isinstance(v, list) else v for k, v in config.items()},
+    )
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return body
+
+
+def export(ckpt: Path, out_dir: Path, batch_size: int = 4, seed: int = 0, softmax: bool = False) -> dict[str, float]:
+    """Write model.onnx, model.pt2 and (timm backbones) timm/ into `out_dir`; the max |difference| from eager of
+    each, read back from disk."""
+    import numpy as np
+    import onnxruntime as ort
+    import timm
+
+    model = load_model(ckpt)
+    output = "probabilities" if softmax else "logits"
+    exported: nn.Module = nn.Sequential(model, nn.Softmax(dim=1)).eval() if softmax else model
+    size = model.backbone.data_config.input_size
+    x = torch.rand(batch_size, *size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        eager = exported(x).numpy()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    export_onnx(exported, x, out_dir / "model.onnx", output, metadata(model, output))
+    session = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    diffs = {"onnx": float(np.abs(session.run(None, {"images": x.numpy()})[0] - eager).max())}
 
     program_path, tmp = out_dir / "model.pt2", out_dir / ".model.tmp.pt2"
-    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=batch), str(tmp))
+    batch = ({0: torch.export.Dim("batch", min=1)},)  # by position: a Sequential's argument is not named x
+    torch.export.save(torch.export.export(exported, (x,), dynamic_shapes=batch), str(tmp))
     os.replace(tmp, program_path)
     with torch.no_grad():
-        program_out = torch.export.load(str(program_path)).module()(x).numpy()
-    return {
-        "onnx": float(np.abs(onnx_out - eager).max()),
-        "torch.export": float(np.abs(program_out - eager).max()),
-    }
+        diffs["torch.export"] = float(np.abs(torch.export.load(str(program_path)).module()(x).numpy() - eager).max())
+        try:
+            export_timm(model, out_dir / "timm")
+        except ConfigError as err:
+            print(f"export: no timm folder: {err}", file=sys.stderr)
+        else:
+            loaded = timm.create_model(f"local-dir:{out_dir / 'timm'}", pretrained=True).eval()
+            logits = loaded(x)
+            out = logits.softmax(dim=1) if softmax else logits
+            diffs["timm local-dir"] = float(np.abs(out.numpy() - eager).max())
+    return diffs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,16 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="default: <run directory>/export")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--softmax", action="store_true", help="end in softmax: output `probabilities`")
     args = parser.parse_args(argv)
     out = args.out or args.checkpoint.resolve().parent.parent / "export"
     try:
-        diffs = export(args.checkpoint, out, args.batch_size)
+        diffs = export(args.checkpoint, out, args.batch_size, softmax=args.softmax)
     except ConfigError as err:
         print(f"export: error: {err}", file=sys.stderr)
         return 2
     for name, diff in diffs.items():
         print(f"{name:>13}: max |difference| from eager = {diff:.3g}")
-    print(f"written: {out / 'model.onnx'}, {out / 'model.pt2'}")
+    written = ["model.onnx", "model.pt2"] + (["timm/"] if "timm local-dir" in diffs else [])
+    print(f"written into {out}: {', '.join(written)}")
     return 0
 
 

@@ -1,12 +1,19 @@
-"""scripts/export.py: ONNX and torch.export from a checkpoint, parity with the eager model below 1e-4."""
+"""scripts/export.py: ONNX (with metadata), torch.export and a timm folder from a checkpoint, parity with the eager
+model; timm `hf-hub:` and `local-dir:` backbone names."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+from lightning_modules.backbones import build_backbone, resolve_data_config
 from lightning_modules.cli import cli_main
+from lightning_modules.errors import ConfigError
 from tests.conftest import REPO
 
 
@@ -31,10 +38,41 @@ def test_export_parity_from_a_checkpoint(in_tmp: Path) -> None:
     finally:
         sys.path.pop(0)
     diffs = export(ckpt, in_tmp / "out")
-    assert set(diffs) == {"onnx", "torch.export"}
+    assert set(diffs) == {"onnx", "torch.export", "timm local-dir"}
     assert all(d < 1e-4 for d in diffs.values()), diffs  # the embedded EfficientNet-Lite0 and its head
+    assert diffs["timm local-dir"] < 1e-5
     assert (in_tmp / "out" / "model.onnx").stat().st_size > 1_000_000
     assert (in_tmp / "out" / "model.pt2").is_file()
+
+    import onnxruntime as ort
+    import timm
+
+    meta = ort.InferenceSession(str(in_tmp / "out" / "model.onnx")).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["class_names"]) == [str(d) for d in range(10)]
+    assert meta["output"] == "logits" and meta["backbone"] == "timm/efficientnet_lite0"
+    assert json.loads(meta["input_size"]) == [3, 32, 32] and json.loads(meta["interpolation"]) == "bicubic"
+    assert len(json.loads(meta["mean"])) == 3 and json.loads(meta["crop_mode"]) == "center"
+    # the timm folder: label names and preprocessing in its config, and ftlab takes it as a backbone
+    folder = timm.create_model(f"local-dir:{in_tmp / 'out' / 'timm'}", pretrained=True)
+    assert folder.pretrained_cfg["label_names"] == [str(d) for d in range(10)]
+    assert tuple(folder.pretrained_cfg["input_size"]) == (3, 32, 32)
+    again = resolve_data_config(f"timm/local-dir:{in_tmp / 'out' / 'timm'}", "pretrained")
+    assert again == resolve_data_config("timm/efficientnet_lite0", "embedded", 32)
+
+    diffs = export(ckpt, in_tmp / "soft", softmax=True)
+    session = ort.InferenceSession(str(in_tmp / "soft" / "model.onnx"))
+    assert session.get_modelmeta().custom_metadata_map["output"] == "probabilities"
+    assert session.get_outputs()[0].name == "probabilities"
+    probs = session.run(None, {"images": np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)})[0]
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert all(d < 1e-4 for d in diffs.values()), diffs
+
+
+def test_timm_hub_and_folder_names_that_cannot_be_read_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"hf download timm/not_in_the_cache .*timm/local-dir:<folder>"):
+        build_backbone("timm/hf-hub:timm/not_in_the_cache", "pretrained")  # HF_HUB_OFFLINE in conftest
+    with pytest.raises(ConfigError, match=r"no readable config.json in .*empty"):
+        build_backbone(f"timm/local-dir:{tmp_path / 'empty'}", "pretrained")
 
 
 def test_export_missing_checkpoint_is_a_clear_error(in_tmp: Path) -> None:
