@@ -13,6 +13,7 @@ from datamodules.base import ImageClassificationDataModule
 from lightning_modules.backbones import data_config_dict, is_weights_file
 from lightning_modules.errors import ConfigError, TrainingStopped
 from lightning_modules.module import FineTuneModule
+from lightning_modules.parse_errors import OneLineErrorParser, check_config_files
 
 CKPT_SHORTCUTS = ("best", "last")
 DEFAULTS = Path(__file__).with_name("defaults.yaml")  # package data: an installed ftlab reads the same file
@@ -210,10 +211,12 @@ def _with_defaults(run: bool) -> dict[str, Any]:
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> FinetuneCLI:
     """Build the CLI; `args` defaults to the command line."""
+    check_config_files(sys.argv[1:] if args is None else args)
     return FinetuneCLI(
         FineTuneModule,
         ImageClassificationDataModule,
         subclass_mode_data=True,
+        parser_class=OneLineErrorParser,
         save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
         parser_kwargs=_with_defaults(run),

@@ -1,0 +1,111 @@
+"""Config mistakes in one line: the file or key, what is wrong, the closest names; no usage dump.
+
+jsonargparse reports a bad value as a Union error over every accepted type (up to 90 lines after a 77-line
+usage); the parser below keeps the line that says what is wrong. YAML files named by `--config` are read first,
+so that a syntax error names its file and line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser
+
+from lightning_modules.errors import ConfigError, close_names
+
+NO_ATTRIBUTE = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
+NO_MODULE = re.compile(r"No module named '([\w.]+)'")
+CLASS_PATH = re.compile(r"class_path '([\w.]+)'|Import path ([\w.]+)")
+UNKNOWN_KEY = re.compile(
+    r"does not accept option '([^']+)'|Key \"([^\"]+)\" is not expected|[Uu]nrecognized arguments: --([\w.]+)"
+)
+KEY = re.compile(r'Parser key "([^"]+)"')
+EXPECTED = re.compile(r"Expected a <class '(\w+)'>")
+GIVEN = re.compile(r"Given value: (.*)")
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """A ConfigError naming the file (and line) when a `--config` file is missing or is not valid YAML."""
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.partition("=")[2]
+        else:
+            continue
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+
+
+def parser_keys(parser: Any) -> list[str]:
+    """Every option key a parser (or its subcommand parsers) accepts, e.g. `trainer.max_epochs`."""
+    keys = []
+    for action in parser._actions:
+        for sub in getattr(action, "_name_parser_map", {}).values():
+            keys += parser_keys(sub)
+        if action.dest and action.dest not in ("help", "config"):
+            keys.append(action.dest)
+    return keys
+
+
+def _public_classes(module: str) -> list[str]:
+    try:
+        return [n for n in dir(importlib.import_module(module)) if n[:1].isupper()]
+    except ImportError:
+        return []
+
+
+def summarize(message: str, keys: list[str]) -> str:
+    """The one line of a jsonargparse error message that says what is wrong, with the closest names."""
+    key_match = KEY.search(message)
+    key = key_match.group(1) if key_match else None
+    prefix = f"{key}: " if key else ""
+    if found := NO_ATTRIBUTE.search(message):
+        module, name = found.groups()
+        close = close_names(name, _public_classes(module))
+        hint = f"; close names: {', '.join(f'{module}.{c}' for c in close)}" if close else ""
+        return f"{prefix}{module}.{name} does not exist{hint}"
+    if found := NO_MODULE.search(message):
+        path = CLASS_PATH.search(message)
+        what = next(g for g in path.groups() if g) if path else found.group(1)
+        return f"{prefix}cannot import {what}: no module named {found.group(1)}"
+    if found := UNKNOWN_KEY.search(message):
+        unknown = next(g for g in found.groups() if g)
+        close = close_names(unknown, keys)
+        hint = f"; close names: {', '.join(close)}" if close else "; `ftlab <command> --help` lists the keys"
+        return f"unknown key {unknown}{hint}"
+    if key and (given := GIVEN.search(message)):
+        expected = [("null" if t == "NoneType" else t) for t in EXPECTED.findall(message)]
+        wanted = f"; expected {' or '.join(expected)}" if expected else ""
+        return f"{key}: {given.group(1).strip()!r} is not valid{wanted}"
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return " ".join(lines[:2])
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """LightningArgumentParser whose parse errors print `ftlab: error: <one line>` and exit 2, without usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Print the summary; the full message stays available with `JSONARGPARSE_DEBUG=1` (raises instead)."""
+        if not self.exit_on_error:
+            super().error(message, ex)
+        if os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        print(f"ftlab: error: {summarize(message, parser_keys(parser))}", file=sys.stderr)
+        raise SystemExit(2)
