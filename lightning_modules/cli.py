@@ -14,6 +14,7 @@ from lightning_modules.backbones import data_config_dict, is_weights_file
 from lightning_modules.errors import ConfigError, TrainingStopped
 from lightning_modules.module import FineTuneModule
 from lightning_modules.parse_errors import OneLineErrorParser, check_config_files
+from lightning_modules.run_logs import with_run_csv
 
 CKPT_SHORTCUTS = ("best", "last")
 DEFAULTS = Path(__file__).with_name("defaults.yaml")  # package data: an installed ftlab reads the same file
@@ -76,18 +77,26 @@ class FinetuneCLI(LightningCLI):
         ckpt = config.get("ckpt_path")
         if not ckpt:
             return
-        logger = _tensorboard_logger(config.trainer)
-        ckpt_path = resolve_checkpoint(ckpt, logger) if ckpt in CKPT_SHORTCUTS else Path(ckpt)
+        runs = run_root(config.trainer)
+        ckpt_path = resolve_checkpoint(ckpt, runs) if ckpt in CKPT_SHORTCUTS else Path(ckpt)
         if not ckpt_path.is_file():
             raise ConfigError(f"checkpoint {ckpt_path} does not exist; pass --ckpt_path best, last or a .ckpt file")
         config.ckpt_path = str(ckpt_path)
         run_dir = ckpt_path.parent.parent
-        if logger is not None and run_dir.parent == Path(logger.save_dir) / logger.name:
-            logger.version = run_dir.name
+        if runs is not None and run_dir.parent == runs[0]:
+            self._run_version = run_dir.name  # test, validate or resume into the checkpoint's run directory
+            if runs[1] is not None:
+                runs[1].version = run_dir.name
         weights = config.model.weights
         if weights not in ("none", "embedded") and not is_weights_file(weights):
             config.model.weights = "none"  # the checkpoint holds every weight: download nothing
             self._restore_weights = (config, weights)  # put back after instantiation, for config.yaml
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        """The trainer, with a CSVLogger in the run directory beside whatever logger is configured."""
+        version = getattr(self, "_run_version", None)
+        config["logger"] = with_run_csv(config.get("logger"), config.get("default_root_dir"), version)
+        return super()._instantiate_trainer(config, callbacks)
 
     def after_instantiate_classes(self) -> None:
         """Undo the instantiation-only `weights: none` of `before_instantiate_classes` in the saved config."""
@@ -166,23 +175,30 @@ def check_one_strategy(callbacks: list[Any]) -> None:
         )
 
 
-def _tensorboard_logger(trainer_config: Namespace) -> Namespace | None:
-    """The init args of the configured TensorBoardLogger, if there is one."""
+RUN_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # loggers whose folder is the run directory
+
+
+def run_root(trainer_config: Namespace) -> tuple[Path, Namespace | None] | None:
+    """Where the runs of this config live (`<save_dir>/<name>`, holding `version_*` folders), with the init args
+    of the logger that names it; None when logging is off. For any other logger (MLflow, W&B ...) the runs are
+    those of the CSVLogger `run_logs.with_run_csv` adds: `<default_root_dir>/lightning_logs`."""
     logger = trainer_config.get("logger")
-    loggers = logger if isinstance(logger, list) else [logger]
-    for entry in loggers:
-        if isinstance(entry, Namespace) and str(entry.get("class_path", "")).endswith("TensorBoardLogger"):
-            return entry.init_args
-    return None
+    if logger is False:
+        return None
+    for entry in logger if isinstance(logger, list) else [logger]:
+        if isinstance(entry, Namespace) and str(entry.get("class_path", "")).endswith(RUN_LOGGERS):
+            args = entry.init_args
+            return Path(args.save_dir) / (args.get("name") or "lightning_logs"), args
+    return Path(trainer_config.get("default_root_dir") or ".") / "lightning_logs", None
 
 
-def resolve_checkpoint(which: str, logger: Namespace | None) -> Path:
-    """`best` or `last` checkpoint of the newest run under the logger's `<save_dir>/<name>/version_*`."""
-    if logger is None:
-        raise ConfigError(f"--ckpt_path {which} needs a TensorBoardLogger in the config to find the runs")
-    root = Path(logger.save_dir) / logger.name
-    runs = sorted(root.glob("*/checkpoints"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for ckpt_dir in runs:
+def resolve_checkpoint(which: str, runs: tuple[Path, Any] | None) -> Path:
+    """`best` or `last` checkpoint of the newest run under `<save_dir>/<name>/version_*`."""
+    if runs is None:
+        raise ConfigError(f"--ckpt_path {which} needs a logger to find the runs (trainer.logger is false)")
+    root = runs[0]
+    found_dirs = sorted(root.glob("*/checkpoints"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for ckpt_dir in found_dirs:
         found = sorted(ckpt_dir.glob(f"{which}*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
         if found:
             return found[0]

@@ -89,7 +89,16 @@ def summarize(message: str, keys: list[str]) -> str:
         close = close_names(unknown, keys)
         hint = f"; close names: {', '.join(close)}" if close else "; `ftlab <command> --help` lists the keys"
         return f"unknown key {unknown}{hint}"
-    if key and (given := GIVEN.search(message)):
+    given = GIVEN.search(message)
+    nested = given and ("init_args" in given.group(1) or "NestedArg" in given.group(1))  # a YAML dict or a flag
+    if key and given and nested and "class_path" not in given.group(1):
+        example = "torch.optim.AdamW" if key == "model.optimizer" else "<class>"
+        also = " (for the learning rate alone: model.lr)" if key == "model.optimizer" else ""
+        return (
+            f"{key}: init_args without a class_path ({key} names no class here): give the class with them, "
+            f"e.g. `{key}: {{class_path: {example}, init_args: ...}}`{also}"
+        )
+    if key and given:
         expected = [("null" if t == "NoneType" else t) for t in EXPECTED.findall(message)]
         wanted = f"; expected {' or '.join(expected)}" if expected else ""
         return f"{key}: {given.group(1).strip()!r} is not valid{wanted}"

@@ -1,14 +1,16 @@
-"""A sweep's table and plot, rebuilt at any time from its run folders alone: metrics.json and TensorBoard events.
+"""A sweep's table and plot, rebuilt at any time from its run folders alone: metrics.json and metrics.csv.
 
 Where each number comes from (one home per fact):
 
     test_acc, test_f1        metrics.json of `ftlab test` (acc, macro f1 on the test split, best checkpoint)
     params_total             metrics.json `params_total` (every parameter of the tested model)
     images_per_s             metrics.json `images_per_s` (test steps: forward pass and metrics, one process)
-    val_acc                  TensorBoard `val/acc`, its best epoch (what ModelCheckpoint kept)
-    params_trainable         TensorBoard `trainable_params`, last epoch
-    epoch_s, epochs          TensorBoard `time/epoch_s` (training and validation), mean and count
-    gap_train_val            TensorBoard `gap/train_val_acc`, last epoch
+    val_acc                  metrics.csv `val/acc`, its best epoch (what ModelCheckpoint kept)
+    params_trainable         metrics.csv `trainable_params`, last epoch
+    epoch_s, epochs          metrics.csv `time/epoch_s` (training and validation), mean and count
+    gap_train_val            metrics.csv `gap/train_val_acc`, last epoch
+
+metrics.csv is the CSVLogger's, which `ftlab` keeps in every run directory whatever the configured logger.
     acc_per_mparam           test_acc / (params_total / 1e6)
 """
 
@@ -51,7 +53,23 @@ HEADERS = {
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
-    """Every scalar series in a run's TensorBoard event files, in step order (a resumed run's repeats purged)."""
+    """Every scalar series the run logged, in step order, from its `metrics.csv`; a step logged twice (a resumed
+    run redoing part of an epoch) keeps its last value. Runs written before `ftlab` kept metrics.csv have only
+    TensorBoard event files: those are read instead."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return _event_scalars(run_dir)
+    series: dict[str, dict[int, float]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"])
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(key, {})[step] = float(value)
+    return {key: [values[s] for s in sorted(values)] for key, values in series.items()}
+
+
+def _event_scalars(run_dir: Path) -> dict[str, list[float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})

@@ -48,6 +48,7 @@ model:
   backbone: scratch/mlp
   weights: none
   image_size: 16
+  optimizer: {class_path: torch.optim.AdamW}  # a class for the grid's model.optimizer.init_args.lr
 data:
   class_path: datamodules.DigitsDataModule
   init_args: {batch_size: 32, num_workers: 0}

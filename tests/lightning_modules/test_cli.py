@@ -198,6 +198,47 @@ def test_fit_saves_config_and_test_best_reuses_the_run_directory(in_tmp: Path) -
     assert not (in_tmp / "runs" / "quickstart" / "version_1").exists()
 
 
+def test_with_a_csv_logger_alone_shortcuts_report_and_tables_work(in_tmp: Path) -> None:
+    from lightning_modules.results import read_run, scalars
+
+    quick = [
+        "--config",
+        "experiments/quickstart.yaml",
+        "--model.image_size=32",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir=runs",
+        "--trainer.logger.name=csvonly",
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.num_workers=0",
+    ]
+    short = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2"]
+    cli_main(["fit", *quick, *short])
+    run_dir = in_tmp / "runs" / "csvonly" / "version_0"
+    assert not list(run_dir.glob("events.out.tfevents.*"))  # no TensorBoard anywhere
+    assert len(scalars(run_dir)["val/acc"]) == 2 and len(scalars(run_dir)["trainable_params"]) == 2
+    cli_main(["test", *quick, "--ckpt_path", "best", "--trainer.limit_test_batches=2"])
+    assert (run_dir / "report.md").is_file() and (run_dir / "metrics.json").is_file()
+    assert not (in_tmp / "runs" / "csvonly" / "version_1").exists()
+    cli_main(["test", *quick, "--ckpt_path", "last", "--trainer.limit_test_batches=2"])
+    assert not (in_tmp / "runs" / "csvonly" / "version_1").exists()
+    row = read_run(in_tmp / "runs" / "csvonly")  # a sweep table's row, from the run folder alone
+    assert row is not None and row["epochs"] == 2 and row["val_acc"] == max(scalars(run_dir)["val/acc"])
+
+
+def test_beside_tensorboard_a_csv_logger_writes_into_the_same_run_directory(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from lightning_modules.run_logs import with_run_csv
+
+    tb = TensorBoardLogger(tmp_path / "runs", name="x", version=3)
+    tb_then_csv = with_run_csv(tb, None)
+    assert [type(lg) for lg in tb_then_csv] == [TensorBoardLogger, CSVLogger]
+    assert tb_then_csv[1].log_dir == tb.log_dir
+    other = with_run_csv(object(), str(tmp_path), version="version_2")  # e.g. W&B: the CSV run folder comes first
+    assert isinstance(other[0], CSVLogger) and Path(other[0].log_dir) == tmp_path / "lightning_logs" / "version_2"
+    assert with_run_csv(False, None) is False
+
+
 def test_ckpt_shortcut_without_runs_is_a_clear_error(
     in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -37,6 +37,7 @@ FILES = {
             "trainer.callbacks: cannot import nowhere.Stop: no module named nowhere",
         ),
         (["--config", "missing.yaml"], "config file missing.yaml does not exist"),
+        (["--model.optimizer=null", "--model.optimizer.init_args.lr=0.01"], "model.optimizer: init_args without"),
     ],
 )
 def test_a_config_mistake_is_one_line_naming_the_key_or_file(

@@ -1,0 +1,50 @@
+"""The run's own metrics file: a CSVLogger in every run directory, whatever logger the config names, whose
+`metrics.csv` survives a resume or a test in the same directory.
+
+Reports, results tables and checkpoint shortcuts read `metrics.csv` and `metrics.json`, never a logger's
+internals, so they work the same with TensorBoard, CSV, MLflow or W&B.
+"""
+
+from __future__ import annotations
+
+import csv
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+class AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing `metrics.csv` is kept and appended to (Lightning's deletes
+    it when the folder is not empty: a resumed fit, or `ftlab test` into the fit's run, lost every epoch's row)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(key for key in next(csv.reader(f), []) if key)
+
+
+def keep_metrics(logger: CSVLogger) -> CSVLogger:
+    """Give a CSVLogger the appending writer (before it writes anything)."""
+    if logger._experiment is None:
+        logger._fs.makedirs(logger.root_dir, exist_ok=True)
+        logger._experiment = AppendingWriter(log_dir=logger.log_dir)
+    return logger
+
+
+def with_run_csv(logger: Any, root_dir: str | None, version: str | None = None) -> Any:
+    """The configured logger(s) plus a CSVLogger writing `metrics.csv` into the run directory: beside a
+    TensorBoardLogger, in its folder; before any other logger (first: its folder becomes `trainer.log_dir`), in
+    `<root_dir>/lightning_logs/<version>`. False (no logging) stays False."""
+    if logger is False:
+        return logger
+    loggers = [] if logger in (None, True) else list(logger) if isinstance(logger, list) else [logger]
+    csvs = [lg for lg in loggers if isinstance(lg, CSVLogger)]
+    if csvs:
+        for lg in csvs:
+            keep_metrics(lg)
+        return loggers
+    if loggers and isinstance(loggers[0], TensorBoardLogger):
+        tb = loggers[0]
+        return [tb, keep_metrics(CSVLogger(tb.save_dir, name=tb.name, version=tb.version)), *loggers[1:]]
+    return [keep_metrics(CSVLogger(root_dir or ".", name="lightning_logs", version=version)), *loggers]
