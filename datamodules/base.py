@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
@@ -318,6 +319,7 @@ class ImageClassificationDataModule(LightningDataModule):
         self.datasets: dict[str, Transformed] = {}
         self.features: dict[str, Dataset] = {}  # split -> cached backbone features, while the backbone is frozen
         self.skipped: set[tuple[str, str, str]] = set()  # (split, path, reason) of files that could not be read
+        self.skipped_total = 0  # the files skipped on every process, as last written to bad_images.csv
 
     # ------------------------------------------------------------------------------ what subclasses provide
 
@@ -360,6 +362,31 @@ class ImageClassificationDataModule(LightningDataModule):
             "val": Transformed(raw["val"], evaluation),
             "test": Transformed(raw["test"], evaluation),
         }
+        rank_zero_info(self.describe(self._write_skipped()))
+
+    def describe(self, bad_images: Path | None = None) -> str:
+        """The console's block at setup: the classes, the images per split, the files skipped and where."""
+        names = self.class_names
+        shown = ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
+        sizes = ", ".join(f"{split} {n:,}" for split, n in self.split_sizes().items())
+        lines = [f"Data: {len(names)} classes ({shown}); images: {sizes}"]
+        count = max(len(self.skipped), self.skipped_total)
+        if count:
+            where = bad_images or "bad_images.csv in the run directory"
+            lines.append(f"Skipped {count} unreadable file(s), each listed with its reason in {where}")
+        return "\n".join(lines)
+
+    def _write_skipped(self) -> Path | None:
+        """Merge the files that could not be read into `bad_images.csv` in the run directory; its path."""
+        rows = {tuple(r) for r in gather_lists(sorted(self.skipped))}
+        log_dir = self.trainer.log_dir if self.trainer is not None else None  # a collective: every process asks
+        self.skipped_total = len(rows)  # every process's
+        if not rows or not log_dir or self.trainer is None:
+            return None
+        path = Path(log_dir) / "bad_images.csv"
+        if self.trainer.is_global_zero:
+            write_bad_images(path, sorted(rows))
+        return path
 
     def split_sizes(self) -> dict[str, int]:
         """Images per split (after setup): what the run trained, validated and tested on."""
@@ -393,6 +420,8 @@ class ImageClassificationDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=workers > 0,
             collate_fn=collate_skip_bad,
+            # a last training batch of one image breaks BatchNorm (one value per channel): it is left out
+            drop_last=shuffle and len(dataset) % self.batch_size == 1,
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -412,11 +441,10 @@ class ImageClassificationDataModule(LightningDataModule):
         return "train" if trainer.training else "val"
 
     def teardown(self, stage: str) -> None:
-        """Merge the files that could not be read into `bad_images.csv` in the run directory."""
-        rows = {tuple(r) for r in gather_lists(sorted(self.skipped))}
-        log_dir = self.trainer.log_dir if self.trainer is not None else None
-        if rows and log_dir and self.trainer is not None and self.trainer.is_global_zero:
-            write_bad_images(Path(log_dir) / "bad_images.csv", sorted(rows))
+        """Write the files that could not be read (at setup or since) into `bad_images.csv`, and say so."""
+        path = self._write_skipped()
+        if path is not None:
+            rank_zero_info(f"{self.skipped_total} unreadable file(s) skipped in all: {path}")
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_modules.console import notice
 from lightning_modules.errors import TrainingStopped
 
 PROGRESS_FILE = "progress.json"
@@ -104,12 +104,11 @@ class ResumeNotice(pl.Callback):
             return
         reached = json.loads(self.path.read_text())
         if reached["step"] > trainer.global_step and trainer.is_global_zero:
-            warnings.warn(
+            notice(
                 f"resuming from {trainer.ckpt_path}, saved at global step {trainer.global_step}; the interrupted run "
                 f"had reached epoch {reached['epoch']}, step {reached['step']}. Epoch {trainer.current_epoch} "
                 f"restarts from its first batch: the {reached['step'] - trainer.global_step} steps after the "
-                "checkpoint are redone with the same data order.",
-                stacklevel=2,
+                "checkpoint are redone with the same data order."
             )
 
     def on_train_batch_end(

@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from datamodules.base import ImageClassificationDataModule
 from lightning_modules.backbones import data_config_dict, is_weights_file
+from lightning_modules.console import CompactProgressBar, setup_console
 from lightning_modules.errors import ConfigError, TrainingStopped
 from lightning_modules.module import FineTuneModule
 from lightning_modules.parse_errors import OneLineErrorParser, check_config_files
@@ -93,9 +95,13 @@ class FinetuneCLI(LightningCLI):
             self._restore_weights = (config, weights)  # put back after instantiation, for config.yaml
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
-        """The trainer, with a CSVLogger in the run directory beside whatever logger is configured."""
+        """The trainer, with a CSVLogger in the run directory beside whatever logger is configured, and the
+        compact progress bar unless the config names one."""
         version = getattr(self, "_run_version", None)
         config["logger"] = with_run_csv(config.get("logger"), config.get("default_root_dir"), version)
+        configured = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            callbacks = [*callbacks, CompactProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
 
     def after_instantiate_classes(self) -> None:
@@ -227,6 +233,7 @@ def _with_defaults(run: bool) -> dict[str, Any]:
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> FinetuneCLI:
     """Build the CLI; `args` defaults to the command line."""
+    setup_console()
     check_config_files(sys.argv[1:] if args is None else args)
     return FinetuneCLI(
         FineTuneModule,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import collate_skip_bad, digest
+from lightning_modules.console import notice
 from lightning_modules.errors import ConfigError
 from lightning_modules.finetuning import FinetuningStrategy
 
@@ -87,17 +87,15 @@ class FeatureCache(pl.Callback):
         for split in SPLITS:
             view = datamodule.deterministic_view(split, self.force)
             if view is None:
-                warnings.warn(
+                notice(
                     f"feature cache: train features not cached, augmentation {datamodule.augment!r} is random "
-                    "(set `force: true` to train the frozen phase on cached un-augmented images)",
-                    stacklevel=1,
+                    "(set `force: true` to train the frozen phase on cached un-augmented images)"
                 )
                 continue
             if split == "train" and datamodule.augment != "none":
-                warnings.warn(
+                notice(
                     f"feature cache: the frozen phase trains on un-augmented images (augmentation "
-                    f"{datamodule.augment!r} starts at the first unfreeze)",
-                    stacklevel=1,
+                    f"{datamodule.augment!r} starts at the first unfreeze)"
                 )
             features = self._features(pl_module, view, split, datamodule)
             datamodule.skipped |= {(split, path, reason) for path, reason in features.bad}

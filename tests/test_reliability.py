@@ -9,10 +9,10 @@ README: "Reliability".
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,17 @@ def _ftlab(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+class _Collect(logging.Handler):
+    """The messages of the `ftlab` logger (our notices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def _ckpt(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -111,11 +122,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             return real_load(*args, **kwargs)
 
         mp.setattr(torch, "load", recording_load)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        notices = _Collect()
+        logging.getLogger("ftlab").addHandler(notices)
+        try:
             cli_main(_fit_args("chain", "--ckpt_path", "last"))
+        finally:
+            logging.getLogger("ftlab").removeHandler(notices)
         mp.setattr(torch, "load", real_load)
-        out["final_warnings"] = [str(w.message) for w in caught]
+        out["final_warnings"] = notices.messages
         out["resume_loads"] = loads
         cli_main(_fit_args("straight"))
     out["straight"] = root / "runs" / "straight" / "version_0" / "checkpoints"

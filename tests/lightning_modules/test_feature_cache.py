@@ -90,14 +90,14 @@ def test_cached_run_equals_uncached_run() -> None:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_random_augmentation_caches_val_only_unless_forced() -> None:
+def test_random_augmentation_caches_val_only_unless_forced(caplog: pytest.LogCaptureFixture) -> None:
     cache = FeatureCache()
-    with pytest.warns(UserWarning, match="train features not cached"):
-        _, spy, _ = _fit(Freeze(), 1, cache, data=_data(augment="affine"))
+    _, spy, _ = _fit(Freeze(), 1, cache, data=_data(augment="affine"))
+    assert "feature cache: train features not cached, augmentation 'affine' is random" in caplog.text
     assert cache.computed == ["val"] and spy.ranks[(0, "train")] == {4} and spy.ranks[(0, "val")] == {2}
     forced = FeatureCache(force=True)
-    with pytest.warns(UserWarning, match="un-augmented"):
-        _, spy, _ = _fit(Freeze(), 1, forced, data=_data(augment="affine"))
+    _, spy, _ = _fit(Freeze(), 1, forced, data=_data(augment="affine"))
+    assert "the frozen phase trains on un-augmented images" in caplog.text
     assert forced.computed == ["train", "val"] and spy.ranks[(0, "train")] == {2}
 
 

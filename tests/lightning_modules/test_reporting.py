@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
+from datamodules.images import load_image
 from lightning_modules.cli import cli_main
 from tests.datamodules.conftest import write_class_folders
 
@@ -118,7 +119,7 @@ def test_predict_folder_writes_csv_with_an_error_row(in_tmp: Path) -> None:
         probs = [float(row["prob_cat"]), float(row["prob_dog"])]
         assert sum(probs) == pytest.approx(1.0, abs=1e-5) and row["error"] == ""
         assert row["predicted"] == ["cat", "dog"][int(np.argmax(probs))]
-        x = run.datamodule.predict_set.transform(Image.open(inbox / "new" / name).convert("RGB"))
+        x = run.datamodule.predict_set.transform(load_image(inbox / "new" / name))  # the loaders' decoding
         with torch.no_grad():
             expected = model(x.unsqueeze(0)).softmax(1)[0]
         assert probs == pytest.approx(expected.tolist(), abs=1e-5)  # the same numbers as the model by hand
