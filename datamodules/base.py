@@ -421,7 +421,7 @@ class ImageClassificationDataModule(LightningDataModule):
             persistent_workers=workers > 0,
             collate_fn=collate_skip_bad,
             # a last training batch of one image breaks BatchNorm (one value per channel): it is left out
-            drop_last=shuffle and len(dataset) % self.batch_size == 1,
+            drop_last=shuffle and len(dataset) % self.batch_size == 1,  # type: ignore[arg-type]
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -56,7 +56,8 @@ def load_image(path: str | Path) -> Image.Image | torch.Tensor:
             plain_jpeg = raw.format == "JPEG" and raw.mode in ("RGB", "L")
     if plain_jpeg:
         try:
-            return decode_jpeg(str(path), mode="RGB")
+            decoded: torch.Tensor = decode_jpeg(str(path), mode="RGB")  # type: ignore[assignment]  # one source
+            return decoded
         except RuntimeError:  # "Image is incomplete or truncated": let PIL say what is wrong
             pass
     return read_rgb(path)

@@ -234,9 +234,10 @@ def _timm_pretrained_cfg(arch: str) -> dict[str, Any] | None:
 
     if not arch.startswith(TIMM_SOURCES):
         try:
-            return timm.get_pretrained_cfg(arch, allow_unregistered=False).to_dict()
+            cfg = timm.get_pretrained_cfg(arch, allow_unregistered=False)
         except RuntimeError:
             return None
+        return cfg.to_dict() if cfg is not None else None
     from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
 
     source, _, ident = arch.partition(":")

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ def test_export_parity_from_a_checkpoint(in_tmp: Path) -> None:
     assert json.loads(meta["input_size"]) == [3, 32, 32] and json.loads(meta["interpolation"]) == "bicubic"
     assert len(json.loads(meta["mean"])) == 3 and json.loads(meta["crop_mode"]) == "center"
     # the timm folder: label names and preprocessing in its config, and ftlab takes it as a backbone
-    folder = timm.create_model(f"local-dir:{in_tmp / 'out' / 'timm'}", pretrained=True)
+    folder: Any = timm.create_model(f"local-dir:{in_tmp / 'out' / 'timm'}", pretrained=True)
     assert folder.pretrained_cfg["label_names"] == [str(d) for d in range(10)]
     assert tuple(folder.pretrained_cfg["input_size"]) == (3, 32, 32)
     again = resolve_data_config(f"timm/local-dir:{in_tmp / 'out' / 'timm'}", "pretrained")

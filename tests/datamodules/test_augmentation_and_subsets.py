@@ -154,7 +154,9 @@ def test_eval_transform_is_timms_own_for_each_crop_mode(model: str, crop_mode: s
 
     ours = resolve_data_config(f"timm/{model}", "none")
     assert ours.crop_mode == crop_mode
-    theirs = create_transform(**timm_resolve(pretrained_cfg=timm.get_pretrained_cfg(model).to_dict()))
+    pretrained = timm.get_pretrained_cfg(model)
+    assert pretrained is not None
+    theirs = create_transform(**timm_resolve(pretrained_cfg=pretrained.to_dict()))
     image = photo(7, (200, 300))  # tall: squash, border and center crop it differently
     expected = theirs(image)
     got = eval_transform(ours)(image)
