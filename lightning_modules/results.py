@@ -54,11 +54,17 @@ HEADERS = {
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
     """Every scalar series the run logged, in step order, from its `metrics.csv`; a step logged twice (a resumed
-    run redoing part of an epoch) keeps its last value. Runs written before `ftlab` kept metrics.csv have only
-    TensorBoard event files: those are read instead."""
+    run redoing part of an epoch) keeps its last value. A run trained before `ftlab` kept metrics.csv has only
+    TensorBoard event files for its fit (and maybe a metrics.csv of a later test): its fit's series come from
+    those."""
     path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return _event_scalars(run_dir)
+    series = _csv_scalars(path) if path.is_file() else {}
+    if not any(key.startswith(("train/", "val/")) for key in series):
+        series = {**_event_scalars(run_dir), **series}
+    return series
+
+
+def _csv_scalars(path: Path) -> dict[str, list[float]]:
     series: dict[str, dict[int, float]] = {}
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
