@@ -116,3 +116,19 @@ def test_the_example_grid_reads() -> None:
     assert base == ["experiments/mnist/mlp.yaml"] and metric == "val_acc" and len(runs) == 16
     assert runs[0].name == "batch_size=64_lr=0.001_weight_decay=0.0_head_hidden=none"
     assert runs[-1].name.endswith("head_hidden=64") and runs[-1].config["model"]["head_hidden"] == [64]
+
+
+def test_scalars_come_from_metrics_csv_and_older_fits_from_their_events(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_modules.results import scalars
+
+    writer = SummaryWriter(str(tmp_path))  # a fit from before ftlab kept metrics.csv
+    for step, value in ((10, 0.5), (20, 0.7)):
+        writer.add_scalar("val/acc", value, step)
+    writer.close()
+    (tmp_path / "metrics.csv").write_text("epoch,step,test/acc\n1,20,0.9\n")  # a later ftlab test
+    assert scalars(tmp_path) == {"val/acc": [0.5, pytest.approx(0.7)], "test/acc": [0.9]}
+    # a run with its fit in metrics.csv: the CSV alone, a step logged twice (a resume) keeps its last value
+    (tmp_path / "metrics.csv").write_text("epoch,step,val/acc,test/acc\n0,10,0.6,\n1,20,0.65,\n1,20,0.8,\n1,20,,0.9\n")
+    assert scalars(tmp_path) == {"val/acc": [0.6, 0.8], "test/acc": [0.9]}
