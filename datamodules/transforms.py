@@ -85,8 +85,9 @@ def _resize_crop(cfg: DataConfig) -> list[Any]:
     """timm's own evaluation resize and crop for the config's `crop_mode` (center, squash or border) and
     `crop_pct`, called rather than re-derived, then to an image tensor (its normalisation is left to `Normalize`).
 
-    A PIL image is resized by PIL as in timm; a decoded tensor by torchvision. `border` pads with the mean
-    colour per channel, which timm does on PIL images only: tensors go through PIL for it.
+    Images arrive as tensors (`ToImage` first, in training and evaluation alike, so that both resize with the
+    same kernel: PIL's bicubic and torch's differ, visibly on upsampled 8 px digits). `border` pads with the
+    mean colour per channel, which timm does on PIL images only: it goes through PIL.
     """
     _interpolation(cfg.interpolation)  # an unknown name: our error, not timm's KeyError
     height, width = cfg.input_size[1:]
@@ -126,7 +127,7 @@ class RandomCrop(torch.nn.Module):
 
 def eval_transform(data_config: DataConfig) -> v2.Compose:
     """timm's eval pipeline: resize and crop by `crop_mode` and `crop_pct`, scale to [0, 1] and normalise."""
-    return v2.Compose([*_resize_crop(data_config), ToChannels(data_config.input_size[0]), *_tail(data_config)])
+    return v2.Compose(_head(data_config) + _resize_crop(data_config) + _tail(data_config))
 
 
 def train_transform(data_config: DataConfig, augment: str = "basic", crop_scale: float = CROP_SCALE[0]) -> v2.Compose:

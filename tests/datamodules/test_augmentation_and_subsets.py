@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from datamodules import ImageFolderDataModule
 from datamodules.base import Subset
@@ -157,8 +158,12 @@ def test_eval_transform_is_timms_own_for_each_crop_mode(model: str, crop_mode: s
     pretrained = timm.get_pretrained_cfg(model)
     assert pretrained is not None
     theirs = create_transform(**timm_resolve(pretrained_cfg=pretrained.to_dict()))
-    image = photo(7, (200, 300))  # tall: squash, border and center crop it differently
-    expected = theirs(image)
-    got = eval_transform(ours)(image)
+    # tall: squash, border and center crop it differently. A float tensor in [0, 1], as timm's own pipeline takes
+    # it (ours resizes tensors, as it does in training); border pads on PIL images only, in timm and here
+    image = photo(7, (200, 300))
+    tensor = v2.functional.to_dtype(v2.functional.pil_to_tensor(image), torch.float32, scale=True)
+    given = image if crop_mode == "border" else tensor
+    expected = theirs(given)
+    got = eval_transform(ours)(given)
     assert got.shape == expected.shape == (3, *ours.input_size[1:])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
