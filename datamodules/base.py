@@ -412,10 +412,14 @@ class ImageClassificationDataModule(LightningDataModule):
         in_memory = split in self.features  # features: no decoding, so no worker processes
         dataset: Dataset = self.features[split] if in_memory else self.datasets[split]
         workers = 0 if in_memory else self.num_workers
+        sampler = None
+        if shuffle:
+            sampler = EpochShuffle(dataset, torch.initial_seed())
+            sampler.set_epoch(self._epoch_starting())
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffle(dataset, torch.initial_seed()) if shuffle else None,
+            sampler=sampler,
             num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=workers > 0,
@@ -423,6 +427,14 @@ class ImageClassificationDataModule(LightningDataModule):
             # a last training batch of one image breaks BatchNorm (one value per channel): it is left out
             drop_last=shuffle and len(dataset) % self.batch_size == 1,  # type: ignore[arg-type]
         )
+
+    def _epoch_starting(self) -> int:
+        """The epoch the trainer's next training loader serves, restored from a checkpoint on resume.
+
+        Lightning (2.6, issue #21938) creates the training iterator before it calls `set_epoch` on the sampler,
+        and a loader with worker processes draws its first indices at once: a resumed run would replay epoch 0's
+        order and augmentation. The sampler is therefore built at the right epoch."""
+        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the batch's unreadable files; the model sees only (images, labels)."""

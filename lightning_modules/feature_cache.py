@@ -57,13 +57,16 @@ class FeatureCache(pl.Callback):
     frozen.
 
     Args:
-        store: `memory` (this fit), `disk` (kept under `cache_dir`, reused by later runs) or `off`.
+        store: `memory` (this fit), `disk` (kept under `cache_dir`, reused by later runs) or `off` (YAML reads an
+            unquoted `off` as false, which means the same; `true` means `memory`).
         cache_dir: folder of the disk store; default `~/.cache/finetune-lab/features`.
         force: cache the train split even when its augmentation is random; the frozen phase then trains on
             un-augmented images.
     """
 
-    def __init__(self, store: str = "memory", cache_dir: str | None = None, force: bool = False) -> None:
+    def __init__(self, store: str | bool = "memory", cache_dir: str | None = None, force: bool = False) -> None:
+        if isinstance(store, bool):
+            store = "memory" if store else "off"
         if store not in ("memory", "disk", "off"):
             raise ConfigError(f"FeatureCache store {store!r}: choose memory, disk or off")
         self.store = store
