@@ -434,7 +434,10 @@ class ImageClassificationDataModule(LightningDataModule):
         Lightning (2.6, issue #21938) creates the training iterator before it calls `set_epoch` on the sampler,
         and a loader with worker processes draws its first indices at once: a resumed run would replay epoch 0's
         order and augmentation. The sampler is therefore built at the right epoch."""
-        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+        if self.trainer is None:
+            return 0
+        progress: Any = self.trainer.fit_loop.epoch_progress.current  # typed as the base tracker; it counts these
+        return int(progress.processed)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the batch's unreadable files; the model sees only (images, labels)."""

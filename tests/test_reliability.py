@@ -41,7 +41,8 @@ model:
   image_size: 32
 data:
   class_path: datamodules.DigitsDataModule
-  init_args: {batch_size: 16, num_workers: 2, augment: basic}  # worker processes (persistent); random crops and flips, seeded per sample
+  # two persistent worker processes; random crops and flips, seeded per sample
+  init_args: {batch_size: 16, num_workers: 2, augment: basic}
 early_stopping: {patience: 10, min_delta: 0.5}  # no epoch after the first improves by 0.5: wait_count counts up
 """
 MARK = "restarts from its first batch"
