@@ -340,8 +340,9 @@ class ImageClassificationDataModule(LightningDataModule):
         return len(self.class_names)
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the three splits once and attach transforms."""
-        if self.datasets:
+        """Build the three splits once and attach transforms; predicting a `predict_root` needs none of them (nor
+        the training data)."""
+        if self.datasets or (stage == "predict" and self.predict_root is not None):
             return
         raw = self.build_splits()
         for split, dataset in raw.items():
@@ -483,6 +484,11 @@ class ImageClassificationDataModule(LightningDataModule):
             from datamodules.images import list_images
 
             files = ImageFiles([(p, -1) for p in list_images(root)])
+            if not files.paths and not files.rejected:
+                raise ConfigError(
+                    f"data.init_args.predict_root {root.resolve()} holds no image files (searched its sub-folders "
+                    "too; hidden files and other extensions are skipped)"
+                )
             self.skipped |= {("predict", b.path, b.reason) for b in files.rejected}
             raw: LabeledDataset = files
         else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_info
+
 from datamodules.base import ImageClassificationDataModule, ImageFiles, LabeledDataset
 from datamodules.images import list_images
 from lightning_modules.errors import ConfigError
@@ -45,15 +47,21 @@ def discover_classes(folder: Path) -> list[str]:
 def folder_files(folder: Path, class_names: list[str]) -> ImageFiles:
     """Every image under `folder/<class>/`, labelled by the position of its class in `class_names`."""
     dirs = class_dirs(folder)
-    unknown = sorted(set(dirs) - {c.lower() for c in class_names})
+    images = {key: list_images(path) for key, path in dirs.items()}
+    wanted = {c.lower() for c in class_names}
+    dropped = sorted(dirs[key].name for key in set(dirs) - wanted if not images[key])
+    if dropped:
+        rank_zero_info(f"{folder}: empty folders {dropped} left out (not in data.init_args.class_names)")
+    unknown = sorted(key for key in set(dirs) - wanted if images[key])
     if unknown:
         raise ConfigError(f"{folder} has folders {unknown} that are not among the classes {class_names}")
-    files = [
-        (path, label)
-        for label, name in enumerate(class_names)
-        if name.lower() in dirs
-        for path in list_images(dirs[name.lower()])
-    ]
+    empty = sorted(dirs[key].name for key in set(dirs) & wanted if not images[key])
+    if empty:
+        raise ConfigError(
+            f"{folder} has class folders without images: {empty}. Add images, delete the folders, or list the "
+            "classes to keep in data.init_args.class_names"
+        )
+    files = [(path, label) for label, name in enumerate(class_names) for path in images.get(name.lower(), [])]
     if not files:
         raise ConfigError(f"no images under {folder}/<class>/ for classes {class_names}")
     return ImageFiles(files)
@@ -61,6 +69,8 @@ def folder_files(folder: Path, class_names: list[str]) -> ImageFiles:
 
 def require_dir(path: Path, what: str, how: str) -> Path:
     """`path` if it is a folder, else a ConfigError naming it and how to get the data there."""
+    if path.is_file():
+        raise ConfigError(f"{what} {path.resolve()} is a file, not a folder. {how}")
     if not path.is_dir():
         raise ConfigError(f"{what} not found at {path.resolve()}. {how}")
     return path
@@ -93,7 +103,14 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         """Given names, or the train split's class folders."""
         if self._class_names is None:
             root = self.data_root()
-            self._class_names = discover_classes(find_split_dirs(root).get("train", root))
+            train = find_split_dirs(root).get("train", root)
+            found = discover_classes(train)
+            if len(found) < 2:
+                raise ConfigError(
+                    f"{train} has {len(found)} class folder(s) {found}; a classifier needs at least two: put images "
+                    "in <root>/<class>/ (or <root>/{train,val,test}/<class>/), one folder per class"
+                )
+            self._class_names = found
         return self._class_names
 
     def build_splits(self) -> dict[str, LabeledDataset]:

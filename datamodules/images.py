@@ -98,6 +98,11 @@ def bad_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+# A file name that is not UTF-8 (bytes from another system) is written back byte for byte, so the path in a CSV
+# opens the file; such a CSV reads back with the same `errors`.
+PATH_ERRORS = "surrogateescape"
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files under `folder`, sorted; hidden files and folders (`.ipynb_checkpoints`) and non-images skipped."""
     found = []
@@ -113,11 +118,11 @@ def write_bad_images(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
     """Merge `(split, path, reason)` rows into the CSV at `path`, written atomically (temp file, then rename)."""
     merged = set(rows)
     if path.is_file():
-        with path.open(newline="") as f:
+        with path.open(newline="", errors=PATH_ERRORS) as f:
             merged |= {(r["split"], r["path"], r["reason"]) for r in csv.DictReader(f)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
+    with tmp.open("w", newline="", errors=PATH_ERRORS) as f:
         writer = csv.writer(f)
         writer.writerow(["split", "path", "reason"])
         writer.writerows(sorted(merged))

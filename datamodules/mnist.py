@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,11 @@ FILES = {
 def read_idx(path: Path) -> np.ndarray:
     """An IDX array (the MNIST format: magic, dimension sizes, big-endian data); `.gz` is read through gzip."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as err:  # a cut download, or not gzip at all
+        raise ConfigError(f"{path} cannot be read ({err}); download or copy it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ConfigError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]

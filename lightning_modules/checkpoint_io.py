@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lightning_modules.errors import ConfigError
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint's contents (tensors memory-mapped), or a ConfigError naming the file and why it cannot
+    be read. Only tensors and plain values are ever unpickled (`weights_only=True`), whoever made the file."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ConfigError(f"checkpoint {path} is empty (0 bytes); pick another, e.g. --ckpt_path last")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:  # torch's message advises turning the safe mode off: wrong for an unknown file
+        raise ConfigError(
+            f"checkpoint {path} holds objects other than tensors and plain values, which finetune-lab never loads "
+            "(it reads checkpoints with weights_only=True); use a checkpoint written by `ftlab fit`"
+        ) from None
+    except Exception as err:  # torch raises RuntimeError, KeyError, EOFError ... for damaged files
+        reason = str(err).split(". ")[0].split("\n")[0][:160] or type(err).__name__
+        if "mmap" in reason:  # what torch says of any file that is not in its zip format
+            reason = "not in PyTorch's zip format"
+        raise ConfigError(
+            f"checkpoint {path} cannot be read: it is truncated or not a PyTorch checkpoint ({reason}); "
+            "pick another, e.g. --ckpt_path last"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"checkpoint {path} holds no state_dict: it is not a Lightning checkpoint of `ftlab fit`")
+    return checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

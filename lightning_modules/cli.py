@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -12,13 +15,17 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from datamodules.base import ImageClassificationDataModule
 from lightning_modules.backbones import data_config_dict, is_weights_file
-from lightning_modules.console import CompactProgressBar, setup_console
+from lightning_modules.checkpoint_io import read_checkpoint
+from lightning_modules.console import CompactProgressBar, notice, setup_console
 from lightning_modules.errors import ConfigError, TrainingStopped
 from lightning_modules.module import FineTuneModule
 from lightning_modules.parse_errors import OneLineErrorParser, check_config_files
 from lightning_modules.run_logs import with_run_csv
 
 CKPT_SHORTCUTS = ("best", "last")
+# the model hyperparameters that shape the weights: a checkpoint's own replace the config's (the rest, such as
+# label_smoothing or compile, stay as configured)
+ARCHITECTURE = ("backbone", "weights", "image_size", "in_chans", "head_hidden", "head_dropout")
 DEFAULTS = Path(__file__).with_name("defaults.yaml")  # package data: an installed ftlab reads the same file
 
 
@@ -62,6 +69,12 @@ class FinetuneCLI(LightningCLI):
             default="off",
             help="fit only: run Lightning's learning-rate finder first; print its suggestion, or apply it",
         )
+        parser.add_argument(
+            "--untrained",
+            type=bool,
+            default=False,
+            help="predict only: allow predicting without --ckpt_path (configured weights, untrained head)",
+        )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments(
@@ -71,13 +84,24 @@ class FinetuneCLI(LightningCLI):
             apply_on="parse",
         )
 
-    def before_instantiate_classes(self) -> None:
-        """One finetuning strategy at most; resolve `--ckpt_path best|last`, reuse its run directory, and skip
-        pretrained downloads it overrides."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        check_one_strategy(config.trainer.get("callbacks") or [])
+    def _parse_ckpt_path(self) -> None:
+        """Replaces Lightning's hook of the same name (which loads the checkpoint unchecked, after parsing, to apply
+        its hyperparameters): resolve `--ckpt_path best|last`, reuse its run directory, read the checkpoint safely,
+        and build the model it was trained as. For predict, the data class and the class names come from it too
+        when the config does not give them: `ftlab predict --ckpt_path X --data.init_args.predict_root DIR`
+        needs nothing else."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        prepare_run_root(config.trainer)
         ckpt = config.get("ckpt_path")
         if not ckpt:
+            if subcommand == "predict" and not config.get("untrained"):
+                raise ConfigError(
+                    "predict needs --ckpt_path (best, last or a .ckpt file): without one the head is untrained and "
+                    "the predictions are noise. To predict with the untrained model anyway, add --untrained true"
+                )
             return
         runs = run_root(config.trainer)
         ckpt_path = resolve_checkpoint(ckpt, runs) if ckpt in CKPT_SHORTCUTS else Path(ckpt)
@@ -89,8 +113,29 @@ class FinetuneCLI(LightningCLI):
             self._run_version = run_dir.name  # test, validate or resume into the checkpoint's run directory
             if runs[1] is not None:
                 runs[1].version = run_dir.name
+        checkpoint = read_checkpoint(ckpt_path)
+        saved = checkpoint.get("hyper_parameters") or {}
+        self._trained_classes = (saved.get("num_classes"), saved.get("class_names"))
+        self._trained_weights = checkpoint["state_dict"]  # memory-mapped: compared with the model once it is built
+        model = {key: saved[key] for key in ARCHITECTURE if key in saved}
+        changed = [f"model.{k} {config.model.get(k)!r} -> {v!r}" for k, v in model.items() if config.model.get(k) != v]
+        if changed:
+            notice(f"the model is built as checkpoint {ckpt_path} was trained: {'; '.join(changed)}")
+        updates: dict[str, Any] = {"model": model}
+        if subcommand == "predict":
+            updates["data"] = checkpoint_data(config.data, checkpoint.get("datamodule_hyper_parameters") or {})
+            names = saved.get("class_names")
+            init_args = updates["data"]["init_args"]
+            if names and accepts(updates["data"]["class_path"], "class_names") and not init_args.get("class_names"):
+                init_args["class_names"] = names  # a folder's classes: the checkpoint's, not its own folders'
+        self.config = self.parser.parse_object({subcommand: updates}, self.config)
+
+    def before_instantiate_classes(self) -> None:
+        """One finetuning strategy at most; skip pretrained downloads that a checkpoint overrides."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_one_strategy(config.trainer.get("callbacks") or [])
         weights = config.model.weights
-        if weights not in ("none", "embedded") and not is_weights_file(weights):
+        if config.get("ckpt_path") and weights not in ("none", "embedded") and not is_weights_file(weights):
             config.model.weights = "none"  # the checkpoint holds every weight: download nothing
             self._restore_weights = (config, weights)  # put back after instantiation, for config.yaml
 
@@ -109,7 +154,8 @@ class FinetuneCLI(LightningCLI):
         super().after_instantiate_classes()
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("ckpt_path"):
-            check_checkpoint_classes(config.ckpt_path, self.model.hparams["num_classes"])
+            check_checkpoint_classes(config.ckpt_path, *self._trained_classes, self.datamodule.class_names)
+            check_checkpoint_fits(config.ckpt_path, self._trained_weights, self.model)
         restore = getattr(self, "_restore_weights", None)
         if restore is not None:
             config, weights = restore
@@ -161,8 +207,6 @@ class FinetuneCLI(LightningCLI):
 
 def check_one_strategy(callbacks: list[Any]) -> None:
     """A ConfigError naming them when the callbacks hold two finetuning strategies (two stacked recipes)."""
-    import importlib
-
     from lightning_modules.finetuning import FinetuningStrategy
 
     names = []
@@ -198,6 +242,33 @@ def run_root(trainer_config: Namespace) -> tuple[Path, Namespace | None] | None:
     return Path(trainer_config.get("default_root_dir") or ".") / "lightning_logs", None
 
 
+def prepare_run_root(trainer_config: Namespace) -> None:
+    """Anchor a relative logger `save_dir` at `trainer.default_root_dir` when that is given (Lightning would ignore
+    it: the logger decides where runs go), and make sure the runs folder can be written, naming the key if not."""
+    root_dir = trainer_config.get("default_root_dir")
+    runs = run_root(trainer_config)
+    if runs is None:
+        return
+    key = "trainer.default_root_dir"
+    if runs[1] is not None:
+        key = "trainer.logger.init_args.save_dir"
+        if root_dir and not Path(runs[1].save_dir).is_absolute():
+            runs[1].save_dir = str(Path(root_dir) / runs[1].save_dir)
+            key = "trainer.default_root_dir"
+            runs = run_root(trainer_config)
+            assert runs is not None
+    folder = runs[0]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".ftlab-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"{key}: cannot write runs to {folder} ({err.strerror}); choose a folder you can write"
+        ) from None
+
+
 def resolve_checkpoint(which: str, runs: tuple[Path, Any] | None) -> Path:
     """`best` or `last` checkpoint of the newest run under `<save_dir>/<name>/version_*`."""
     if runs is None:
@@ -211,18 +282,64 @@ def resolve_checkpoint(which: str, runs: tuple[Path, Any] | None) -> Path:
     raise ConfigError(f"no {which}*.ckpt under {root}/*/checkpoints; train first with `ftlab fit`")
 
 
-def check_checkpoint_classes(ckpt_path: str, num_classes: int) -> None:
-    """A ConfigError when the checkpoint's head was trained for another number of classes than the data has."""
-    import torch
-
-    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-    theirs = hparams.get("num_classes")
-    if theirs is not None and theirs != num_classes:
-        names = hparams.get("class_names")
+def check_checkpoint_classes(
+    ckpt_path: str, num_classes: int | None, class_names: list[str] | None, data_names: list[str]
+) -> None:
+    """A ConfigError when the checkpoint's head was trained on other classes than the data has (names compared
+    as folders match them, case-insensitively; a checkpoint without names by their number)."""
+    same = (
+        [n.casefold() for n in class_names] == [n.casefold() for n in data_names]
+        if class_names is not None
+        else num_classes in (None, len(data_names))
+    )
+    if not same:
+        trained = f"{len(class_names)} classes ({class_names})" if class_names is not None else f"{num_classes} classes"
         raise ConfigError(
-            f"checkpoint {ckpt_path} was trained on {theirs} classes ({names}) but the data has {num_classes}; "
-            "use the data it was trained on, or a checkpoint trained on this data"
+            f"checkpoint {ckpt_path} was trained on {trained} but the data has {len(data_names)} ({data_names}); "
+            "use the data it was trained on, or a "
+            "checkpoint trained on this data (for predict: give only --data.init_args.predict_root)"
         )
+
+
+def check_checkpoint_fits(ckpt_path: str, weights: dict[str, Any], model: Any) -> None:
+    """A ConfigError when the checkpoint's weights do not fit the model (another backbone or head), before Lightning
+    would fail with a wall of missing and unexpected keys."""
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in weights]
+    unknown = [k for k in weights if k not in ours]
+    reshaped = [k for k in ours if k in weights and tuple(weights[k].shape) != tuple(ours[k].shape)]
+    if missing or unknown or reshaped:
+        first = (missing or unknown or reshaped)[0]
+        raise ConfigError(
+            f"checkpoint {ckpt_path} does not fit model.backbone {model.hparams['backbone']}: {len(missing)} weights "
+            f"missing, {len(unknown)} unknown, {len(reshaped)} of another shape (first: {first}); give the backbone "
+            "and head it was trained with, or another checkpoint"
+        )
+
+
+def checkpoint_data(data: Namespace, saved: dict[str, Any]) -> dict[str, Any]:
+    """`data` as a class path and init args: the config's, or, when it names no data class, the checkpoint's
+    DataModule with any init arg the command line set on top."""
+    given = data.get("init_args")
+    given_args = given.as_dict() if isinstance(given, Namespace) else dict(given or {})
+    class_path = data.get("class_path")
+    if class_at(class_path) is not ImageClassificationDataModule or not saved.get("_class_path"):
+        return {"class_path": class_path, "init_args": given_args}
+    defaults = {k: p.default for k, p in inspect.signature(ImageClassificationDataModule.__init__).parameters.items()}
+    init_args = {k: v for k, v in saved.items() if not k.startswith("_") and k != "data_config"}
+    init_args.update({k: v for k, v in given_args.items() if k in defaults and v != defaults[k] and k != "data_config"})
+    return {"class_path": saved["_class_path"], "init_args": init_args}
+
+
+def class_at(class_path: str) -> Any:
+    """The object a dotted class path names."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def accepts(class_path: str, argument: str) -> bool:
+    """Whether the class at `class_path` takes `argument` in its constructor."""
+    return argument in inspect.signature(class_at(class_path).__init__).parameters
 
 
 def _with_defaults(run: bool) -> dict[str, Any]:

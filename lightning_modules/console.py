@@ -43,11 +43,24 @@ def quiet_known_noise() -> None:
             target.addFilter(_DropNoise())
 
 
+class _Stderr(logging.StreamHandler):
+    """A stream handler on whatever `sys.stderr` is when a message comes (not the one of the first set-up)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        """The current standard error."""
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_console() -> None:
     """Show `ftlab` notices (INFO and up, the message alone) on stderr, and filter the noise."""
     quiet_known_noise()
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

@@ -18,6 +18,7 @@ from torchmetrics.classification import (
     MulticlassPrecision,
     MulticlassRecall,
 )
+from torchmetrics.utilities import dim_zero_cat
 
 from lightning_modules.backbones import build_backbone
 from lightning_modules.errors import ConfigError
@@ -38,6 +39,21 @@ def build_head(in_features: int, num_classes: int, hidden: Sequence[int] = (), d
     return nn.Sequential(*layers)
 
 
+class PresentClassesAUROC(MulticlassAUROC):
+    """Macro one-vs-rest AUROC over the classes that occur in the targets, as the test report computes it:
+    torchmetrics' macro counts a class without samples (no ROC curve) as 0 and pulls the mean down."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(num_classes=num_classes, average="none")
+
+    def compute(self) -> torch.Tensor:  # type: ignore[override]  # MulticlassAUROC's own is typed so too
+        """The mean of the per-class AUROCs of the classes present; NaN with fewer than two."""
+        present = torch.bincount(dim_zero_cat(self.target), minlength=self.num_classes) > 0
+        if int(present.sum()) < 2:
+            return torch.tensor(float("nan"))
+        return super().compute()[present].mean()
+
+
 def classification_metrics(num_classes: int, prefix: str, auroc: bool = False) -> MetricCollection:
     """Accuracy (micro) and macro precision, recall and F1 (and macro one-vs-rest AUROC), keyed `<prefix>acc`..."""
     kw: dict[str, Any] = {"num_classes": num_classes}
@@ -48,7 +64,7 @@ def classification_metrics(num_classes: int, prefix: str, auroc: bool = False) -
         "f1": MulticlassF1Score(average="macro", **kw),
     }
     if auroc:
-        metrics["auroc"] = MulticlassAUROC(average="macro", **kw)
+        metrics["auroc"] = PresentClassesAUROC(num_classes)
     return MetricCollection(metrics, prefix=prefix)
 
 
@@ -109,6 +125,11 @@ class FineTuneModule(LightningModule):
         compile: bool | str = False,
     ) -> None:
         super().__init__()
+        if num_classes < 2:
+            raise ConfigError(
+                f"model.num_classes is {num_classes} (classes {class_names}): a classifier needs at least two; "
+                "check the data's classes (data.init_args.class_names, or one folder per class)"
+            )
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"model.class_names has {len(class_names)} names for {num_classes} classes")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])

@@ -29,6 +29,10 @@ UNKNOWN_KEY = re.compile(
 KEY = re.compile(r'Parser key "([^"]+)"')
 EXPECTED = re.compile(r"Expected a <class '(\w+)'>")
 GIVEN = re.compile(r"Given value: (.*)")
+# a bad init arg of a class, reported inside the Union error of its parent key
+INNER = re.compile(
+    r"Problem with given class_path '[\w.]+':\s*Parser key \"([^\"]+)\":\s*Expected a <class '(\w+)'>\. Got value: (.*)"
+)
 
 
 def check_config_files(args: Sequence[str]) -> None:
@@ -89,6 +93,9 @@ def summarize(message: str, keys: list[str]) -> str:
         close = close_names(unknown, keys)
         hint = f"; close names: {', '.join(close)}" if close else "; `ftlab <command> --help` lists the keys"
         return f"unknown key {unknown}{hint}"
+    if key and (inner := INNER.search(message)):
+        name, expected_type, value = inner.groups()
+        return f"{key}.init_args.{name}: {value.strip()!r} is not valid; expected {expected_type}"
     given = GIVEN.search(message)
     nested = given and ("init_args" in given.group(1) or "NestedArg" in given.group(1))  # a YAML dict or a flag
     if key and given and nested and "class_path" not in given.group(1):

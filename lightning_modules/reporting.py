@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datamodules.images import PATH_ERRORS
 from lightning_modules.distributed import gather_lists
 
 GRID = 16  # images per grid
@@ -39,23 +40,11 @@ def classification_report(probs: np.ndarray, targets: np.ndarray, class_names: l
     # macro averages over the classes that occur (in the targets or the predictions), as sklearn and torchmetrics do
     seen = sorted(set(targets.tolist()) | set(preds.tolist()))
     macro = precision_recall_fscore_support(targets, preds, labels=seen, average="macro", zero_division=0)
+    # AUROC: one-vs-rest per class, averaged over the classes that occur in the targets (a class without samples
+    # has no ROC curve); the same definition as the module's logged `test/auroc` (`PresentClassesAUROC`)
     present = sorted(set(targets.tolist()))
-    try:
-        if len(present) == 2:  # binary, also when only two of more classes occur
-            pair = probs[:, present]
-            auroc = float(roc_auc_score(targets == present[1], pair[:, 1] / pair.sum(1)))
-        else:
-            auroc = float(
-                roc_auc_score(
-                    targets,
-                    probs[:, present] / probs[:, present].sum(1, keepdims=True),
-                    multi_class="ovr",
-                    average="macro",
-                    labels=present,
-                )
-            )
-    except ValueError:  # a single class in the targets: AUROC is undefined
-        auroc = float("nan")
+    per_class_auroc = [roc_auc_score(targets == c, probs[:, c]) for c in present] if len(present) > 1 else []
+    auroc = float(np.mean(per_class_auroc)) if per_class_auroc else float("nan")
     return {
         "acc": float((preds == targets).mean()),
         "precision": float(macro[0]),
@@ -342,8 +331,9 @@ def render_markdown(report: dict[str, Any], class_names: list[str], run: Path) -
 
 
 class PredictionWriter(pl.Callback):
-    """`ftlab predict` writes `predictions.csv` in the run directory: one row per file (or sample) with the
-    predicted class and one probability column per class; files that could not be read are rows with an error."""
+    """`ftlab predict` writes `predictions.csv` in the run directory (`predictions_2.csv` ... when one is already
+    there: nothing is overwritten): one row per file (or sample) with the predicted class and one probability column
+    per class; files that could not be read are rows with an error."""
 
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start empty."""
@@ -387,10 +377,22 @@ class PredictionWriter(pl.Callback):
         header = ["path", "true", "predicted", *(f"prob_{n}" for n in names), "error"]
 
         def write(tmp: Path) -> None:
-            with tmp.open("w", newline="") as f:
+            with tmp.open("w", newline="", errors=PATH_ERRORS) as f:  # non-UTF-8 file names, byte for byte
                 writer = csv.writer(f)
                 writer.writerow(header)
                 writer.writerows(sorted(rows + errors, key=lambda row: str(row[0])))  # type: ignore[index]
 
-        atomic_write(Path(log_dir) / "predictions.csv", write)
-        print(f"Predictions: {Path(log_dir) / 'predictions.csv'} ({len(rows)} predicted, {len(errors)} unreadable)")
+        path = free_name(Path(log_dir) / "predictions.csv")
+        atomic_write(path, write)
+        source = f" by {trainer.ckpt_path}" if trainer.ckpt_path else " by the untrained model"
+        print(f"Predictions: {path} ({len(rows)} predicted, {len(errors)} unreadable){source}")
+
+
+def free_name(path: Path) -> Path:
+    """`path`, or `<stem>_2<suffix>`, `_3` ... when it exists: an earlier file (another checkpoint's predictions,
+    perhaps) is never overwritten."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate

@@ -14,14 +14,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-import pytest
 from PIL import Image
 
 from datamodules.base import LabeledDataset, Subset
 from datamodules.images import BadSample
-from lightning_modules import cli
 from lightning_modules.cli import cli_main
-from tests.conftest import FAST
 from tests.datamodules.conftest import photo
 
 TINY = ["--model.backbone=timm/test_resnet", "--model.weights=none", "--model.image_size=32"]
@@ -154,73 +151,3 @@ def test_dirty_folder_of_hundreds_of_images_every_epoch_sees_each_decodable_imag
     assert set(rows) == set(bad)  # every undecodable file, nothing else (no Thumbs.db, no hidden folders)
     for name, word in bad.items():
         assert word in rows[name], (name, rows[name])
-
-
-# ------------------------------------------------------------------------------------------- config mistakes
-
-
-@pytest.fixture(scope="module")
-def ten_class_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint of a tiny model trained one step on the ten digit classes."""
-    root = tmp_path_factory.mktemp("ten")
-    args = ["fit", "--config", "experiments/quickstart.yaml", *TINY, *FAST, f"--trainer.default_root_dir={root}"]
-    run = cli_main([*args, "--trainer.logger=false"])
-    path = root / "ten.ckpt"
-    run.trainer.save_checkpoint(path)
-    return path
-
-
-def _two_class_folder(root: Path) -> str:
-    for cls in ("a", "b"):
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(4):
-            photo(i, (20, 20)).save(root / cls / f"{i}.jpg")
-    return f"--data.init_args.root={root}"
-
-
-# a strategy-free experiment (quickstart has one already), on the ten digit classes
-BASE = """
-model: {backbone: timm/test_resnet, weights: none, image_size: 32}
-data:
-  class_path: datamodules.DigitsDataModule
-  init_args: {batch_size: 8, num_workers: 0}
-"""
-MISTAKES: dict[str, tuple[list[str], list[str]]] = {
-    "unknown backbone": (["--model.backbone=timm/test_resnett"], ["timm has no model 'test_resnett'", "test_resnet"]),
-    "unknown stage": (["--config", "stage.yaml"], ["no stage 'layer9'", "did you mean ['layer4'", "layer1"]),
-    "class count": (["--ckpt_path", "CKPT", "--data=datamodules.ImageFolderDataModule", "FOLDER"], ["10 classes"]),
-    "missing data path": (
-        ["--data=datamodules.ImageFolderDataModule", "--data.init_args.root=no/such/folder"],
-        ["image folder not found at", "no/such/folder"],
-    ),
-    "unknown augmentation": (["--data.init_args.augment=fancy"], ["data.augment 'fancy' is not a preset", "basic"]),
-}
-
-
-@pytest.mark.parametrize("mistake", list(MISTAKES))
-def test_config_mistake_is_one_clear_line_without_traceback(
-    mistake: str,
-    in_tmp: Path,
-    ten_class_checkpoint: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    extra, expected = MISTAKES[mistake]
-    (in_tmp / "base.yaml").write_text(BASE)
-    stage = "trainer:\n  callbacks+:\n    - class_path: lightning_modules.finetuning.FreezeUnfreeze\n"
-    (in_tmp / "stage.yaml").write_text(stage + "      init_args: {unfreeze_at_epoch: 5, stages: [layer9]}\n")
-    replace = {"CKPT": str(ten_class_checkpoint), "FOLDER": _two_class_folder(in_tmp / "ab")}
-    extra = [replace.get(a, a) for a in extra]
-    command = "test" if "--ckpt_path" in extra else "fit"
-    argv = ["ftlab", command, "--config", "base.yaml", *FAST, *extra]
-    monkeypatch.setattr("sys.argv", argv)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("ftlab: error:")]
-    assert len(lines) == 1 and len(lines[0]) < 400, err
-    for text in expected:
-        assert text in lines[0], (text, lines[0])

@@ -13,6 +13,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 
 from datamodules.images import load_image
 from lightning_modules.cli import cli_main
+from lightning_modules.module import PresentClassesAUROC
 from tests.datamodules.conftest import write_class_folders
 
 FIGURES = ("confusion_matrix", "correct", "misclassified", "top_losses", "first_layer_kernels", "feature_maps")
@@ -135,8 +136,11 @@ def test_report_metrics_with_an_absent_class_follow_sklearn() -> None:
     preds = probs.argmax(1)
     assert report["recall"] == pytest.approx(recall_score(targets, preds, average="macro", zero_division=0))
     assert report["f1"] == pytest.approx(f1_score(targets, preds, average="macro", zero_division=0))
-    pair = probs[:, [0, 2]]
-    assert report["auroc"] == pytest.approx(roc_auc_score(targets == 2, pair[:, 1] / pair.sum(1)))
+    one_vs_rest = [roc_auc_score(targets == c, probs[:, c]) for c in (0, 2)]  # the classes that occur
+    assert report["auroc"] == pytest.approx(np.mean(one_vs_rest))
+    logged = PresentClassesAUROC(3)  # what the console and TensorBoard show as test/auroc
+    logged.update(torch.from_numpy(probs).float(), torch.from_numpy(targets))
+    assert float(logged.compute()) == pytest.approx(report["auroc"], abs=1e-6)
     assert report["per_class"]["b"]["support"] == 0
 
 

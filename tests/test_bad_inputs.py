@@ -1,0 +1,262 @@
+"""The bad-input table: every input a user can get wrong, through the `ftlab` entry point (`cli.main`, what the
+console script runs), each ending with the exit status it should, no traceback, and the file or key named.
+
+Mistakes end with exit status 2 and one `ftlab: error:` line. Inputs that are odd but valid (a 1x1 image, an
+animated GIF, a non-UTF-8 file name ...) end with status 0 and the file named in predictions.csv or
+bad_images.csv. A prior run's checkpoints sit in the same runs folder throughout: no case may change them.
+README: "Reliability".
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import pickle
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightning_modules import cli
+from tests.conftest import FAST, REPO
+from tests.datamodules.conftest import photo, write_cifar, write_class_folders, write_mnist
+from tests.datamodules.test_datasets import Image_exif
+
+TINY = ["--model.backbone=timm/test_resnet", "--model.weights=none", "--model.image_size=32"]
+SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+# a strategy-free experiment on the ten digit classes (sklearn's, in memory)
+BASE = """
+model: {backbone: timm/test_resnet, weights: none, image_size: 32}
+data:
+  class_path: datamodules.DigitsDataModule
+  init_args: {batch_size: 8, num_workers: 0}
+"""
+NON_UTF8 = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes in a file name: not UTF-8
+MARKER = "PAYLOAD_RAN"
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates MARKER: what a crafted pickle would do."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {MARKER}",))
+
+
+def _folder(root: Path, classes: dict[str, int]) -> Path:
+    write_class_folders(root, classes)
+    return root
+
+
+def _ckpt_variant(source: Path, target: Path, change: Any) -> Path:
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, target)
+    return target
+
+
+def _build_world(root: Path) -> dict[str, str]:
+    """Every bad input, written in its real format; returns the placeholders the cases use."""
+    (root / "experiments").symlink_to(REPO / "experiments")
+    (root / "base.yaml").write_text(BASE)
+    (root / "a_file").write_text("not a folder")
+    (root / "broken.yaml").write_text("model: {backbone: [timm/test_resnet\n")
+    stage = "trainer:\n  callbacks+:\n    - class_path: lightning_modules.finetuning.FreezeUnfreeze\n"
+    (root / "stage.yaml").write_text(stage + "      init_args: {unfreeze_at_epoch: 5, stages: [layer9]}\n")
+    strategy = "trainer:\n  callbacks+:\n    - class_path: lightning_modules.finetuning.FreezeUnfreezee\n"
+    (root / "strategy.yaml").write_text(strategy)
+    _folder(root / "ab", {"a": 4, "b": 4})
+    (root / "empty_root").mkdir()
+    _folder(root / "one_class", {"only": 4})
+    _folder(root / "empty_class", {"a": 4, "b": 4})
+    (root / "empty_class" / "c").mkdir()
+    loops = _folder(root / "loops", {"a": 4, "b": 4})
+    (loops / "a" / "cycle").symlink_to(loops / "a")  # a folder loop
+    (loops / "a" / "x.jpg").symlink_to(loops / "a" / "y.jpg")  # a file loop: x -> y -> x
+    (loops / "a" / "y.jpg").symlink_to(loops / "a" / "x.jpg")
+    for name, change in {
+        "cifar_garbage": lambda f: f.write_bytes(b"\x80\x04garbage, not a pickle"),
+        "cifar_no_data": lambda f: f.write_bytes(pickle.dumps({"labels": [1, 2]})),
+        "cifar_bad_shape": lambda f: f.write_bytes(
+            pickle.dumps({"data": np.zeros((2, 100), np.uint8), "labels": [1, 2]})
+        ),
+        "cifar_payload": lambda f: f.write_bytes(pickle.dumps({"data": Payload(), "labels": [1]})),
+    }.items():
+        change(write_cifar(root / name, per_batch=4) / "data_batch_1")
+    raw = write_mnist(root / "mnist_cut", gz=True)
+    images = raw / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:60])
+    inbox = {name: root / f"inbox_{name}" for name in ("empty", "exif", "tiny", "png16", "gif", "bytes")}
+    for folder in inbox.values():
+        folder.mkdir()
+    (inbox["empty"] / "notes.txt").write_text("no images here")
+    photo(1, (40, 24)).save(inbox["exif"] / "turned.jpg", exif=Image_exif(orientation=8))
+    photo(2, (1, 1)).save(inbox["tiny"] / "one_pixel.png")
+    Image.fromarray(np.full((30, 30), 40000, dtype=np.uint16)).save(inbox["png16"] / "deep.png")
+    frames = [photo(i, (24, 24)).convert("P") for i in range(3)]
+    frames[0].save(inbox["gif"] / "moving.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    photo(3, (24, 24)).save(inbox["bytes"] / NON_UTF8)
+    place = {f"INBOX_{k.upper()}": str(v) for k, v in inbox.items()}
+    return {**place, **{k: str(root / k.lower()) for k in ("AB", "EMPTY_ROOT", "ONE_CLASS", "EMPTY_CLASS", "LOOPS")}}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The bad inputs, and a prior run (`runs/prior`) whose checkpoints every case must leave as they were."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    places = _build_world(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        prior = cli.cli_main(["fit", "--config", "base.yaml", *SHORT, *QUIET, "--trainer.logger.init_args.name=prior"])
+    ckpts = root / str(prior.trainer.log_dir) / "checkpoints"
+    last = ckpts / "last.ckpt"
+    bad = {"garbage": b"not a checkpoint at all" * 20, "empty": b""}
+    for name, data in bad.items():
+        (root / f"{name}.ckpt").write_bytes(data)
+    (root / "cut.ckpt").write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    torch.save({"state_dict": {}, "hyper_parameters": Payload()}, root / "payload.ckpt")
+    _ckpt_variant(last, root / "nameless.ckpt", lambda c: c["hyper_parameters"].pop("backbone"))
+    places.update({"CKPT": str(last.resolve()), **{f"{n.upper()}_CKPT": str(root / f"{n}.ckpt") for n in bad}})
+    places.update({k: str(root / v) for k, v in [("CUT_CKPT", "cut.ckpt"), ("PAYLOAD_CKPT", "payload.ckpt")]})
+    places.update({"NAMELESS_CKPT": str(root / "nameless.ckpt"), "A_FILE": str(root / "a_file")})
+    yield {"root": root, "places": places, "prior": ckpts}
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+FIT = ["fit", "--config", "base.yaml", *FAST]
+TEST = ["test", "--config", "base.yaml", *QUIET, "--trainer.limit_test_batches=1"]
+PREDICT = ["predict", *QUIET, "--ckpt_path", "CKPT"]
+FOLDER = "--data=datamodules.ImageFolderDataModule"
+CIFAR = [*FIT, "--data=datamodules.CIFAR10DataModule", "--data.init_args.download=false"]
+MNIST = [*FIT, "--data=datamodules.MNISTDataModule", "--data.init_args.download=false"]
+RESUME_PRIOR = ["--trainer.logger.init_args.name=prior", "--ckpt_path", "last"]
+
+# name: (argv, exit status, texts the error line (status 2) or the run's output files (status 0) must hold)
+CASES: dict[str, tuple[list[str], int, list[str]]] = {
+    "unknown backbone": ([*FIT, "--model.backbone=timm/test_resnett"], 2, ["no model 'test_resnett'", "test_resnet"]),
+    "unknown stage": ([*FIT, "--config", "stage.yaml"], 2, ["no stage 'layer9'", "did you mean ['layer4'"]),
+    "unknown augmentation": ([*FIT, "--data.init_args.augment=fancy"], 2, ["data.augment 'fancy'", "basic"]),
+    "unknown key": ([*FIT, "--model.bakcbone=timm/test_resnet"], 2, ["unknown key model.bakcbone", "model.backbone"]),
+    "YAML syntax error": ([*FIT, "--config", "broken.yaml"], 2, ["broken.yaml", "line"]),
+    "string for a number": (
+        [*FIT, *RESUME_PRIOR, "--data.init_args.batch_size=many"],
+        2,
+        ["data.init_args.batch_size: 'many' is not valid; expected int"],
+    ),
+    "unknown strategy class": ([*FIT, "--config", "strategy.yaml"], 2, ["FreezeUnfreezee"]),
+    "missing data path": ([*FIT, FOLDER, "--data.init_args.root=no/such/folder"], 2, ["not found at", "no/such"]),
+    "data root is a file": ([*FIT, FOLDER, "--data.init_args.root=A_FILE"], 2, ["a_file is a file, not a folder"]),
+    "empty data root": ([*FIT, FOLDER, "--data.init_args.root=EMPTY_ROOT"], 2, ["empty_root has 0 class folder"]),
+    "single-class root": ([*FIT, FOLDER, "--data.init_args.root=ONE_CLASS"], 2, ["has 1 class folder(s) ['only']"]),
+    "empty class folder": ([*FIT, FOLDER, "--data.init_args.root=EMPTY_CLASS"], 2, ["without images: ['c']"]),
+    "CIFAR batch not a pickle": ([*CIFAR, "--data.init_args.root=cifar_garbage"], 2, ["cifar_garbage", "data_batch_1"]),
+    "CIFAR batch without data": ([*CIFAR, "--data.init_args.root=cifar_no_data"], 2, ["data_batch_1 has no 'data'"]),
+    "CIFAR batch of wrong shape": ([*CIFAR, "--data.init_args.root=cifar_bad_shape"], 2, ["N x 3072", "data_batch_1"]),
+    "CIFAR batch with code in it": ([*CIFAR, "--data.init_args.root=cifar_payload"], 2, ["refers to posix.system"]),
+    "truncated MNIST .gz": (
+        [
+            *FIT,
+            "--data=datamodules.MNISTDataModule",
+            "--data.init_args.root=mnist_cut",
+            "--data.init_args.download=false",
+        ],
+        2,
+        ["train-images-idx3-ubyte.gz cannot be read"],
+    ),
+    "missing checkpoint": ([*TEST, "--ckpt_path", "no/such.ckpt"], 2, ["no/such.ckpt does not exist"]),
+    "garbage checkpoint": ([*TEST, "--ckpt_path", "GARBAGE_CKPT"], 2, ["garbage.ckpt cannot be read"]),
+    "empty checkpoint": ([*TEST, "--ckpt_path", "EMPTY_CKPT"], 2, ["empty.ckpt is empty"]),
+    "truncated checkpoint": ([*TEST, "--ckpt_path", "CUT_CKPT"], 2, ["cut.ckpt cannot be read", "truncated"]),
+    "checkpoint with code in it": ([*TEST, "--ckpt_path", "PAYLOAD_CKPT"], 2, ["payload.ckpt holds objects other"]),
+    "class count": ([*TEST, "--ckpt_path", "CKPT", FOLDER, "--data.init_args.root=AB"], 2, ["10 classes", "has 2"]),
+    "checkpoint of another backbone": (
+        [*TEST, "--ckpt_path", "NAMELESS_CKPT", "--model.backbone=timm/test_efficientnet"],
+        2,
+        ["nameless.ckpt does not fit model.backbone timm/test_efficientnet"],
+    ),
+    "config of another backbone than the checkpoint": (
+        [*TEST, "--ckpt_path", "CKPT", "--model.backbone=timm/test_efficientnet"],
+        0,
+        ["model.backbone 'timm/test_efficientnet' -> 'timm/test_resnet'"],
+    ),
+    "logger save_dir not writable": (
+        [*FIT, "--trainer.logger.init_args.save_dir=A_FILE/runs"],
+        2,
+        ["trainer.logger.init_args.save_dir: cannot write runs to", "a_file/runs"],
+    ),
+    "default_root_dir not writable": (
+        [*FIT, "--trainer.default_root_dir=A_FILE/elsewhere"],
+        2,
+        ["trainer.default_root_dir: cannot write runs to", "a_file/elsewhere/runs"],
+    ),
+    "predict without a checkpoint": (["predict", "--config", "base.yaml", *QUIET], 2, ["predict needs --ckpt_path"]),
+    "predict folder with no images": (
+        [*PREDICT, "--data.init_args.predict_root=INBOX_EMPTY"],
+        2,
+        ["inbox_empty holds no image files"],
+    ),
+    "symlink loops under the root": (
+        ["fit", *TINY, *SHORT, *QUIET, FOLDER, "--data.init_args.root=LOOPS", "--data.init_args.num_workers=0"],
+        0,
+        ["x.jpg", "y.jpg"],  # both file-loop links in bad_images.csv; the folder loop is not followed
+    ),
+    "EXIF orientation 8": ([*PREDICT, "--data.init_args.predict_root=INBOX_EXIF"], 0, ["turned.jpg"]),
+    "1x1 image": ([*PREDICT, "--data.init_args.predict_root=INBOX_TINY"], 0, ["one_pixel.png"]),
+    "16-bit PNG": ([*PREDICT, "--data.init_args.predict_root=INBOX_PNG16"], 0, ["deep.png"]),
+    "animated GIF": ([*PREDICT, "--data.init_args.predict_root=INBOX_GIF"], 0, ["moving.gif"]),
+    "file name with non-UTF-8 bytes": ([*PREDICT, "--data.init_args.predict_root=INBOX_BYTES"], 0, [NON_UTF8]),
+}
+
+
+def _outputs(out: str) -> str:
+    """predictions.csv or bad_images.csv of the run the output names, read as written (non-UTF-8 names intact)."""
+    found = re.search(r"Predictions: (\S+)", out) or re.search(r"Run directory: (\S+)", out)
+    assert found, out
+    path = Path(found.group(1))
+    path = path if path.suffix == ".csv" else path / "bad_images.csv"
+    if not path.is_file():
+        return ""
+    with path.open(newline="", errors="surrogateescape") as f:
+        rows = list(csv.DictReader(f))
+    assert all(not row.get("error") for row in rows) or "bad_images" in path.name, rows
+    return "\n".join(row["path"] for row in rows)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(
+    case: str, world: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    argv, status, expected = CASES[case]
+    places = world["places"]
+    argv = [re.sub("|".join(sorted(places, key=len, reverse=True)), lambda m: places[m.group(0)], a) for a in argv]
+    before = _fingerprint(world["prior"])
+    monkeypatch.chdir(world["root"])
+    monkeypatch.setattr("sys.argv", ["ftlab", *argv])
+    capfd.readouterr()
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code if isinstance(exit_info.code, int) else 1
+    out, err = capfd.readouterr()
+    assert code == status, err[-2000:]
+    assert "Traceback" not in err and "weights_only=False" not in err
+    if status == 2:
+        lines = [line for line in err.splitlines() if line.startswith("ftlab: error:")]
+        assert len(lines) == 1 and len(lines[0]) < 500, err[-2000:]
+        named = lines[0]
+    else:
+        named = err + _outputs(out)
+    for text in expected:
+        assert text in named, (text, named)
+    assert not (world["root"] / MARKER).exists()  # no pickle ran its payload
+    assert _fingerprint(world["prior"]) == before  # the prior run's checkpoints: untouched
