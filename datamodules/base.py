@@ -17,11 +17,9 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
-from datamodules.images import BadSample, bad_reason, check_header, load_image, write_bad_images
+from datamodules.common import ConfigError, DataConfig, gather_lists
+from datamodules.images import BadSample, bad_reason, check_header, list_images, load_image, write_bad_images
 from datamodules.transforms import CROP_SCALE, eval_transform, train_transform
-from lightning_modules.backbones import DataConfig
-from lightning_modules.distributed import gather_lists
-from lightning_modules.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 
@@ -481,8 +479,6 @@ class ImageClassificationDataModule(LightningDataModule):
             root = Path(self.predict_root)
             if not root.is_dir():
                 raise ConfigError(f"data.init_args.predict_root {root.resolve()} is not a folder of images")
-            from datamodules.images import list_images
-
             files = ImageFiles([(p, -1) for p in list_images(root)])
             if not files.paths and not files.rejected:
                 raise ConfigError(

@@ -8,9 +8,9 @@ from typing import Any
 from PIL import Image
 
 from datamodules.base import ImageClassificationDataModule, LabeledDataset, digest
+from datamodules.common import ConfigError
 from datamodules.folder import folder_files
 from datamodules.images import BadSample, bad_reason, to_rgb
-from lightning_modules.errors import ConfigError
 
 HF_ID = "microsoft/cats_vs_dogs"
 CLASSES = ["cat", "dog"]  # the HuggingFace labels: 0 cat, 1 dog

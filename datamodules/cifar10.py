@@ -9,11 +9,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from numpy._core import multiarray as np_multiarray
-from numpy._core import numeric as np_numeric
+
+try:  # numpy 2
+    from numpy._core import multiarray as np_multiarray
+    from numpy._core import numeric as np_numeric
+except ImportError:  # numpy 1
+    from numpy.core import multiarray as np_multiarray  # type: ignore[no-redef]
+    from numpy.core import numeric as np_numeric  # type: ignore[no-redef]
 
 from datamodules.base import ImageClassificationDataModule, LabeledDataset, TensorImages
-from lightning_modules.errors import ConfigError
+from datamodules.common import ConfigError
 
 FOLDER = "cifar-10-batches-py"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

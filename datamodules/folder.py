@@ -13,8 +13,8 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.base import ImageClassificationDataModule, ImageFiles, LabeledDataset
+from datamodules.common import ConfigError
 from datamodules.images import list_images
-from lightning_modules.errors import ConfigError
 
 SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
 

@@ -19,6 +19,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchcodec.decoders import decode_jpeg
 
+from datamodules.common import atomic_write
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -120,10 +122,11 @@ def write_bad_images(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
     if path.is_file():
         with path.open(newline="", errors=PATH_ERRORS) as f:
             merged |= {(r["split"], r["path"], r["reason"]) for r in csv.DictReader(f)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="", errors=PATH_ERRORS) as f:
-        writer = csv.writer(f)
-        writer.writerow(["split", "path", "reason"])
-        writer.writerows(sorted(merged))
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", errors=PATH_ERRORS) as f:
+            writer = csv.writer(f)
+            writer.writerow(["split", "path", "reason"])
+            writer.writerows(sorted(merged))
+
+    atomic_write(path, write)

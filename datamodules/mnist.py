@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from datamodules.base import ImageClassificationDataModule, LabeledDataset, TensorImages
-from lightning_modules.errors import ConfigError
+from datamodules.common import ConfigError
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

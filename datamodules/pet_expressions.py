@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from datamodules.common import ConfigError
 from datamodules.folder import ImageFolderDataModule, require_dir
-from lightning_modules.errors import ConfigError
 
 KAGGLE_ID = "anshtanwar/pets-facial-expression-dataset"
 # Stable label map, whatever the folder casing on disk (the set ships a lowercase `happy`).

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from datamodules.common import atomic_write
 from datamodules.images import list_images, read_rgb, to_rgb
 
 
@@ -16,8 +17,6 @@ def preresize_file(src: Path, dst: Path, size: int, quality: int = 95) -> str:
     """Write `src` with its shorter side at most `size` to `dst`; 'resized', 'copied' (unreadable) or 'done'."""
     if dst.is_file() and dst.stat().st_mtime_ns >= src.stat().st_mtime_ns:
         return "done"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
     try:
         with Image.open(src) as raw:
             fmt = raw.format or "PNG"
@@ -25,13 +24,12 @@ def preresize_file(src: Path, dst: Path, size: int, quality: int = 95) -> str:
         scale = size / min(image.size)
         if scale < 1:
             image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
-        image.save(tmp, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
-        result = "resized"
+        options = {"quality": quality} if fmt == "JPEG" else {}
+        atomic_write(dst, lambda tmp: image.save(tmp, format=fmt, **options), durable=False)  # a cache: rebuildable
+        return "resized"
     except (OSError, ValueError, Image.DecompressionBombError):
-        shutil.copy2(src, tmp)  # the training run reports it, with the reason
-        result = "copied"
-    os.replace(tmp, dst)
-    return result
+        atomic_write(dst, lambda tmp: shutil.copy2(src, tmp), durable=False)  # the run reports it, with the reason
+        return "copied"
 
 
 def _read_draft(path: Path, size: int) -> Image.Image:

@@ -14,8 +14,7 @@ from timm.data.transforms_factory import transforms_imagenet_eval
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode, v2
 
-from lightning_modules.backbones import DataConfig
-from lightning_modules.errors import ConfigError
+from datamodules.common import ConfigError, DataConfig
 
 AUGMENT_PRESETS = ("none", "basic", "affine", "notebook", "randaugment", "trivialaugment")
 # Images whose shorter side is at most this many pixels (CIFAR 32, MNIST 28, the digits 8) are "small": random crops

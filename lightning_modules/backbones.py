@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_modules.errors import ConfigError, close_names
+from datamodules.common import ConfigError, DataConfig, close_names
 from lightning_modules.stages import (
     Stage,
     check_stages_cover,
@@ -29,45 +28,6 @@ from lightning_modules.stages import (
 )
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Preprocessing a backbone expects: input size (C, H, W), normalisation, resize interpolation and crop."""
-
-    input_size: tuple[int, int, int] = (3, 224, 224)
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bilinear"
-    crop_pct: float = 0.875
-    crop_mode: str = "center"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict with lists, safe for YAML configs and checkpoints."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        """Inverse of `to_dict`."""
-        return cls(
-            input_size=tuple(d["input_size"]),  # type: ignore[arg-type]
-            mean=tuple(d["mean"]),
-            std=tuple(d["std"]),
-            interpolation=str(d.get("interpolation", "bilinear")),
-            crop_pct=float(d.get("crop_pct", 1.0)),
-            crop_mode=str(d.get("crop_mode", "center")),
-        )
-
-    def with_input(self, image_size: int | None, in_chans: int) -> DataConfig:
-        """The same preprocessing at another resolution and channel count (grayscale averages mean and std)."""
-        size = image_size or self.input_size[1]
-        mean, std = self.mean, self.std
-        if in_chans != len(mean):
-            mean = (sum(mean) / len(mean),) * in_chans
-            std = (sum(std) / len(std),) * in_chans
-        return DataConfig((in_chans, size, size), mean, std, self.interpolation, self.crop_pct, self.crop_mode)
 
 
 class Backbone(nn.Module):

@@ -4,7 +4,6 @@ resume redoes steps."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -13,10 +12,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from datamodules.common import atomic_write
 from lightning_modules.console import notice
-from lightning_modules.errors import TrainingStopped
 
 PROGRESS_FILE = "progress.json"
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (the loss became NaN or infinite); the message says where and what is left."""
 
 
 class TrainingStateLogger(pl.Callback):
@@ -117,7 +120,5 @@ class ResumeNotice(pl.Callback):
         """Write the epoch and step reached (atomically: written aside, then renamed)."""
         if self.path is None or not trainer.is_global_zero:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{PROGRESS_FILE}.partial")
-        tmp.write_text(json.dumps({"epoch": trainer.current_epoch, "step": trainer.global_step}))
-        os.replace(tmp, self.path)
+        progress = json.dumps({"epoch": trainer.current_epoch, "step": trainer.global_step})
+        atomic_write(self.path, lambda p: p.write_text(progress), durable=False)  # every step: no fsync

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lightning_modules.errors import ConfigError
+from datamodules.common import ConfigError, atomic_write
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -54,15 +53,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")
-        with partial.open("wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, target)
-        _fsync_dir(target.parent)
+        atomic_write(Path(path), lambda partial: torch.save(checkpoint, partial))
 
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
@@ -72,15 +63,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if map_location is None:
             return super().load_checkpoint(path, weights_only=weights_only)
         return super().load_checkpoint(path, map_location, weights_only)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (where the OS allows opening a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

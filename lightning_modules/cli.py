@@ -10,14 +10,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from datamodules.base import ImageClassificationDataModule
+from datamodules.common import ConfigError
 from lightning_modules.backbones import data_config_dict, is_weights_file
+from lightning_modules.callbacks import TrainingStopped
 from lightning_modules.checkpoint_io import read_checkpoint
 from lightning_modules.console import CompactProgressBar, notice, setup_console
-from lightning_modules.errors import ConfigError, TrainingStopped
+from lightning_modules.feature_cache import FeatureCache
+from lightning_modules.finetuning import FinetuningStrategy
 from lightning_modules.module import FineTuneModule
 from lightning_modules.parse_errors import OneLineErrorParser, check_config_files
 from lightning_modules.run_logs import with_run_csv
@@ -57,10 +60,6 @@ class FinetuneCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link data -> model (classes) at instantiation and model -> data (preprocessing) at parse time."""
-        from lightning.pytorch.callbacks import EarlyStopping
-
-        from lightning_modules.feature_cache import FeatureCache
-
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")  # `early_stopping.patience: 3` in YAML
         parser.add_lightning_class_args(FeatureCache, "feature_cache")  # `feature_cache: {store: disk}`
         parser.add_argument(
@@ -166,9 +165,7 @@ class FinetuneCLI(LightningCLI):
         mode = self.config["fit"].get("lr_find", "off") if "fit" in self.config else "off"
         if mode == "off":
             return
-        from lightning.pytorch.tuner import Tuner
-
-        from lightning_modules.finetuning import FinetuningStrategy
+        from lightning.pytorch.tuner import Tuner  # only with --lr_find
 
         for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(
@@ -207,8 +204,6 @@ class FinetuneCLI(LightningCLI):
 
 def check_one_strategy(callbacks: list[Any]) -> None:
     """A ConfigError naming them when the callbacks hold two finetuning strategies (two stacked recipes)."""
-    from lightning_modules.finetuning import FinetuningStrategy
-
     names = []
     for callback in callbacks:
         class_path = getattr(callback, "class_path", None)

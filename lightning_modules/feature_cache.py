@@ -13,7 +13,6 @@ At the epoch a strategy first unfreezes a stage, the loaders go back to images, 
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import collate_skip_bad, digest
+from datamodules.common import ConfigError, atomic_write
 from lightning_modules.console import notice
-from lightning_modules.errors import ConfigError
 from lightning_modules.finetuning import FinetuningStrategy
 
 SPLITS = ("train", "val")
@@ -153,7 +152,8 @@ class FeatureCache(pl.Callback):
         features = compute_features(backbone, loader, pl_module.device)
         self.computed.append(split)
         if path is not None:
-            save_atomic(features.state(), path)
+            state = features.state()
+            atomic_write(path, lambda tmp: torch.save(state, tmp), shared=True)  # processes may write it at once
         return features
 
 
@@ -194,11 +194,3 @@ def compute_features(backbone: torch.nn.Module, loader: DataLoader, device: torc
     if not features:
         raise ConfigError("feature cache: no readable image in the split")
     return FeatureSet(torch.cat(features), torch.cat(targets), bad)
-
-
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write aside, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)

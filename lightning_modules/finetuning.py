@@ -23,8 +23,8 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 from torch.optim import Optimizer
 
+from datamodules.common import ConfigError
 from lightning_modules.backbones import Backbone
-from lightning_modules.errors import ConfigError
 from lightning_modules.stages import Stage
 
 # Param-group keys that schedulers set per group and that scale with the learning rate (OneCycleLR and others).

@@ -20,8 +20,8 @@ from torchmetrics.classification import (
 )
 from torchmetrics.utilities import dim_zero_cat
 
+from datamodules.common import ConfigError
 from lightning_modules.backbones import build_backbone
-from lightning_modules.errors import ConfigError
 
 STAGES = ("train", "val", "test")
 

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 
-from lightning_modules.errors import ConfigError, close_names
+from datamodules.common import ConfigError, close_names
 
 NO_ATTRIBUTE = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
 NO_MODULE = re.compile(r"No module named '([\w.]+)'")

@@ -25,8 +25,8 @@ from typing import Any
 
 import yaml
 
+from datamodules.common import ConfigError, atomic_write
 from lightning_modules.backbones import resolve_data_config
-from lightning_modules.errors import ConfigError
 from lightning_modules.results import read_run
 from lightning_modules.sweeps import VERSION, Launcher, Run, Sweep, merge, overrides, run_one, subprocess_launcher
 
@@ -248,8 +248,6 @@ def markdown(table: list[dict[str, Any]], missing: list[Row], not_run: dict[str,
 
 def write_table(out: Path, table: list[dict[str, Any]], text: str, doc: Path | None) -> None:
     """results.md and results.csv in `out` (and results.md at `doc`), each written aside and renamed."""
-    from lightning_modules.reporting import atomic_write
-
     buffer = io.StringIO()
     if table:
         writer = csv.DictWriter(buffer, fieldnames=list(table[0]), lineterminator="\n")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datamodules.common import atomic_write, gather_lists
 from datamodules.images import PATH_ERRORS
-from lightning_modules.distributed import gather_lists
 
 GRID = 16  # images per grid
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Write through `write(tmp_path)` and rename into place, so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def classification_report(probs: np.ndarray, targets: np.ndarray, class_names: list[str]) -> dict[str, Any]:
@@ -271,7 +263,7 @@ class TestReport(pl.Callback):
             )[: first.shape[0]]
             figures |= first_layer_figures(getattr(pl_module, "backbone"), normalized[: cfg.input_size[0]])  # noqa: B009
         for name, fig in figures.items():
-            atomic_write(run / f"{name}.png", lambda p, f=fig: f.savefig(p, dpi=110, format="png"))
+            atomic_write(run / f"{name}.png", partial(fig.savefig, dpi=110, format="png"))
         atomic_write(run / "report.md", lambda p: p.write_text(render_markdown(report, class_names, run)))
         self._to_tensorboard(trainer, pl_module, report, figures)
         import matplotlib.pyplot as plt

@@ -16,15 +16,29 @@ metrics.csv is the CSVLogger's, which `ftlab` keeps in every run directory whate
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import math
 import statistics
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_modules.sweeps import VERSION, Sweep
+from datamodules.common import ConfigError, atomic_write
+from lightning_modules.sweeps import (
+    VERSION,
+    Launcher,
+    Sweep,
+    describe,
+    is_finished,
+    overrides,
+    run_one,
+    select,
+    subprocess_launcher,
+)
 
 METRICS = (
     "test_acc",
@@ -211,8 +225,6 @@ def write_results(sweep: Sweep, rows: list[dict[str, Any]], title: str | None = 
     """results.csv (full precision; `mean`/`std` rows for a summary), results.md and results.png, each atomically."""
     import matplotlib.pyplot as plt
 
-    from lightning_modules.reporting import atomic_write
-
     title = title or f"{sweep.out.name}: {len(rows)} runs"
     summary = summarize(rows) if sweep.summary and rows else []
     columns = _columns(rows)
@@ -226,3 +238,47 @@ def write_results(sweep: Sweep, rows: list[dict[str, Any]], title: str | None = 
         fig = plot(rows, summary, title)
         atomic_write(sweep.out / "results.png", lambda p: fig.savefig(p, dpi=110, format="png"))
         plt.close(fig)
+
+
+def run_cli(
+    parser: argparse.ArgumentParser,
+    plan: Callable[[argparse.Namespace, dict[str, Any]], Sweep],
+    argv: Sequence[str] | None = None,
+    launcher: Launcher = subprocess_launcher,
+    after: Callable[[Sweep, list[dict[str, Any]]], str] | None = None,
+) -> int:
+    """Parse, plan, run what is not finished, then collect the table and plot; 0 when every run finished.
+
+    Args:
+        parser: from `sweep_parser`, with the script's own options.
+        plan: the sweep, from the parsed options and the common overrides.
+        argv: the command line (default: `sys.argv[1:]`).
+        launcher: how to run `ftlab` (default: a subprocess).
+        after: called with the sweep and its table rows before they are written; returns a note for results.md
+            (the grid writes best.yaml and names it).
+    """
+    try:
+        args, rest = parser.parse_known_args(argv)
+        sweep = plan(args, overrides(rest))
+        for base in sweep.base:
+            if not Path(base).is_file():
+                raise ConfigError(f"experiment config {base} does not exist")
+        if args.list:
+            print("\n".join(f"{i}\t{run.name}" for i, run in enumerate(sweep.runs)))
+            return 0
+        chosen = [] if args.collect_only else select(sweep, args.only, args.index)
+        failed = [run.name for run in chosen if not run_one(sweep, run, launcher)]
+        if args.only is not None or args.index is not None:
+            print(f"Run finished; the table: {sys.argv[0]} ... --collect-only --out {sweep.out}")
+            return 1 if failed else 0
+        rows = collect(sweep)
+        notes = [describe(sweep), after(sweep, rows) if after is not None and rows else ""]
+        write_results(sweep, rows, note="\n\n".join(filter(None, notes)))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    missing = [run.name for run in sweep.runs if not is_finished(sweep, run)]
+    print(f"Results: {sweep.out / 'results.md'} ({len(rows)} of {len(sweep.runs)} runs finished)")
+    if missing:
+        print(f"Not finished: {', '.join(missing)}" + (f" (failed now: {', '.join(failed)})" if failed else ""))
+    return 1 if missing else 0

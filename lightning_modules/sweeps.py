@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from lightning_modules.errors import ConfigError, close_names
+from datamodules.common import ConfigError, atomic_write, close_names
 
 Launcher = Callable[[list[str], Path], int]  # (ftlab arguments, log file) -> exit status
 VERSION = "version_0"
@@ -196,8 +196,6 @@ def load_grid(path: Path) -> tuple[list[str], list[Run], str]:
 
 def write_best(path: Path, sweep: Sweep, run: Run, note: str) -> None:
     """A ready-to-run experiment: the base configs merged with the common overrides and the run's own layer."""
-    from lightning_modules.reporting import atomic_write
-
     config: dict[str, Any] = {}
     for base in sweep.base:
         config = merge(config, yaml.safe_load(Path(base).read_text()) or {})
@@ -321,49 +319,3 @@ def select(sweep: Sweep, only: str | None, index: int | None) -> list[Run]:
             )
         return found
     return sweep.runs
-
-
-def run_cli(
-    parser: argparse.ArgumentParser,
-    plan: Callable[[argparse.Namespace, dict[str, Any]], Sweep],
-    argv: Sequence[str] | None = None,
-    launcher: Launcher = subprocess_launcher,
-    after: Callable[[Sweep, list[dict[str, Any]]], str] | None = None,
-) -> int:
-    """Parse, plan, run what is not finished, then collect the table and plot; 0 when every run finished.
-
-    Args:
-        parser: from `sweep_parser`, with the script's own options.
-        plan: the sweep, from the parsed options and the common overrides.
-        argv: the command line (default: `sys.argv[1:]`).
-        launcher: how to run `ftlab` (default: a subprocess).
-        after: called with the sweep and its table rows before they are written; returns a note for results.md
-            (the grid writes best.yaml and names it).
-    """
-    try:
-        args, rest = parser.parse_known_args(argv)
-        sweep = plan(args, overrides(rest))
-        for base in sweep.base:
-            if not Path(base).is_file():
-                raise ConfigError(f"experiment config {base} does not exist")
-        if args.list:
-            print("\n".join(f"{i}\t{run.name}" for i, run in enumerate(sweep.runs)))
-            return 0
-        from lightning_modules.results import collect, write_results
-
-        chosen = [] if args.collect_only else select(sweep, args.only, args.index)
-        failed = [run.name for run in chosen if not run_one(sweep, run, launcher)]
-        if args.only is not None or args.index is not None:
-            print(f"Run finished; the table: {sys.argv[0]} ... --collect-only --out {sweep.out}")
-            return 1 if failed else 0
-        rows = collect(sweep)
-        notes = [describe(sweep), after(sweep, rows) if after is not None and rows else ""]
-        write_results(sweep, rows, note="\n\n".join(filter(None, notes)))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    missing = [run.name for run in sweep.runs if not is_finished(sweep, run)]
-    print(f"Results: {sweep.out / 'results.md'} ({len(rows)} of {len(sweep.runs)} runs finished)")
-    if missing:
-        print(f"Not finished: {', '.join(missing)}" + (f" (failed now: {', '.join(failed)})" if failed else ""))
-    return 1 if missing else 0

@@ -38,9 +38,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules import DigitsDataModule, ImageFolderDataModule
 from datamodules.base import Indexed, Transformed, collate_skip_bad
+from datamodules.common import DataConfig, atomic_write
 from datamodules.images import load_image, read_rgb
+from datamodules.preresize import preresize
 from datamodules.transforms import eval_transform, train_transform
-from lightning_modules.backbones import DataConfig, data_config_dict
+from lightning_modules.backbones import data_config_dict
 from lightning_modules.callbacks import TrainingStateLogger
 from lightning_modules.feature_cache import FeatureCache
 from lightning_modules.finetuning import Freeze
@@ -268,8 +270,6 @@ def pipeline_rates(setup: Setup, root: Path) -> dict[str, float]:
     paths = [train.name(i) for i in range(len(train))]
     workers = data.num_workers
 
-    from datamodules.preresize import preresize
-
     small_root = root.with_name(f"{root.name}-small")
     preresize(root, small_root, round(setup.jpeg_size / 0.875))
     small = ImageFolderDataModule(root=str(small_root), batch_size=32, augment="basic", data_config=config)
@@ -419,9 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     report = run(setup)
     print(report)
     if args.out:
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(report)
-        os.replace(tmp, args.out)
+        atomic_write(args.out, lambda p: p.write_text(report))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_modules.errors import ConfigError
+from datamodules.common import ConfigError, atomic_write
 from lightning_modules.module import FineTuneModule
 
 
@@ -58,22 +58,23 @@ def export_onnx(model: nn.Module, x: torch.Tensor, path: Path, output: str, prop
     """ONNX (dynamo exporter, dynamic batch) with `props` as metadata, written aside then renamed."""
     import onnx
 
-    tmp = path.with_name(f".{path.stem}.tmp.onnx")
-    torch.onnx.export(
-        model,
-        (x,),
-        str(tmp),
-        dynamo=True,
-        input_names=["images"],
-        output_names=[output],
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-        external_data=False,
-    )
-    proto = onnx.load(str(tmp))
-    for key, value in props.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        torch.onnx.export(
+            model,
+            (x,),
+            str(tmp),
+            dynamo=True,
+            input_names=["images"],
+            output_names=[output],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            external_data=False,
+        )
+        proto = onnx.load(str(tmp))
+        for key, value in props.items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, str(tmp))
+
+    atomic_write(path, write)
 
 
 def timm_model(model: FineTuneModule) -> nn.Module:
@@ -135,10 +136,10 @@ def export(ckpt: Path, out_dir: Path, batch_size: int = 4, seed: int = 0, softma
     session = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     diffs = {"onnx": float(np.abs(session.run(None, {"images": x.numpy()})[0] - eager).max())}
 
-    program_path, tmp = out_dir / "model.pt2", out_dir / ".model.tmp.pt2"
+    program_path = out_dir / "model.pt2"
     batch = ({0: torch.export.Dim("batch", min=1)},)  # by position: a Sequential's argument is not named x
-    torch.export.save(torch.export.export(exported, (x,), dynamic_shapes=batch), str(tmp))
-    os.replace(tmp, program_path)
+    program = torch.export.export(exported, (x,), dynamic_shapes=batch)
+    atomic_write(program_path, lambda tmp: torch.export.save(program, str(tmp)))
     with torch.no_grad():
         diffs["torch.export"] = float(np.abs(torch.export.load(str(program_path)).module()(x).numpy() - eager).max())
         try:

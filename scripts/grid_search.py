@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_modules.errors import ConfigError
-from lightning_modules.results import METRICS
-from lightning_modules.sweeps import Launcher, Sweep, load_grid, run_cli, subprocess_launcher, sweep_parser, write_best
+from datamodules.common import ConfigError
+from lightning_modules.results import METRICS, run_cli
+from lightning_modules.sweeps import Launcher, Sweep, load_grid, subprocess_launcher, sweep_parser, write_best
 
 
 def plan(args: argparse.Namespace, common: dict[str, Any]) -> Sweep:

@@ -51,10 +51,10 @@ class KillDuringSave(pl.Callback):
             buffer = io.BytesIO()
             real_save(obj, buffer, *args, **kwargs)
             data = buffer.getvalue()
-            f.write(data[: len(data) // 2])
-            f.flush()
-            if hasattr(f, "fileno"):
-                os.fsync(f.fileno())
+            with open(f, "wb") if isinstance(f, str | Path) else f as out:  # a path (atomic_write) or a file
+                out.write(data[: len(data) // 2])
+                out.flush()
+                os.fsync(out.fileno())
             _sigkill()
 
         torch.save = cut_save
@@ -95,8 +95,8 @@ def in_process(args: list[str], log: Path) -> int:
     """A sweep launcher that runs `ftlab <args>` inside the test process (no interpreter start-up per run)."""
     import contextlib
 
+    from datamodules.common import ConfigError
     from lightning_modules.cli import cli_main
-    from lightning_modules.errors import ConfigError
 
     with log.open("a") as out, contextlib.redirect_stdout(out):
         try:

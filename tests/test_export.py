@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from datamodules.common import ConfigError
 from lightning_modules.backbones import build_backbone, resolve_data_config
 from lightning_modules.cli import cli_main
-from lightning_modules.errors import ConfigError
 from tests.conftest import REPO
 
 

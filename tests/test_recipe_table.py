@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_modules.errors import ConfigError
+from datamodules.common import ConfigError
 from lightning_modules.recipe_table import load_plan, main
 from tests.conftest import REPO
 from tests.datamodules.conftest import write_class_folders, write_mnist

@@ -18,8 +18,8 @@ from datamodules import (
     PetExpressionsDataModule,
 )
 from datamodules.base import ImageClassificationDataModule
+from datamodules.common import ConfigError
 from lightning_modules.backbones import data_config_dict
-from lightning_modules.errors import ConfigError
 from lightning_modules.module import FineTuneModule
 from tests.conftest import quiet_trainer
 from tests.datamodules.conftest import photo, write_cifar, write_class_folders, write_mnist
@@ -180,6 +180,23 @@ def Image_exif(orientation: int) -> Any:
     return exif
 
 
+def test_an_empty_class_folder_is_an_error_unless_class_names_leave_it_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_class_folders(tmp_path / "imgs", {"cat": 4, "dog": 4})
+    (tmp_path / "imgs" / "Zebra").mkdir()
+    implicit = ImageFolderDataModule(root=str(tmp_path / "imgs"), num_workers=0, data_config=_config())
+    with pytest.raises(ConfigError, match=r"imgs has class folders without images: \['Zebra'\]"):
+        implicit.setup()
+    named = ImageFolderDataModule(
+        root=str(tmp_path / "imgs"), class_names=["cat", "dog"], num_workers=0, data_config=_config()
+    )
+    with caplog.at_level("INFO"):
+        named.setup()
+    assert "empty folders ['Zebra'] left out (not in data.init_args.class_names)" in caplog.text
+    assert named.num_classes == 2 and len(named.datasets["train"]) + len(named.datasets["test"]) > 0
+
+
 def test_missing_image_folder_error_names_the_path(tmp_path: Path) -> None:
     dm = ImageFolderDataModule(root=str(tmp_path / "nowhere"), num_workers=0)
     with pytest.raises(ConfigError, match=r"image folder not found at .*nowhere\. Put images in"):
@@ -318,8 +335,8 @@ def test_val_carved_from_train_uses_eval_transforms(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("preset", ["none", "basic", "affine", "notebook", "randaugment", "trivialaugment"])
 def test_every_augmentation_preset_keeps_the_input_size(preset: str) -> None:
+    from datamodules.common import DataConfig
     from datamodules.transforms import train_transform
-    from lightning_modules.backbones import DataConfig
 
     out = train_transform(DataConfig.from_dict(_config()), preset)(photo(3, size=(50, 70)))
     assert out.shape == (3, SIZE, SIZE)

@@ -12,8 +12,8 @@ import torch
 
 from datamodules import DigitsDataModule
 from datamodules.base import Concat, TensorImages, kfold_split
+from datamodules.common import ConfigError
 from lightning_modules.backbones import data_config_dict
-from lightning_modules.errors import ConfigError
 from lightning_modules.module import FineTuneModule
 from tests.conftest import quiet_trainer
 

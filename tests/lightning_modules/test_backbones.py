@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from datamodules.common import ConfigError
 from lightning_modules.backbones import build_backbone, embedded_efficientnet_lite0, resolve_data_config
-from lightning_modules.errors import ConfigError
 
 FAMILIES = {
     "timm/test_resnet": ["stem", "layer1", "layer2", "layer3", "layer4"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules.errors import ConfigError
+from datamodules.common import ConfigError
 from lightning_modules.module import FineTuneModule, build_head
 
 

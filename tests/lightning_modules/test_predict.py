@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
+from datamodules.common import ConfigError
 from datamodules.images import load_image
 from lightning_modules.cli import cli_main
-from lightning_modules.errors import ConfigError
 from lightning_modules.module import FineTuneModule
 from tests.datamodules.conftest import write_class_folders
 from tests.lightning_modules.test_reporting import _folder_args

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_modules.errors import ConfigError
+from datamodules.common import ConfigError
 from lightning_modules.finetuning import Freeze, Milestones, NoFreeze, select_stages
 from lightning_modules.module import FineTuneModule
 from tests.conftest import quiet_trainer

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_modules.errors import ConfigError
+from datamodules.common import ConfigError
 from lightning_modules.sweeps import Run, Sweep, grid_runs, load_grid, merge, overrides, run_one, select
 from tests.conftest import REPO
 

@@ -1,0 +1,104 @@
+"""What the data layer and every layer above it share: the error type for user mistakes, the preprocessing a
+backbone expects, writing a file so that no reader sees it half-written, and gathering lists across processes.
+
+It imports nothing of the project (and neither torch nor Lightning at import), so anything may import it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A config value, path or file the user gave is wrong; the message names it and says what to do. The CLI
+    prints it alone, without a traceback, and exits with status 2."""
+
+
+def close_names(name: str, candidates: list[str], n: int = 5) -> list[str]:
+    """The candidates most similar to a misspelt name, best first."""
+    import difflib
+
+    return difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing a backbone expects: input size (C, H, W), normalisation, resize interpolation and crop."""
+
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with lists, safe for YAML configs and checkpoints."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        """Inverse of `to_dict`."""
+        return cls(
+            input_size=tuple(d["input_size"]),  # type: ignore[arg-type]
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            interpolation=str(d.get("interpolation", "bilinear")),
+            crop_pct=float(d.get("crop_pct", 1.0)),
+            crop_mode=str(d.get("crop_mode", "center")),
+        )
+
+    def with_input(self, image_size: int | None, in_chans: int) -> DataConfig:
+        """The same preprocessing at another resolution and channel count (grayscale averages mean and std)."""
+        size = image_size or self.input_size[1]
+        mean, std = self.mean, self.std
+        if in_chans != len(mean):
+            mean = (sum(mean) / len(mean),) * in_chans
+            std = (sum(std) / len(std),) * in_chans
+        return DataConfig((in_chans, size, size), mean, std, self.interpolation, self.crop_pct, self.crop_mode)
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any], durable: bool = True, shared: bool = False) -> None:
+    """Write `path` through `write(tmp)` on a hidden `.<name>.partial` beside it, flush it to disk, and rename it
+    over `path` (then sync the folder): a reader, or a process killed mid-write, never sees a half-written file,
+    and the previous file stays whole until the new one is.
+
+    `durable=False` skips the two syncs (a file rewritten every step, whose loss in a power cut costs nothing);
+    `shared=True` adds the process id to the partial name, for files that several processes may write at once.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial" if shared else f".{path.name}.partial")
+    write(tmp)
+    if not durable:
+        os.replace(tmp, path)
+        return
+    with tmp.open("rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened (some platforms): the rename is still atomic
+        return
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def gather_lists(items: list[Any]) -> list[Any]:
+    """The concatenation, in rank order, of every process's `items` (every process must call it; a no-op on one
+    process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]

@@ -1,0 +1,85 @@
+"""Dependencies run one way: data below models, models below the CLI, the CLI below sweeps (DESIGN.md). Checked on
+the code itself: what a fresh interpreter loads, and every import statement of the packages."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+PACKAGES = ("datamodules", "lightning_modules", "scripts")
+TOP = {"cli", "sweeps", "results", "recipe_table"}  # what runs, or runs many: nothing below may import them
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted((REPO / package).glob("*.py"))
+
+
+def _project_imports(path: Path) -> list[tuple[ast.AST, str, bool]]:
+    """(node, imported module, inside a function) for every import of a project module in `path`."""
+    tree = ast.parse(path.read_text())
+    inside = {
+        id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef) for n in ast.walk(f)
+    }
+    found = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        found += [(node, n, id(node) in inside) for n in names if n.split(".")[0] in PACKAGES]
+    return found
+
+
+def test_the_data_package_loads_without_the_models() -> None:
+    modules = [f"datamodules.{p.stem}" for p in _modules("datamodules") if p.stem != "__init__"]
+    code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+    code += "print(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning_modules'))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert len(modules) >= 10 and loaded.stdout.strip() == "[]", loaded.stdout
+
+
+def test_no_import_inside_a_function_dodges_a_cycle() -> None:
+    late = [
+        f"{path.relative_to(REPO)}:{node.lineno} {name}"  # type: ignore[attr-defined]
+        for package in PACKAGES
+        for path in _modules(package)
+        for node, name, inside in _project_imports(path)
+        if inside
+    ]
+    assert late == []
+
+
+def test_imports_run_one_way() -> None:
+    graph: dict[str, set[str]] = {}
+    for package in ("datamodules", "lightning_modules"):
+        for path in _modules(package):
+            name = f"{package}.{path.stem}"
+            graph[name] = {m for _, m, _ in _project_imports(path) if m in graph or m.count(".") == 1}
+    upward = [
+        (name, m)
+        for name, imported in graph.items()
+        for m in imported
+        if (name.startswith("datamodules") and m.startswith("lightning_modules"))
+        or (m.split(".")[-1] in TOP and name.split(".")[-1] not in TOP)
+    ]
+    assert upward == []
+
+    cleared: set[str] = set()  # nodes from which no cycle can be reached
+
+    def cycle_from(node: str, path: list[str]) -> list[str] | None:
+        for nxt in sorted(graph.get(node, set()) - cleared):
+            if nxt in path:
+                return [*path[path.index(nxt) :], nxt]
+            found = cycle_from(nxt, [*path, nxt])
+            if found:
+                return found
+        cleared.add(node)
+        return None
+
+    cycles = [c for start in graph if (c := cycle_from(start, [start]))]
+    assert cycles == []
