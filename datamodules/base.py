@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
+from typing_extensions import override
 
 from datamodules.common import ConfigError, DataConfig, gather_lists
 from datamodules.images import BadSample, bad_reason, check_header, list_images, load_image, write_bad_images
@@ -48,6 +49,7 @@ class TensorImages(LabeledDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], self.targets[index]
 
+    @override
     def fingerprint(self) -> str | None:
         """Digest of the pixels and labels."""
         return digest(self.images.contiguous().numpy().tobytes(), self.targets)
@@ -64,6 +66,7 @@ class Subset(LabeledDataset):
     def __getitem__(self, index: int) -> Any:
         return self.dataset[self.indices[index]]
 
+    @override
     def fingerprint(self) -> str | None:
         """The parent's digest and the chosen indices."""
         parent = self.dataset.fingerprint()
@@ -93,6 +96,7 @@ class ImageFiles(LabeledDataset):
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             return BadSample(path, bad_reason(err)), self.targets[index]
 
+    @override
     def fingerprint(self) -> str | None:
         """Digest of each file's path, size and modification time, and the labels."""
         stats = [(p, st.st_size, st.st_mtime_ns) for p in self.paths for st in [os.stat(p)]]
@@ -337,6 +341,7 @@ class ImageClassificationDataModule(LightningDataModule):
         """Number of classes."""
         return len(self.class_names)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         """Build the three splits once and attach transforms; predicting a `predict_root` needs none of them (nor
         the training data)."""
@@ -438,6 +443,7 @@ class ImageClassificationDataModule(LightningDataModule):
         progress: Any = self.trainer.fit_loop.epoch_progress.current  # typed as the base tracker; it counts these
         return int(progress.processed)
 
+    @override
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the batch's unreadable files; the model sees only (images, labels)."""
         if isinstance(batch, list | tuple) and len(batch) == 3 and isinstance(batch[2], list):
@@ -454,24 +460,29 @@ class ImageClassificationDataModule(LightningDataModule):
             return "predict"
         return "train" if trainer.training else "val"
 
+    @override
     def teardown(self, stage: str) -> None:
         """Write the files that could not be read (at setup or since) into `bad_images.csv`, and say so."""
         path = self._write_skipped()
         if path is not None:
             rank_zero_info(f"{self.skipped_total} unreadable file(s) skipped in all: {path}")
 
+    @override
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""
         return self._loader("train", shuffle=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         """Validation batches, in order."""
         return self._loader("val")
 
+    @override
     def test_dataloader(self) -> DataLoader:
         """Test batches, in order."""
         return self._loader("test")
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         """`predict_root`'s images (every file with an image extension; unreadable ones become error rows), or
         the test split. Batches carry sample indices in place of labels."""

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from typing_extensions import override
 
 from datamodules.base import ImageClassificationDataModule, LabeledDataset, digest
 from datamodules.common import ConfigError
@@ -33,6 +34,7 @@ class HFImages(LabeledDataset):
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             return BadSample(f"{self.source}[{index}]", bad_reason(err)), self.targets[index]
 
+    @override
     def fingerprint(self) -> str | None:
         """The HuggingFace dataset's own fingerprint (it changes with any transformation of the data)."""
         own = getattr(self.dataset, "_fingerprint", None)
@@ -58,11 +60,13 @@ class CatsVsDogsDataModule(ImageClassificationDataModule):
         super().__init__(**kwargs)
         self.root = Path(root) if root else None
 
+    @override
     @property
     def class_names(self) -> list[str]:
         """cat, dog."""
         return list(CLASSES)
 
+    @override
     def build_splits(self) -> dict[str, LabeledDataset]:
         """The whole set as train; the base class carves test (20%) and val from it."""
         return {"train": self._load()}

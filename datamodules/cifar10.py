@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 try:  # numpy 2
     from numpy._core import multiarray as np_multiarray
@@ -40,6 +41,7 @@ NUMPY_ARRAY_PARTS = {
 class ArraysOnlyUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists, strings, bytes, numbers and numpy arrays; refuses every other global."""
 
+    @override
     def find_class(self, module: str, name: str) -> Any:
         """Only the numpy array constructors of `NUMPY_ARRAY_PARTS`."""
         if (module, name) in NUMPY_ARRAY_PARTS:
@@ -89,11 +91,13 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         self.root = Path(root)
         self.download = download
 
+    @override
     @property
     def class_names(self) -> list[str]:
         """The ten CIFAR-10 classes in label order."""
         return list(CLASSES)
 
+    @override
     def prepare_data(self) -> None:
         """Download once (rank 0) when the batches are missing and downloading is allowed."""
         if not (self.root / FOLDER).is_dir() and self.download:
@@ -104,6 +108,7 @@ class CIFAR10DataModule(ImageClassificationDataModule):
             except Exception as err:  # offline: build_splits says how to get the files
                 print(f"CIFAR-10 download failed: {err}")
 
+    @override
     def build_splits(self) -> dict[str, LabeledDataset]:
         """train from data_batch_1..5, test from test_batch."""
         folder = self.root / FOLDER

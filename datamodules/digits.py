@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from datamodules.base import ImageClassificationDataModule, LabeledDataset, TensorImages
 
@@ -19,11 +20,13 @@ class DigitsDataModule(ImageClassificationDataModule):
     def __init__(self, augment: str = "none", **kwargs: Any) -> None:
         super().__init__(augment=augment, **kwargs)
 
+    @override
     @property
     def class_names(self) -> list[str]:
         """The digits 0 to 9."""
         return [str(d) for d in range(10)]
 
+    @override
     def build_splits(self) -> dict[str, LabeledDataset]:
         """All 1,797 images as `train`; the base class carves test and val from it."""
         from sklearn.datasets import load_digits

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from datamodules.base import ImageClassificationDataModule, ImageFiles, LabeledDataset
 from datamodules.common import ConfigError
@@ -98,6 +99,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         how = "Put images in <root>/<class>/ or <root>/{train,val,test}/<class>/ and set data.init_args.root."
         return require_dir(self.root, "image folder", how)
 
+    @override
     @property
     def class_names(self) -> list[str]:
         """Given names, or the train split's class folders."""
@@ -113,6 +115,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             self._class_names = found
         return self._class_names
 
+    @override
     def build_splits(self) -> dict[str, LabeledDataset]:
         """One ImageFiles per split folder, or the whole root as train."""
         root = self.data_root()

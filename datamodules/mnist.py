@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from datamodules.base import ImageClassificationDataModule, LabeledDataset, TensorImages
 from datamodules.common import ConfigError
@@ -53,6 +54,7 @@ class MNISTDataModule(ImageClassificationDataModule):
         self.root = Path(root)
         self.download = download
 
+    @override
     @property
     def class_names(self) -> list[str]:
         """The digits 0 to 9."""
@@ -65,6 +67,7 @@ class MNISTDataModule(ImageClassificationDataModule):
                     return candidate
         return None
 
+    @override
     def prepare_data(self) -> None:
         """Download once (rank 0) when files are missing and downloading is allowed."""
         if self._find(FILES["train"][0]) is None and self.download:
@@ -75,6 +78,7 @@ class MNISTDataModule(ImageClassificationDataModule):
             except Exception as err:  # offline: build_splits says how to get the files
                 print(f"MNIST download failed: {err}")
 
+    @override
     def build_splits(self) -> dict[str, LabeledDataset]:
         """train and test from their IDX image and label files."""
         splits: dict[str, LabeledDataset] = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import override
+
 from datamodules.common import ConfigError
 from datamodules.folder import ImageFolderDataModule, require_dir
 
@@ -29,6 +31,7 @@ class PetExpressionsDataModule(ImageFolderDataModule):
         super().__init__(root=root, class_names=list(CLASSES), **kwargs)
         self.download = download
 
+    @override
     def data_root(self) -> Path:
         """`Master Folder` under root (or root itself), downloading it first if allowed and needed."""
         for candidate in (self.root / "Master Folder", self.root):

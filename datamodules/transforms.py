@@ -13,6 +13,7 @@ from timm.data.transforms import MaybePILToTensor
 from timm.data.transforms_factory import transforms_imagenet_eval
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode, v2
+from typing_extensions import override
 
 from datamodules.common import ConfigError, DataConfig
 
@@ -32,6 +33,7 @@ class ToChannels(torch.nn.Module):
         super().__init__()
         self.channels = channels
 
+    @override
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """(C, H, W) -> (channels, H, W)."""
         c = img.shape[-3]
@@ -55,12 +57,14 @@ class Normalize(torch.nn.Module):
         self.shift = torch.tensor([m * 255.0 for m in mean]).view(-1, 1, 1)
         self.scale = torch.tensor([1.0 / (s * 255.0) for s in std]).view(-1, 1, 1)
 
+    @override
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """(C, H, W) uint8 or float in [0, 1] -> normalised float32 (a plain tensor)."""
         x = img.as_subclass(torch.Tensor)
         x = x.to(torch.float32) if x.dtype == torch.uint8 else x.to(torch.float32) * 255.0
         return x.sub_(self.shift).mul_(self.scale)
 
+    @override
     def extra_repr(self) -> str:
         """Mean and std, so the transform's repr (a feature-cache key) changes with them."""
         return f"shift={self.shift.flatten().tolist()}, scale={self.scale.flatten().tolist()}"
@@ -131,6 +135,7 @@ class RandomCrop(torch.nn.Module):
         interp = _interpolation(data_config.interpolation)
         self.large = v2.RandomResizedCrop(size, scale=scale, interpolation=interp, antialias=True)
 
+    @override
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """(C, H, W) image of any size -> (C, size, size)."""
         return self.small(img) if min(img.shape[-2:]) <= SMALL_IMAGE else self.large(img)

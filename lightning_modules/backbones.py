@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from datamodules.common import ConfigError, DataConfig, close_names
 from lightning_modules.stages import (
@@ -42,6 +43,7 @@ class Backbone(nn.Module):
         self.num_features = _feature_size(body, data_config)
         check_stages_cover(body, self.stages, name)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features of shape (batch, num_features)."""
         return self.body(x).flatten(1)

@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
 
 from datamodules.common import atomic_write
 from lightning_modules.console import notice
@@ -29,16 +30,19 @@ class TrainingStateLogger(pl.Callback):
     strategy has unfrozen what is due; `time/epoch_s` is the wall time of the epoch (training and its validation).
     """
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start the epoch's clock."""
         self._epoch_start = time.perf_counter()
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the epoch's wall time, `time/epoch_s`."""
         start = getattr(self, "_epoch_start", None)
         if start is not None:
             pl_module.log("time/epoch_s", time.perf_counter() - start, on_step=False, on_epoch=True, batch_size=1)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -62,12 +66,14 @@ class StopOnNonFiniteLoss(pl.Callback):
     def __init__(self) -> None:
         self.batch_idx = 0
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Remember the batch index for the message."""
         self.batch_idx = batch_idx
 
+    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         """Raise `TrainingStopped` if any process's loss is not finite."""
         bad = not bool(torch.isfinite(loss.detach()).all())
@@ -99,6 +105,7 @@ class ResumeNotice(pl.Callback):
     def __init__(self) -> None:
         self.path: Path | None = None
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find the progress file (every process asks: `log_dir` is a collective) and warn on a partial epoch."""
         log_dir = trainer.log_dir
@@ -114,6 +121,7 @@ class ResumeNotice(pl.Callback):
                 "checkpoint are redone with the same data order."
             )
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from typing_extensions import override
 
 from datamodules.common import ConfigError, atomic_write
 
@@ -48,6 +49,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     folder is on the same filesystem as the checkpoints (on clusters it often is not: the move becomes a copy).
     """
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         """Write `checkpoint` to `path` atomically (remote URLs go through Lightning's fsspec writer)."""
         if storage_options is not None or "://" in str(path):
@@ -55,6 +57,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         atomic_write(Path(path), lambda partial: torch.save(checkpoint, partial))
 
+    @override
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:

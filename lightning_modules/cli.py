@@ -12,6 +12,7 @@ from typing import Any, Literal
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import EarlyStopping, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from typing_extensions import override
 
 from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
@@ -42,6 +43,7 @@ def defaults_file() -> list[str]:
 class RunConfigCallback(SaveConfigCallback):
     """Saves the resolved config into the run directory: `config.yaml` for fit, `config_<cmd>.yaml` otherwise."""
 
+    @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Write the config once per run directory and subcommand (a resumed fit rewrites its own)."""
         if stage != "fit":
@@ -58,6 +60,7 @@ class FinetuneCLI(LightningCLI):
     checkpoint writes into that checkpoint's run directory instead of starting a new version.
     """
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link data -> model (classes) at instantiation and model -> data (preprocessing) at parse time."""
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")  # `early_stopping.patience: 3` in YAML
@@ -83,6 +86,7 @@ class FinetuneCLI(LightningCLI):
             apply_on="parse",
         )
 
+    @override
     def _parse_ckpt_path(self) -> None:
         """Replaces Lightning's hook of the same name (which loads the checkpoint unchecked, after parsing, to apply
         its hyperparameters): resolve `--ckpt_path best|last`, reuse its run directory, read the checkpoint safely,
@@ -129,6 +133,7 @@ class FinetuneCLI(LightningCLI):
                 init_args["class_names"] = names  # a folder's classes: the checkpoint's, not its own folders'
         self.config = self.parser.parse_object({subcommand: updates}, self.config)
 
+    @override
     def before_instantiate_classes(self) -> None:
         """One finetuning strategy at most; skip pretrained downloads that a checkpoint overrides."""
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -138,6 +143,7 @@ class FinetuneCLI(LightningCLI):
             config.model.weights = "none"  # the checkpoint holds every weight: download nothing
             self._restore_weights = (config, weights)  # put back after instantiation, for config.yaml
 
+    @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         """The trainer, with a CSVLogger in the run directory beside whatever logger is configured, and the
         compact progress bar unless the config names one."""
@@ -148,6 +154,7 @@ class FinetuneCLI(LightningCLI):
             callbacks = [*callbacks, CompactProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
 
+    @override
     def after_instantiate_classes(self) -> None:
         """Undo the instantiation-only `weights: none` of `before_instantiate_classes` in the saved config."""
         super().after_instantiate_classes()

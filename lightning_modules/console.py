@@ -15,6 +15,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
 
 log = logging.getLogger("ftlab")
 
@@ -26,6 +27,7 @@ NOISE_LOGS = ("litlogger",)  # Lightning's advertisement for its cloud logger, a
 
 
 class _DropNoise(logging.Filter):
+    @override
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(word in record.getMessage() for word in NOISE_LOGS)
 
@@ -82,6 +84,7 @@ class CompactProgressBar(TQDMProgressBar):
     """TQDM's bar with two numbers: the step's training loss and the monitored metric (the rest goes to the
     loggers), so that a bar fits 80 columns; no `v_num`."""
 
+    @override
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, int | str | float | dict[str, float]]:
         """`loss` and the metric early stopping (else the best checkpoint) watches."""
         metrics = super().get_metrics(trainer, pl_module)

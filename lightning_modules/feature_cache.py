@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from datamodules.base import collate_skip_bad, digest
 from datamodules.common import ConfigError, atomic_write
@@ -77,6 +78,7 @@ class FeatureCache(pl.Callback):
 
     # ---------------------------------------------------------------------------------- hooks
 
+    @override
     def on_fit_start(self, trainer: Any, pl_module: pl.LightningModule) -> None:
         """Compute or load the features when the first epoch has a frozen backbone."""
         first = first_epoch(trainer)
@@ -107,6 +109,7 @@ class FeatureCache(pl.Callback):
             self._reload = trainer.reload_dataloaders_every_n_epochs
             trainer.reload_dataloaders_every_n_epochs = 1
 
+    @override
     def on_train_epoch_end(self, trainer: Any, pl_module: pl.LightningModule) -> None:
         """After the last frozen epoch, switch the loaders back to images; one epoch later, restore the
         trainer's reload setting (both loaders have been rebuilt by then)."""
@@ -119,6 +122,7 @@ class FeatureCache(pl.Callback):
         elif not datamodule.features:
             trainer.reload_dataloaders_every_n_epochs, self._reload = self._reload, None
 
+    @override
     def on_fit_end(self, trainer: Any, pl_module: pl.LightningModule) -> None:
         """Later test or predict calls read images."""
         datamodule: Any = trainer.datamodule

@@ -22,6 +22,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from datamodules.common import ConfigError
 from lightning_modules.backbones import Backbone
@@ -81,12 +82,14 @@ class FinetuningStrategy(BaseFinetuning):
 
     # ---------------------------------------------------------------------------------- BaseFinetuning hooks
 
+    @override
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
         """Freeze every backbone stage that is not already unfrozen (the latter only on resume)."""
         backbone = _backbone(pl_module)
         for stage in backbone.stages:
             self._set_trainable(backbone, stage, stage.name in self.unfrozen)
 
+    @override
     def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         """Unfreeze the stages due at this epoch, each as a new named param group."""
         backbone = _backbone(pl_module)
@@ -104,6 +107,7 @@ class FinetuningStrategy(BaseFinetuning):
                     self.warming[stage.name] = 0
             self.unfrozen.append(stage.name)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         """While a stage warms up, ramp its rate around each optimizer step (hooks on the optimizer: they run
         before the step and after it, so step- and epoch-interval schedulers only ever see the full rate)."""
@@ -134,6 +138,7 @@ class FinetuningStrategy(BaseFinetuning):
                 if self.warming[name] >= self.warmup_steps:
                     del self.warming[name]
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Unfreeze what is due, tell schedulers and DDP, and put frozen BatchNorm layers back in eval mode."""
         before = [len(opt.param_groups) for opt in trainer.optimizers]
@@ -146,11 +151,13 @@ class FinetuningStrategy(BaseFinetuning):
             rewrap_ddp(trainer)
         self.apply_bn_policy(_backbone(pl_module))
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check every stage the strategy will ever unfreeze now: a wrong name fails at start, not at its epoch."""
         self.trainable_stages(_backbone(pl_module), sys.maxsize)
         super().setup(trainer, pl_module, stage)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """On resume, restore the param groups (base class) and the trainable flags of unfrozen stages."""
         super().on_fit_start(trainer, pl_module)
@@ -158,10 +165,12 @@ class FinetuningStrategy(BaseFinetuning):
         if self.unfrozen:
             rewrap_ddp(trainer)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Param-group metadata (base class) plus the names of the unfrozen stages."""
         return {**super().state_dict(), "unfrozen": list(self.unfrozen), "warming": dict(self.warming)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what `state_dict` saved."""
         super().load_state_dict(state_dict)
@@ -205,6 +214,7 @@ class FinetuningStrategy(BaseFinetuning):
 class Freeze(FinetuningStrategy):
     """Linear probing: the backbone stays frozen (BatchNorm in eval mode); only the head trains."""
 
+    @override
     def trainable_stages(self, backbone: Backbone, epoch: int) -> list[Stage]:
         """None, ever."""
         return []
@@ -213,6 +223,7 @@ class Freeze(FinetuningStrategy):
 class NoFreeze(FinetuningStrategy):
     """Everything trains from the first epoch; each stage is its own group (for `lr_decay`)."""
 
+    @override
     def trainable_stages(self, backbone: Backbone, epoch: int) -> list[Stage]:
         """All stages, top first."""
         return select_stages(backbone, -1)
@@ -242,6 +253,7 @@ class FreezeUnfreeze(FinetuningStrategy):
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.stages = stages
 
+    @override
     def trainable_stages(self, backbone: Backbone, epoch: int) -> list[Stage]:
         """The selected stages from `unfreeze_at_epoch` on, none before."""
         if self.unfreeze_at_epoch is None or epoch < self.unfreeze_at_epoch:
@@ -273,6 +285,7 @@ class Milestones(FinetuningStrategy):
             raise ConfigError(f"milestones must have increasing, distinct epochs; got {epochs}")
         self.milestones = [(int(e), s) for e, s in milestones]
 
+    @override
     def trainable_stages(self, backbone: Backbone, epoch: int) -> list[Stage]:
         """Every stage named by a milestone at or before `epoch`, top first."""
         chosen: list[Stage] = []

@@ -19,6 +19,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 from torchmetrics.utilities import dim_zero_cat
+from typing_extensions import override
 
 from datamodules.common import ConfigError
 from lightning_modules.backbones import build_backbone
@@ -46,6 +47,7 @@ class PresentClassesAUROC(MulticlassAUROC):
     def __init__(self, num_classes: int) -> None:
         super().__init__(num_classes=num_classes, average="none")
 
+    @override
     def compute(self) -> torch.Tensor:  # type: ignore[override]  # MulticlassAUROC's own is typed so too
         """The mean of the per-class AUROCs of the classes present; NaN with fewer than two."""
         present = torch.bincount(dim_zero_cat(self.target), minlength=self.num_classes) > 0
@@ -144,6 +146,7 @@ class FineTuneModule(LightningModule):
         )
         self.per_class = nn.ModuleDict({s: MulticlassAccuracy(num_classes, average=None) for s in ("val", "test")})
 
+    @override
     def configure_model(self) -> None:
         """SyncBatchNorm when asked and running on more than one process; channels-last and compilation."""
         if self.hparams["sync_batchnorm"] and self._trainer is not None and self.trainer.world_size > 1:
@@ -155,6 +158,7 @@ class FineTuneModule(LightningModule):
             self.backbone.body.compile(mode=None if mode is True else str(mode))
             self._compiled = True
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (batch, num_classes). A 2-D input is taken as backbone features (the feature cache)."""
         if x.dim() == 2:
@@ -183,14 +187,17 @@ class FineTuneModule(LightningModule):
         self._last_logits = logits.detach()
         return loss
 
+    @override
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """Cross-entropy on one batch; updates train metrics."""
         return self._shared_step(batch, "train")
 
+    @override
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         """Updates val loss and metrics."""
         self._shared_step(batch, "val")
 
+    @override
     def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor] | None:
         """Updates test loss and metrics; returns the logits for the test report."""
         if batch[1].numel() == 0:
@@ -206,14 +213,17 @@ class FineTuneModule(LightningModule):
                 self.log(f"{stage}/acc_{name}", value, sync_dist=True)  # already global: torchmetrics syncs
         metric.reset()
 
+    @override
     def on_validation_epoch_end(self) -> None:
         """Per-class validation accuracy, `val/acc_<class>`."""
         self._log_per_class("val")
 
+    @override
     def on_test_epoch_end(self) -> None:
         """Per-class test accuracy, `test/acc_<class>`."""
         self._log_per_class("test")
 
+    @override
     def on_train_epoch_end(self) -> None:
         """The overfitting gap: this epoch's train accuracy minus its validation accuracy, `gap/train_val_acc`."""
         train_acc = self.metrics["train_metrics"]["acc"]  # type: ignore[index]
@@ -221,6 +231,7 @@ class FineTuneModule(LightningModule):
         if train_acc.update_called and val_acc is not None:
             self.log("gap/train_val_acc", train_acc.compute() - val_acc, sync_dist=True)
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Class probabilities of shape (batch, num_classes)."""
         x = batch[0] if isinstance(batch, list | tuple) else batch
@@ -236,6 +247,7 @@ class FineTuneModule(LightningModule):
         ]
         return [g for g in groups if g["params"]]
 
+    @override
     def configure_optimizers(self) -> Any:
         """The injected optimizer over trainable parameters only, and the scheduler if one is configured."""
         optimizer = self.optimizer_factory(self.trainable_param_groups())

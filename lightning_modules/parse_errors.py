@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser
+from typing_extensions import override
 
 from datamodules.common import ConfigError, close_names
 
@@ -116,6 +117,7 @@ def summarize(message: str, keys: list[str]) -> str:
 class OneLineErrorParser(LightningArgumentParser):
     """LightningArgumentParser whose parse errors print `ftlab: error: <one line>` and exit 2, without usage."""
 
+    @override
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         """Print the summary; the full message stays available with `JSONARGPARSE_DEBUG=1` (raises instead)."""
         if not self.exit_on_error:

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
+from typing_extensions import override
 
 from datamodules.common import atomic_write, gather_lists
 from datamodules.images import PATH_ERRORS
@@ -179,16 +180,19 @@ class TestReport(pl.Callback):
         self.top_losses: list[tuple[torch.Tensor, int, int, float, float]] = []
         self.step_seconds, self.step_images = 0.0, 0
 
+    @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start empty."""
         self._reset()
 
+    @override
     def on_test_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         """Start the clock of the test step (forward pass and metrics; data loading excluded)."""
         self._step_start = time.perf_counter()
 
+    @override
     def on_test_batch_end(
         self,
         trainer: pl.Trainer,
@@ -219,6 +223,7 @@ class TestReport(pl.Callback):
             self.top_losses.append(sample)
         self.top_losses = sorted(self.top_losses, key=lambda s: -s[4])[: self.grid_size]
 
+    @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the report (rank 0) into the run directory; under DDP the predictions of every process."""
         num_classes = int(pl_module.hparams["num_classes"])
@@ -327,10 +332,12 @@ class PredictionWriter(pl.Callback):
     there: nothing is overwritten): one row per file (or sample) with the predicted class and one probability column
     per class; files that could not be read are rows with an error."""
 
+    @override
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start empty."""
         self.rows: list[list[Any]] = []
 
+    @override
     def on_predict_batch_end(
         self,
         trainer: pl.Trainer,
@@ -351,6 +358,7 @@ class PredictionWriter(pl.Callback):
             best = max(range(len(probs)), key=probs.__getitem__)
             self.rows.append([dataset.name(index), true, names[best], *(f"{p:.6f}" for p in probs), ""])
 
+    @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Add the unreadable files and write the CSV (rank 0)."""
         import csv

@@ -12,12 +12,14 @@ from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from typing_extensions import override
 
 
 class AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing `metrics.csv` is kept and appended to (Lightning's deletes
     it when the folder is not empty: a resumed fit, or `ftlab test` into the fit's run, lost every epoch's row)."""
 
+    @override
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:

@@ -4,6 +4,7 @@ the code itself: what a fresh interpreter loads, and every import statement of t
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,23 @@ def test_imports_run_one_way() -> None:
 
     cycles = [c for start in graph if (c := cycle_from(start, [start]))]
     assert cycles == []
+
+
+def test_every_override_says_so() -> None:
+    """A misspelt Lightning hook never runs, silently: every method that overrides one carries `@override` (and
+    mypy then checks the name and signature against the base)."""
+    missing = []
+    for package in ("datamodules", "lightning_modules"):
+        for path in _modules(package):
+            module = importlib.import_module(f"{package}.{path.stem}")
+            tree = ast.parse(path.read_text())
+            for node in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+                bases = getattr(module, node.name).__mro__[1:]
+                for item in node.body:
+                    if not isinstance(item, ast.FunctionDef) or item.name.startswith("__"):
+                        continue
+                    overrides = any(item.name in base.__dict__ for base in bases if base is not object)
+                    marked = any(isinstance(d, ast.Name) and d.id == "override" for d in item.decorator_list)
+                    if overrides and not marked:
+                        missing.append(f"{path.relative_to(REPO)}:{item.lineno} {node.name}.{item.name}")
+    assert missing == []
