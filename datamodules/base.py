@@ -6,8 +6,9 @@ import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -111,18 +112,57 @@ def digest(*parts: Any) -> str:
     return h.hexdigest()
 
 
-def collate_skip_bad(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, list[BadSample]]:
-    """Collate the good samples into (images, labels); the bad ones ride along as a third element."""
-    good = [s for s in batch if not isinstance(s[0], BadSample)]
-    bad = [s[0] for s in batch if isinstance(s[0], BadSample)]
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
-    images, labels = default_collate(good)
-    return images, labels, bad
+class Draw(NamedTuple):
+    """What `EpochShuffle` hands a dataset for one sample: its position, and the seed its augmentation draws from
+    (derived from the run's seed, the epoch and the position, so a resumed epoch draws the same)."""
+
+    position: int
+    seed: int
+
+
+class Sample(NamedTuple):
+    """One sample as a dataset of this package yields it: the image tensor (or backbone features), or the
+    `BadSample` that says why the file could not be read; the class index (-1: unknown); the position."""
+
+    image: Any
+    target: int
+    position: int
+
+
+class Batch(NamedTuple):
+    """What every loader of this package yields; made by `collate`, which knows its loader's split.
+
+    The model reads `inputs` and `targets`. `features` says the inputs are cached backbone features (N, F), not
+    images (N, C, H, W). `indices` are the samples' positions in their dataset (predictions name their files by
+    them); `skipped` are the files of the batch that could not be read, left out of `inputs` and reported by the
+    DataModule as the run's `bad_images.csv`.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    indices: torch.Tensor
+    skipped: list[BadSample]
+    split: str
+    features: bool = False
+
+    @property
+    def size(self) -> int:
+        """The number of samples in `inputs` (0 when every file of the batch was unreadable)."""
+        return len(self.targets)
+
+
+def collate(samples: list[Sample], split: str, features: bool = False) -> Batch:
+    """A `Batch` of the readable samples; the unreadable ones ride along in `skipped`, never replaced."""
+    good = [s for s in samples if not isinstance(s.image, BadSample)]
+    skipped = [s.image for s in samples if isinstance(s.image, BadSample)]
+    inputs = default_collate([s.image for s in good]) if good else torch.empty(0)  # shared memory in workers
+    targets = torch.tensor([s.target for s in good], dtype=torch.long)
+    indices = torch.tensor([s.position for s in good], dtype=torch.long)
+    return Batch(inputs, targets, indices, skipped, split, features)
 
 
 class Transformed(Dataset):
-    """Applies an image transform to a labeled dataset: yields (tensor, label)."""
+    """Applies an image transform to a labeled dataset: yields `Sample`s."""
 
     def __init__(self, dataset: LabeledDataset, transform: Callable[[Any], torch.Tensor]) -> None:
         self.dataset = dataset
@@ -131,25 +171,17 @@ class Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor | BadSample, int]:
-        """`index`, or `(index, seed)` from `EpochShuffle`: the transform then draws from that seed alone."""
-        index, seed = index if isinstance(index, tuple) else (index, None)
+    def __getitem__(self, key: int | Draw) -> Sample:
+        """A position, or a `Draw` from `EpochShuffle`: the transform then draws from its seed alone."""
+        index, seed = key if isinstance(key, Draw) else (key, None)
         image, label = self.dataset[index]
         if isinstance(image, BadSample):
-            return image, label
+            return Sample(image, int(label), index)
         if seed is None:
-            return self.transform(image), label
+            return Sample(self.transform(image), int(label), index)
         with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
             torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators are not touched
-            return self.transform(image), label
-
-
-class Indexed(Transformed):
-    """(image tensor, index) of a labeled dataset, for prediction: the writer maps indices back to names."""
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | BadSample, int]:  # type: ignore[override]
-        image, _ = super().__getitem__(index)
-        return image, index
+            return Sample(self.transform(image), int(label), index)
 
     def name(self, index: int) -> str:
         """The file of a sample (through any Subset), or its position when the data is not files."""
@@ -159,11 +191,6 @@ class Indexed(Transformed):
             position, dataset = dataset.indices[position], dataset.dataset
         paths = getattr(dataset, "paths", None)
         return str(paths[position]) if paths is not None else str(index)
-
-    def label(self, index: int) -> int | None:
-        """The true label, when known."""
-        target = self.dataset.targets[index]
-        return int(target) if target >= 0 else None
 
 
 class EpochShuffle(RandomSampler):
@@ -184,9 +211,10 @@ class EpochShuffle(RandomSampler):
         self.epoch = epoch
         self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+    @override
+    def __iter__(self) -> Iterator[Draw]:  # type: ignore[override]
         for index in super().__iter__():
-            yield index, hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
+            yield Draw(index, hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def stratified_split(dataset: LabeledDataset, fraction: float, seed: int) -> tuple[LabeledDataset, LabeledDataset]:
@@ -247,8 +275,8 @@ def kfold_split(pool: LabeledDataset, num_folds: int, fold: int, seed: int) -> t
 class ImageClassificationDataModule(LightningDataModule):
     """Splits, transforms and loaders for image classification.
 
-    Loaders yield `(images, labels, skipped)`: `skipped` lists the `BadSample`s (path, reason) left out of the
-    batch; the DataModule strips it before the model sees the batch and writes `bad_images.csv` to the run.
+    Loaders yield `Batch`es (`batch.inputs`, `batch.targets` ...); the files a batch could not read ride along in
+    `batch.skipped`, and the DataModule writes them to the run's `bad_images.csv`.
 
     Subclasses implement `class_names` and `build_splits`. A split the subclass does not provide is carved from
     its train split: `test` by `test_fraction`, then `val` by `val_fraction`, stratified and seeded. A val split
@@ -316,7 +344,7 @@ class ImageClassificationDataModule(LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.predict_root = predict_root
         self.num_folds, self.fold = num_folds, fold
-        self.predict_set: Indexed | None = None
+        self.predict_set: Transformed | None = None
         train_transform(self.data_config, augment, crop_scale)  # fail on a bad preset now, not at setup
         self.datasets: dict[str, Transformed] = {}
         self.features: dict[str, Dataset] = {}  # split -> cached backbone features, while the backbone is frozen
@@ -412,10 +440,13 @@ class ImageClassificationDataModule(LightningDataModule):
         else:
             self.features[split] = features
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        in_memory = split in self.features  # features: no decoding, so no worker processes
-        dataset: Dataset = self.features[split] if in_memory else self.datasets[split]
-        workers = 0 if in_memory else self.num_workers
+    def loader(self, split: str, dataset: Dataset | None = None, shuffle: bool = False) -> DataLoader:
+        """Batches of `split` (its transformed images, or its cached features while it has them), or of `dataset`;
+        shuffled by `EpochShuffle` for training."""
+        features = dataset is None and split in self.features  # no decoding, so no worker processes
+        if dataset is None:
+            dataset = self.features[split] if features else self.datasets[split]
+        workers = 0 if features else self.num_workers
         sampler = None
         if shuffle:
             sampler = EpochShuffle(dataset, torch.initial_seed())
@@ -427,7 +458,7 @@ class ImageClassificationDataModule(LightningDataModule):
             num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=workers > 0,
-            collate_fn=collate_skip_bad,
+            collate_fn=partial(collate, split=split, features=features),
             # a last training batch of one image breaks BatchNorm (one value per channel): it is left out
             drop_last=shuffle and len(dataset) % self.batch_size == 1,  # type: ignore[arg-type]
         )
@@ -444,21 +475,10 @@ class ImageClassificationDataModule(LightningDataModule):
         return int(progress.processed)
 
     @override
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Record the batch's unreadable files; the model sees only (images, labels)."""
-        if isinstance(batch, list | tuple) and len(batch) == 3 and isinstance(batch[2], list):
-            split = self._current_split()
-            self.skipped |= {(split, b.path, b.reason) for b in batch[2]}
-            return batch[0], batch[1]
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Record the batch's unreadable files (for `bad_images.csv`) under the split its loader named."""
+        self.skipped |= {(batch.split, b.path, b.reason) for b in batch.skipped}
         return batch
-
-    def _current_split(self) -> str:
-        trainer = self.trainer
-        if trainer is None or trainer.testing:
-            return "test"
-        if trainer.predicting:
-            return "predict"
-        return "train" if trainer.training else "val"
 
     @override
     def teardown(self, stage: str) -> None:
@@ -470,22 +490,22 @@ class ImageClassificationDataModule(LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""
-        return self._loader("train", shuffle=True)
+        return self.loader("train", shuffle=True)
 
     @override
     def val_dataloader(self) -> DataLoader:
         """Validation batches, in order."""
-        return self._loader("val")
+        return self.loader("val")
 
     @override
     def test_dataloader(self) -> DataLoader:
         """Test batches, in order."""
-        return self._loader("test")
+        return self.loader("test")
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        """`predict_root`'s images (every file with an image extension; unreadable ones become error rows), or
-        the test split. Batches carry sample indices in place of labels."""
+        """`predict_root`'s images (every file with an image extension; unreadable ones become error rows; their
+        class is unknown, -1), or the test split."""
         if self.predict_root is not None:
             root = Path(self.predict_root)
             if not root.is_dir():
@@ -501,11 +521,5 @@ class ImageClassificationDataModule(LightningDataModule):
         else:
             self.setup("predict")
             raw = self.datasets["test"].dataset
-        self.predict_set = Indexed(raw, eval_transform(self.data_config))
-        return DataLoader(
-            self.predict_set,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            collate_fn=collate_skip_bad,
-        )
+        self.predict_set = Transformed(raw, eval_transform(self.data_config))
+        return self.loader("predict", self.predict_set)

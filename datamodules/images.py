@@ -11,8 +11,8 @@ import csv
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,9 +24,9 @@ from datamodules.common import atomic_write
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-@dataclass(frozen=True)
-class BadSample:
-    """A sample whose image could not be read: its path and why."""
+class BadSample(NamedTuple):
+    """A sample whose image could not be read: its path and why. (A NamedTuple: it rides in a `Batch`, which
+    Lightning copies field by field when it moves a batch to the device.)"""
 
     path: str
     reason: str

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from datamodules.base import collate_skip_bad, digest
+from datamodules.base import Draw, Sample, digest
 from datamodules.common import ConfigError, atomic_write
 from lightning_modules.console import notice
 from lightning_modules.finetuning import FinetuningStrategy
@@ -42,10 +42,10 @@ class FeatureSet(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        """`index`, or `(index, augmentation seed)` from `EpochShuffle` (features are not augmented)."""
-        position = index[0] if isinstance(index, tuple) else index
-        return self.features[position], int(self.targets[position])
+    def __getitem__(self, key: int | Draw) -> Sample:
+        """A position, or a `Draw` from `EpochShuffle` (features are not augmented: its seed is not needed)."""
+        position = key.position if isinstance(key, Draw) else key
+        return Sample(self.features[position], int(self.targets[position]), position)
 
     def state(self) -> dict[str, Any]:
         """Tensors and strings only: loads with `weights_only=True`."""
@@ -150,10 +150,7 @@ class FeatureCache(pl.Callback):
             state = torch.load(path, map_location="cpu", weights_only=True)
             self.loaded.append(split)
             return FeatureSet(state["features"], state["targets"], [tuple(b) for b in state["bad"]])
-        loader = DataLoader(
-            view, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers, collate_fn=collate_skip_bad
-        )
-        features = compute_features(backbone, loader, pl_module.device)
+        features = compute_features(backbone, datamodule.loader(split, view), pl_module.device)
         self.computed.append(split)
         if path is not None:
             state = features.state()
@@ -184,16 +181,16 @@ def cache_key(backbone: Any, view: Any, split: str) -> str | None:
 
 @torch.inference_mode()
 def compute_features(backbone: torch.nn.Module, loader: DataLoader, device: torch.device) -> FeatureSet:
-    """One pass of the backbone in eval mode over a loader of (images, labels, skipped) batches; unreadable files
-    are listed, not replaced."""
+    """One pass of the backbone in eval mode over a loader of image `Batch`es; unreadable files are listed, not
+    replaced."""
     was_training = backbone.training
     backbone.eval()
     features, targets, bad = [], [], []
-    for images, labels, skipped in loader:
-        bad += [(b.path, b.reason) for b in skipped]
-        if len(labels):
-            features.append(backbone(images.to(device)).float().cpu())
-            targets.append(labels)
+    for batch in loader:
+        bad += [(b.path, b.reason) for b in batch.skipped]
+        if batch.size:
+            features.append(backbone(batch.inputs.to(device)).float().cpu())
+            targets.append(batch.targets)
     backbone.train(was_training)
     if not features:
         raise ConfigError("feature cache: no readable image in the split")

@@ -21,6 +21,7 @@ from torchmetrics.classification import (
 from torchmetrics.utilities import dim_zero_cat
 from typing_extensions import override
 
+from datamodules.base import Batch
 from datamodules.common import ConfigError
 from lightning_modules.backbones import build_backbone
 
@@ -160,19 +161,22 @@ class FineTuneModule(LightningModule):
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of shape (batch, num_classes). A 2-D input is taken as backbone features (the feature cache)."""
-        if x.dim() == 2:
-            return self.head(x)
+        """Logits (batch, num_classes) of images (batch, channels, height, width)."""
         if self.hparams["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(x))
 
-    def _shared_step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor | None:
-        x, y = batch[0], batch[1]
-        if y.numel() == 0:  # every image of the batch was unreadable (and reported): a zero loss that still
-            # touches every trainable parameter, so DDP's gradient all-reduce matches the other processes
-            return sum((p.sum() for p in self.parameters() if p.requires_grad), torch.zeros(())) * 0.0
-        logits = self(x)
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """A batch's logits: through the whole network, or through the head alone when its inputs are cached
+        backbone features (`batch.features`, the feature cache)."""
+        return self.head(batch.inputs) if batch.features else self(batch.inputs)
+
+    def _shared_step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Loss and logits, with the stage's metrics updated and logged; None when no file of the batch could be
+        read (they are reported as bad images)."""
+        if batch.size == 0:
+            return None
+        logits, y = self.logits(batch), batch.targets
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
         metrics: MetricCollection = self.metrics[f"{stage}_metrics"]  # type: ignore[assignment]
         metrics.update(logits, y)
@@ -184,26 +188,26 @@ class FineTuneModule(LightningModule):
             f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=sync
         )
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(y))
-        self._last_logits = logits.detach()
-        return loss
+        return loss, logits
 
     @override
-    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """Cross-entropy on one batch; updates train metrics."""
-        return self._shared_step(batch, "train")
+        step = self._shared_step(batch, "train")
+        if step is None:  # a zero loss that still touches every trainable parameter: DDP's all-reduce matches
+            return sum((p.sum() for p in self.parameters() if p.requires_grad), torch.zeros(())) * 0.0
+        return step[0]
 
     @override
-    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """Updates val loss and metrics."""
         self._shared_step(batch, "val")
 
     @override
-    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor] | None:
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
         """Updates test loss and metrics; returns the logits for the test report."""
-        if batch[1].numel() == 0:
-            return None
-        loss = self._shared_step(batch, "test")
-        return {"loss": loss, "logits": self._last_logits} if loss is not None else None
+        step = self._shared_step(batch, "test")
+        return None if step is None else {"loss": step[0], "logits": step[1].detach()}
 
     def _log_per_class(self, stage: str) -> None:
         metric: Any = self.per_class[stage]
@@ -232,12 +236,12 @@ class FineTuneModule(LightningModule):
             self.log("gap/train_val_acc", train_acc.compute() - val_acc, sync_dist=True)
 
     @override
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Class probabilities of shape (batch, num_classes)."""
-        x = batch[0] if isinstance(batch, list | tuple) else batch
-        if x.numel() == 0:  # every file of the batch was unreadable (they become error rows)
+    def predict_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """Class probabilities of shape (batch, num_classes); none when no file of the batch could be read (they
+        become error rows)."""
+        if batch.size == 0:
             return torch.empty(0, self.hparams["num_classes"], device=self.device)
-        return self(x).softmax(dim=1)
+        return self.logits(batch).softmax(dim=1)
 
     def trainable_param_groups(self) -> list[dict[str, Any]]:
         """Named groups of the parameters that train now: `head`, then `backbone` if any of it is trainable."""

@@ -207,13 +207,13 @@ class TestReport(pl.Callback):
             return
         self.step_seconds += time.perf_counter() - self._step_start
         self.step_images += len(outputs["logits"])
-        logits, y = outputs["logits"].float().cpu(), batch[1].cpu()
+        logits, y = outputs["logits"].float().cpu(), batch.targets.cpu()
         probs = logits.softmax(1)
         losses = F.cross_entropy(logits, y, reduction="none")
         self.probs.append(probs)
         self.targets.append(y)
         cfg: Any = getattr(pl_module, "backbone").data_config  # noqa: B009
-        images = _denormalize(batch[0], cfg.mean, cfg.std)
+        images = _denormalize(batch.inputs, cfg.mean, cfg.std)
         conf, pred = probs.max(1)
         for i in range(len(y)):
             sample = (images[i].clone(), int(y[i]), int(pred[i]), float(conf[i]), float(losses[i]))
@@ -352,9 +352,9 @@ class PredictionWriter(pl.Callback):
         if dataset is None or outputs is None:
             return
         names = list(pl_module.class_names)  # type: ignore[arg-type]
-        for index, probs in zip(batch[1].tolist(), outputs.float().cpu().tolist(), strict=True):
-            label = dataset.label(index)
-            true = names[label] if label is not None else ""
+        rows = zip(batch.indices.tolist(), batch.targets.tolist(), outputs.float().cpu().tolist(), strict=True)
+        for index, label, probs in rows:
+            true = names[label] if label >= 0 else ""  # -1: a file to predict, class unknown
             best = max(range(len(probs)), key=probs.__getitem__)
             self.rows.append([dataset.name(index), true, names[best], *(f"{p:.6f}" for p in probs), ""])
 

@@ -11,7 +11,7 @@ Prints markdown tables of ratios (and the raw figures behind them):
 
 Uses the GPU when there is one. Usage:
 
-    .venv/bin/python scripts/benchmark.py [--out docs/benchmark.md]   # the README's table
+    .venv/bin/python scripts/benchmark.py [--out docs/benchmark.md]   # the table of docs/performance.md
     .venv/bin/python scripts/benchmark.py --quick                     # a smoke run on a tiny model
 """
 
@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules import DigitsDataModule, ImageFolderDataModule
-from datamodules.base import Indexed, Transformed, collate_skip_bad
+from datamodules.base import Batch, Transformed
 from datamodules.common import DataConfig, atomic_write
 from datamodules.images import load_image, read_rgb
 from datamodules.preresize import preresize
@@ -138,25 +138,25 @@ class StepTimer(pl.Callback):
         return [b - a for a, b in itertools.pairwise(marks)]
 
 
-def fixed_batches(setup: Setup) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def fixed_batches(setup: Setup) -> list[Batch]:
     """The first `steps` training batches of digits, decoded and transformed once, kept in memory."""
     data = digits(setup)
     data.setup("fit")
-    loader = DataLoader(data.datasets["train"], batch_size=setup.batch_size, collate_fn=collate_skip_bad)
-    batches = [(x, y) for x, y, _ in loader if len(y) == setup.batch_size]  # one shape: no recompilation
+    loader = data.loader("train", data.datasets["train"])
+    batches = [b for b in loader if b.size == setup.batch_size]  # one shape: no recompilation
     return [batches[i % len(batches)] for i in range(setup.steps)]
 
 
-def hand_loop(setup: Setup, batches: list[tuple[torch.Tensor, torch.Tensor]], **kw: Any) -> float:
+def hand_loop(setup: Setup, batches: list[Batch], **kw: Any) -> float:
     """Median step time of the plain PyTorch loop: same model, optimizer (AdamW over the same groups), batches."""
     net = model(setup, **kw).to(DEVICE).train()
     net.configure_model()  # what Lightning calls: channels_last, compile
     optimizer = torch.optim.AdamW(net.trainable_param_groups())
     times = []
-    for x, y in batches:
+    for batch in batches:
         sync()
         start = time.perf_counter()
-        x, y = x.to(DEVICE), y.to(DEVICE)
+        x, y = batch.inputs.to(DEVICE), batch.targets.to(DEVICE)
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net(x), y)
         loss.backward()
@@ -166,9 +166,7 @@ def hand_loop(setup: Setup, batches: list[tuple[torch.Tensor, torch.Tensor]], **
     return statistics.median(times[setup.warmup :])
 
 
-def framework_steps(
-    setup: Setup, batches: list[tuple[torch.Tensor, torch.Tensor]], root: str, precision: str = "32-true", **kw: Any
-) -> float:
+def framework_steps(setup: Setup, batches: list[Batch], root: str, precision: str = "32-true", **kw: Any) -> float:
     """Median step time of `Trainer.fit` on the same batches, with the per-step callbacks and logger of `ftlab`."""
     timer = StepTimer()
     logger = pl.loggers.TensorBoardLogger(root, name="steps")
@@ -266,7 +264,7 @@ def pipeline_rates(setup: Setup, root: Path) -> dict[str, float]:
     config = data_config_dict("torchvision/resnet18", "none", setup.jpeg_size)
     data = ImageFolderDataModule(root=str(root), batch_size=32, augment="basic", data_config=config)
     data.setup("fit")
-    train = Indexed(files_of(data), eval_transform(DataConfig.from_dict(config)))
+    train = Transformed(files_of(data), eval_transform(DataConfig.from_dict(config)))
     paths = [train.name(i) for i in range(len(train))]
     workers = data.num_workers
 
@@ -275,17 +273,15 @@ def pipeline_rates(setup: Setup, root: Path) -> dict[str, float]:
     small = ImageFolderDataModule(root=str(small_root), batch_size=32, augment="basic", data_config=config)
     small.setup("fit")
     rates = {
-        "pipeline": best(lambda: per_second(data.train_dataloader(), lambda b: len(b[1]))),
-        "pipeline on the pre-resized copy": best(lambda: per_second(small.train_dataloader(), lambda b: len(b[1]))),
+        "pipeline": best(lambda: per_second(data.train_dataloader(), lambda b: b.size)),
+        "pipeline on the pre-resized copy": best(lambda: per_second(small.train_dataloader(), lambda b: b.size)),
         "decode PIL": best(lambda: per_second(loader_of(DecodeOnly(paths, decode_pil), workers, list), len)),
         "decode TorchCodec": best(
             lambda: per_second(loader_of(DecodeOnly(paths, decode_torchcodec), workers, list), len)
         ),
     }
     evaluation = Transformed(files_of(data), eval_transform(DataConfig.from_dict(config)))
-    rates["pipeline, eval transform"] = best(
-        lambda: per_second(loader_of(evaluation, workers, collate_skip_bad), lambda b: len(b[1]))
-    )
+    rates["pipeline, eval transform"] = best(lambda: per_second(data.loader("val", evaluation), lambda b: b.size))
     dc = DataConfig.from_dict(config)
     pil_images = [read_rgb(p) for p in paths[:64]]
     tensors = [load_image(p) for p in paths[:64]]

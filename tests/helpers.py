@@ -70,7 +70,7 @@ class PoisonBatch(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if trainer.global_step == self.step:
-            batch[0].fill_(float("nan"))
+            batch.inputs.fill_(float("nan"))
 
 
 class DumpState(pl.Callback):

@@ -24,7 +24,7 @@ class PoisonBatch(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step >= 2:
-            batch[0].fill_(float("nan"))
+            batch.inputs.fill_(float("nan"))
 '''
 
 

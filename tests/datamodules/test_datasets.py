@@ -46,7 +46,9 @@ def _labels(dm: ImageClassificationDataModule, split: str) -> list[int]:
 
 def _check_batch(dm: ImageClassificationDataModule, channels: int = 3) -> None:
     dm.setup("fit")
-    x, y = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    x, y = batch.inputs, batch.targets
+    assert batch.split == "train" and not batch.features
     assert x.shape[1:] == (channels, SIZE, SIZE) and x.dtype == torch.float32
     assert y.dtype == torch.int64 and int(y.max()) < dm.num_classes
 
@@ -108,7 +110,7 @@ def test_planted_faults_are_converted_or_reported_never_replaced(
     for split in ("train", "val", "test"):
         loader = getattr(dm, f"{split}_dataloader")()
         for batch in loader:
-            x, _ = dm.on_before_batch_transfer(batch, 0)
+            x = dm.on_before_batch_transfer(batch, 0).inputs
             assert x.shape[1:] == (3, SIZE, SIZE)
             seen += [f"{split}:{i}" for i in range(len(x))]
     assert len(seen) == good  # every decodable image once, the truncated one dropped, nothing duplicated

@@ -46,8 +46,9 @@ def test_splits_are_disjoint_complete_stratified_and_seeded() -> None:
 
 def test_images_follow_the_backbone_data_config() -> None:
     dm = _dm(data_config=data_config_dict("timm/efficientnet_lite0", "embedded", 48))
-    x, y, skipped = next(iter(dm.train_dataloader()))
-    assert skipped == []
+    batch = next(iter(dm.train_dataloader()))
+    x, y = batch.inputs, batch.targets
+    assert batch.skipped == [] and batch.split == "train" and not batch.features
     assert x.shape == (32, 3, 48, 48) and x.dtype == torch.float32
     cfg = dm.data_config
     pixels = x * torch.tensor(cfg.std).view(1, 3, 1, 1) + torch.tensor(cfg.mean).view(1, 3, 1, 1)
@@ -56,14 +57,14 @@ def test_images_follow_the_backbone_data_config() -> None:
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
     assert y.dtype == torch.int64 and int(y.min()) >= 0 and int(y.max()) <= 9
     gray = _dm(data_config=data_config_dict("scratch/mlp", "none", 16, 1))
-    x, _, _ = next(iter(gray.val_dataloader()))
+    x = next(iter(gray.val_dataloader())).inputs
     assert x.shape == (32, 1, 16, 16)
     assert dm.class_names == [str(d) for d in range(10)] and dm.num_classes == 10
 
 
 def test_default_size_is_the_backbone_input_size() -> None:
     dm = _dm(data_config=data_config_dict("timm/test_resnet", "none"))
-    x, _ = dm.datasets["test"][0]
+    x = dm.datasets["test"][0].image
     assert isinstance(x, torch.Tensor) and x.shape == (3, 160, 160)
 
 

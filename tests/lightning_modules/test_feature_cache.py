@@ -38,12 +38,14 @@ class InputSpy(pl.Callback):
         pl_module.backbone.register_forward_hook(count)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self.ranks[(trainer.current_epoch, "train")].add(batch[0].dim())
+        assert batch.features == (batch.inputs.dim() == 2)  # features are declared, not guessed from the shape
+        self.ranks[(trainer.current_epoch, "train")].add(batch.inputs.dim())
         self.in_batch = True
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, *args: Any) -> None:
         if not trainer.sanity_checking:
-            self.ranks[(trainer.current_epoch, "val")].add(batch[0].dim())
+            assert batch.features == (batch.inputs.dim() == 2)
+            self.ranks[(trainer.current_epoch, "val")].add(batch.inputs.dim())
         self.in_batch = True
 
     def on_train_batch_end(self, *args: Any) -> None:

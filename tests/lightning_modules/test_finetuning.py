@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -9,16 +10,19 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
+from datamodules.base import TensorImages, Transformed, collate
 from lightning_modules.finetuning import FreezeUnfreeze
 from lightning_modules.module import FineTuneModule
 from tests.conftest import quiet_trainer
 
 
 def _loader(n: int = 16) -> DataLoader:
+    """`Batch`es of random 32 px images in three classes, as the package's loaders make them."""
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.rand(n, 3, 32, 32, generator=g), torch.arange(n) % 3), batch_size=8)
+    images = TensorImages(torch.rand(n, 3, 32, 32, generator=g), [i % 3 for i in range(n)])
+    return DataLoader(Transformed(images, nn.Identity()), batch_size=8, collate_fn=partial(collate, split="train"))
 
 
 def _model() -> FineTuneModule:

@@ -47,9 +47,9 @@ def _fit_and_test(tmp: Path, classes: dict[str, int]) -> tuple[Path, np.ndarray,
     model, dm = run.model.eval(), run.datamodule
     probs, targets = [], []
     with torch.no_grad():
-        for x, y, _ in dm.test_dataloader():
-            probs.append(model(x).softmax(1))
-            targets.append(y)
+        for batch in dm.test_dataloader():
+            probs.append(model(batch.inputs).softmax(1))
+            targets.append(batch.targets)
     return Path(str(run.trainer.log_dir)), torch.cat(probs).numpy(), torch.cat(targets).numpy()
 
 
@@ -159,5 +159,5 @@ def test_predictions_on_a_carved_test_split_name_the_files(tmp_path: Path) -> No
     assert dm.predict_set is not None
     names = [dm.predict_set.name(i) for i in range(len(dm.predict_set))]
     assert len(names) == 4 and all(Path(n).is_file() for n in names)
-    labels = [dm.predict_set.label(i) for i in range(len(dm.predict_set))]
+    labels = [dm.predict_set[i].target for i in range(len(dm.predict_set))]
     assert [["a", "b"][lab] for lab in labels] == [Path(n).parent.name for n in names]  # type: ignore[index]
