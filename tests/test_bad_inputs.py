@@ -4,7 +4,7 @@ console script runs), each ending with the exit status it should, no traceback, 
 Mistakes end with exit status 2 and one `ftlab: error:` line. Inputs that are odd but valid (a 1x1 image, an
 animated GIF, a non-UTF-8 file name ...) end with status 0 and the file named in predictions.csv or
 bad_images.csv. A prior run's checkpoints sit in the same runs folder throughout: no case may change them.
-README: "Reliability".
+docs/reliability.md.
 """
 
 from __future__ import annotations

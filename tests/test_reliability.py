@@ -4,7 +4,7 @@ One uninterrupted run is the baseline. A second run on the same data is killed t
 epoch boundary after an unfreeze, in the middle of the next epoch, and while that epoch's checkpoint is being
 written), resumed each time with `--ckpt_path last`, and must end with exactly the baseline's weights, optimizer
 groups and EarlyStopping counters. Killed runs are child processes (a SIGKILL needs a process of its own).
-README: "Reliability".
+docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reliability of inputs: a few hundred images with planted bad files, and config mistakes that get one line.
 
-README: "Reliability".
+docs/reliability.md.
 """
 
 from __future__ import annotations
