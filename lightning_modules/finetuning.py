@@ -21,7 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
-from torch.optim import Optimizer
+from torch.optim import Optimizer, lr_scheduler
 from typing_extensions import override
 
 from datamodules.common import ConfigError
@@ -159,7 +159,11 @@ class FinetuningStrategy(BaseFinetuning):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """On resume, restore the param groups (base class) and the trainable flags of unfrozen stages."""
+        """Refuse a scheduler that new param groups would break; on resume, restore the param groups (base class)
+        and the trainable flags of unfrozen stages."""
+        horizon = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1000
+        if any(self.trainable_stages(_backbone(pl_module), epoch) for epoch in range(horizon)):
+            check_schedulers(trainer)
         super().on_fit_start(trainer, pl_module)
         self.freeze_before_training(pl_module)
         if self.unfrozen:
@@ -304,6 +308,33 @@ def select_stages(backbone: Backbone, stages: int | list[str]) -> list[Stage]:
         return list(reversed(chosen))
     order = {s.name: i for i, s in enumerate(backbone.stages)}
     return sorted((backbone.stage(name) for name in stages), key=lambda s: -order[s.name])
+
+
+# The schedulers whose per-group state `register_new_groups` extends when a stage starts training, each tested
+# across an unfreeze (tests/lightning_modules/test_strategies.py, SCHEDULERS); any other is refused at the start
+# of a fit that will unfreeze, rather than patched blind.
+SUPPORTED_SCHEDULERS = (
+    lr_scheduler.CosineAnnealingLR,
+    lr_scheduler.LambdaLR,
+    lr_scheduler.LinearLR,
+    lr_scheduler.OneCycleLR,
+    lr_scheduler.ReduceLROnPlateau,
+    lr_scheduler.SequentialLR,
+    lr_scheduler.StepLR,
+)
+
+
+def check_schedulers(trainer: pl.Trainer) -> None:
+    """A ConfigError naming the scheduler when one of the fit's is not in `SUPPORTED_SCHEDULERS`."""
+    for config in trainer.lr_scheduler_configs:
+        for scheduler in [config.scheduler, *getattr(config.scheduler, "_schedulers", [])]:
+            if type(scheduler) not in SUPPORTED_SCHEDULERS:
+                names = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
+                raise ConfigError(
+                    f"model.lr_scheduler {type(scheduler).__name__}: the finetuning strategy adds a param group when "
+                    f"a stage unfreezes, and only these schedulers are known to carry it: {names}. Use one of "
+                    "them, or a strategy that never unfreezes (Freeze)"
+                )
 
 
 def register_new_groups(trainer: pl.Trainer, optimizer: Optimizer, groups: list[dict[str, Any]]) -> None:

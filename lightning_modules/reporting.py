@@ -6,156 +6,38 @@ import json
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from datamodules.common import atomic_write, gather_lists
+from datamodules.base import ImageClassificationDataModule
+from datamodules.common import ConfigError, atomic_write, gather_lists
 from datamodules.images import PATH_ERRORS
+from lightning_modules.backbones import Backbone
+from lightning_modules.report_figures import confusion_figure, denormalize, first_layer_figures, grid_figure
+from lightning_modules.report_metrics import classification_report
 
 GRID = 16  # images per grid
 
 
-def classification_report(probs: np.ndarray, targets: np.ndarray, class_names: list[str]) -> dict[str, Any]:
-    """Accuracy, macro precision/recall/F1, AUROC, per-class figures and the confusion matrix, as plain numbers."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+@runtime_checkable
+class ReportedModel(Protocol):
+    """What the report and the prediction writer read from the model (FineTuneModule has it)."""
 
-    labels = list(range(len(class_names)))
-    preds = probs.argmax(1)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        targets, preds, labels=labels, average=None, zero_division=0
-    )
-    matrix = confusion_matrix(targets, preds, labels=labels)
-    # macro averages over the classes that occur (in the targets or the predictions), as sklearn and torchmetrics do
-    seen = sorted(set(targets.tolist()) | set(preds.tolist()))
-    macro = precision_recall_fscore_support(targets, preds, labels=seen, average="macro", zero_division=0)
-    # AUROC: one-vs-rest per class, averaged over the classes that occur in the targets (a class without samples
-    # has no ROC curve); the same definition as the module's logged `test/auroc` (`PresentClassesAUROC`)
-    present = sorted(set(targets.tolist()))
-    per_class_auroc = [roc_auc_score(targets == c, probs[:, c]) for c in present] if len(present) > 1 else []
-    auroc = float(np.mean(per_class_auroc)) if per_class_auroc else float("nan")
-    return {
-        "acc": float((preds == targets).mean()),
-        "precision": float(macro[0]),
-        "recall": float(macro[1]),
-        "f1": float(macro[2]),
-        "auroc": auroc,
-        "samples": len(targets),
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "acc": float(recall[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(class_names)
-        },
-        "confusion_matrix": matrix.tolist(),
-    }
+    backbone: Backbone
+    class_names: list[str]
 
 
-def _denormalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    out = (images.float().cpu() * s + m).clamp(0, 1)
-    return out.expand(-1, 3, -1, -1) if out.shape[1] == 1 else out
-
-
-def confusion_figure(matrix: np.ndarray, class_names: list[str]) -> Any:
-    """Row-normalised confusion matrix with class names and the share in each cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = matrix.sum(1, keepdims=True)
-    norm = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
-    size = max(4.0, 0.6 * len(class_names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(len(class_names)):
-        for j in range(len(class_names)):
-            ax.text(
-                j,
-                i,
-                f"{norm[i, j]:.2f}",
-                ha="center",
-                va="center",
-                color="white" if norm[i, j] > 0.5 else "black",
-                fontsize=8,
-            )
-    ax.set_title("confusion matrix (rows sum to 1)")
-    fig.tight_layout()
-    return fig
-
-
-def grid_figure(samples: list[tuple[torch.Tensor, int, int, float, float]], class_names: list[str], title: str) -> Any:
-    """A grid of images titled `true -> predicted (probability)`; a loss is shown when it is what ranks them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = 4
-    rows = max(1, (len(samples) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.6), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (image, true, pred, prob, loss) in zip(axes.flat, samples, strict=False):
-        ax.imshow(image.permute(1, 2, 0).numpy())
-        color = "green" if true == pred else "red"
-        ax.set_title(
-            f"{class_names[true]} -> {class_names[pred]}\np={prob:.2f} loss={loss:.2f}", fontsize=8, color=color
-        )
-    fig.suptitle(title if samples else f"{title}: none")
-    fig.tight_layout()
-    return fig
-
-
-def first_layer_figures(backbone: Any, image: torch.Tensor) -> dict[str, Any]:
-    """The first convolution's kernels (as RGB tiles) and its feature maps for one image (the course figures)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    conv = next((m for m in backbone.body.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    if conv is None:
-        return {}
-    weights = conv.weight.detach().float().cpu()[:32]
-    kernels = (weights - weights.amin(dim=(1, 2, 3), keepdim=True)) / (
-        weights.amax(dim=(1, 2, 3), keepdim=True) - weights.amin(dim=(1, 2, 3), keepdim=True) + 1e-8
-    )
-    with torch.no_grad():
-        maps = conv(image.unsqueeze(0).to(conv.weight.device, conv.weight.dtype))[0, :16].float().cpu()
-    figures = {}
-    for name, tiles, title in (
-        ("first_layer_kernels", kernels, f"first-layer kernels ({tuple(conv.weight.shape)})"),
-        ("feature_maps", maps, "first-layer feature maps of one test image"),
-    ):
-        cols = 8
-        rows = max(1, (len(tiles) + cols - 1) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.3), squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, tile in zip(axes.flat, tiles, strict=False):
-            if tile.dim() == 3 and tile.shape[0] == 3:  # an RGB kernel
-                ax.imshow(tile.permute(1, 2, 0).numpy())
-            else:  # a feature map, or a kernel over other channel counts
-                ax.imshow((tile.mean(0) if tile.dim() == 3 else tile).numpy(), cmap="viridis")
-        fig.suptitle(title)
-        fig.tight_layout()
-        figures[name] = fig
-    return figures
+def reported(pl_module: pl.LightningModule) -> ReportedModel:
+    """`pl_module` as a `ReportedModel`, or a ConfigError when it is not one."""
+    if not isinstance(pl_module, ReportedModel):
+        raise ConfigError(f"the test report needs a model with a backbone and class_names, got {type(pl_module)}")
+    return pl_module
 
 
 class TestReport(pl.Callback):
@@ -212,8 +94,8 @@ class TestReport(pl.Callback):
         losses = F.cross_entropy(logits, y, reduction="none")
         self.probs.append(probs)
         self.targets.append(y)
-        cfg: Any = getattr(pl_module, "backbone").data_config  # noqa: B009
-        images = _denormalize(batch.inputs, cfg.mean, cfg.std)
+        cfg = reported(pl_module).backbone.data_config
+        images = denormalize(batch.inputs, cfg.mean, cfg.std)
         conf, pred = probs.max(1)
         for i in range(len(y)):
             sample = (images[i].clone(), int(y[i]), int(pred[i]), float(conf[i]), float(losses[i]))
@@ -225,57 +107,80 @@ class TestReport(pl.Callback):
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the report (rank 0) into the run directory; under DDP the predictions of every process."""
-        num_classes = int(pl_module.hparams["num_classes"])
-        local = (
-            torch.cat(self.probs) if self.probs else torch.empty(0, num_classes),
-            torch.cat(self.targets) if self.targets else torch.empty(0, dtype=torch.long),
-        )
-        parts = gather_lists([local])  # every process, before anyone returns (a collective under DDP)
-        log_dir = trainer.log_dir  # also a collective
-        if trainer.world_size > 1:
-            from lightning.pytorch.utilities import rank_zero_warn
-
-            rank_zero_warn(
-                "test report under DDP: the distributed sampler repeats a few samples to even out the "
-                "shards; for exact figures run `ftlab test` with --trainer.devices 1"
-            )
-        probs = torch.cat([p for p, _ in parts])
-        targets = torch.cat([t for _, t in parts])
-        if not len(targets) or not trainer.is_global_zero or not log_dir:
+        """Gather every process's predictions, then (rank 0) compute, draw and write the report."""
+        gathered = self._gather(trainer, pl_module)
+        log_dir = trainer.log_dir  # a collective under DDP: every process asks
+        if gathered is None or not trainer.is_global_zero or not log_dir:
             return
-        class_names = list(pl_module.class_names)  # type: ignore[arg-type]
-        report = classification_report(probs.numpy(), targets.numpy(), class_names)
-        ckpt = getattr(trainer, "ckpt_path", None)
-        run = Path(log_dir)
-        report["checkpoint"] = str(ckpt) if ckpt else None
-        report["params_total"] = sum(p.numel() for p in pl_module.parameters())
-        report["images_per_s"] = self.step_images / self.step_seconds if self.step_seconds else None  # this process
-        split_sizes = getattr(trainer.datamodule, "split_sizes", None)  # type: ignore[attr-defined]  # public API
-        report["split_sizes"] = split_sizes() if callable(split_sizes) else None
-        atomic_write(run / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2)))
-        figures = {
-            "confusion_matrix": confusion_figure(np.array(report["confusion_matrix"]), class_names),
-            "correct": grid_figure(self.correct, class_names, "correct predictions"),
-            "misclassified": grid_figure(self.wrong, class_names, "misclassified"),
-            "top_losses": grid_figure(self.top_losses, class_names, "highest losses"),
-        }
-        if self.layer_figures and self.correct + self.wrong:
-            cfg = getattr(pl_module, "backbone").data_config  # noqa: B009
-            first = (self.correct + self.wrong)[0][0]
-            normalized = (first - torch.tensor(cfg.mean).view(-1, 1, 1)[: first.shape[0]]) / torch.tensor(cfg.std).view(
-                -1, 1, 1
-            )[: first.shape[0]]
-            figures |= first_layer_figures(getattr(pl_module, "backbone"), normalized[: cfg.input_size[0]])  # noqa: B009
-        for name, fig in figures.items():
-            atomic_write(run / f"{name}.png", partial(fig.savefig, dpi=110, format="png"))
-        atomic_write(run / "report.md", lambda p: p.write_text(render_markdown(report, class_names, run)))
+        model = reported(pl_module)
+        report = self._metrics(trainer, pl_module, *gathered)
+        figures = self._figures(report, model)
+        self._write(Path(log_dir), report, figures, model.class_names)
         self._to_tensorboard(trainer, pl_module, report, figures)
         import matplotlib.pyplot as plt
 
         for fig in figures.values():
             plt.close(fig)
-        print(f"Test report: {run / 'report.md'}")
+        print(f"Test report: {Path(log_dir) / 'report.md'}")
+
+    def _gather(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Probabilities and targets of every process (a collective: every process calls it); None if empty."""
+        num_classes = int(pl_module.hparams["num_classes"])
+        local = (
+            torch.cat(self.probs) if self.probs else torch.empty(0, num_classes),
+            torch.cat(self.targets) if self.targets else torch.empty(0, dtype=torch.long),
+        )
+        parts = gather_lists([local])
+        if trainer.world_size > 1:
+            rank_zero_warn(
+                "test report under DDP: the distributed sampler repeats a few samples to even out the "
+                "shards; for exact figures run `ftlab test` with --trainer.devices 1"
+            )
+        targets = torch.cat([t for _, t in parts])
+        return (torch.cat([p for p, _ in parts]), targets) if len(targets) else None
+
+    def _metrics(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probs: torch.Tensor, targets: torch.Tensor
+    ) -> dict[str, Any]:
+        """metrics.json: the classification report, the checkpoint, the model's size, speed and split sizes."""
+        report = classification_report(probs.numpy(), targets.numpy(), reported(pl_module).class_names)
+        ckpt = trainer.ckpt_path
+        report["checkpoint"] = str(ckpt) if ckpt else None
+        report["params_total"] = sum(p.numel() for p in pl_module.parameters())
+        report["images_per_s"] = self.step_images / self.step_seconds if self.step_seconds else None  # this process
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        report["split_sizes"] = (
+            datamodule.split_sizes() if isinstance(datamodule, ImageClassificationDataModule) else None
+        )
+        return report
+
+    def _figures(self, report: dict[str, Any], model: ReportedModel) -> dict[str, Any]:
+        """The confusion matrix, the image grids and (with `layer_figures`) the first layer's kernels and maps."""
+        names = model.class_names
+        figures = {
+            "confusion_matrix": confusion_figure(np.array(report["confusion_matrix"]), names),
+            "correct": grid_figure(self.correct, names, "correct predictions"),
+            "misclassified": grid_figure(self.wrong, names, "misclassified"),
+            "top_losses": grid_figure(self.top_losses, names, "highest losses"),
+        }
+        if self.layer_figures and self.correct + self.wrong:
+            cfg = model.backbone.data_config
+            first = (self.correct + self.wrong)[0][0]
+            channels = first.shape[0]
+            mean, std = (
+                torch.tensor(cfg.mean).view(-1, 1, 1)[:channels],
+                torch.tensor(cfg.std).view(-1, 1, 1)[:channels],
+            )
+            figures |= first_layer_figures(model.backbone, ((first - mean) / std)[: cfg.input_size[0]])
+        return figures
+
+    @staticmethod
+    def _write(run: Path, report: dict[str, Any], figures: dict[str, Any], class_names: list[str]) -> None:
+        """metrics.json, one PNG per figure and report.md, each written whole or not at all."""
+        atomic_write(run / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+        for name, fig in figures.items():
+            atomic_write(run / f"{name}.png", partial(fig.savefig, dpi=110, format="png"))
+        atomic_write(run / "report.md", lambda p: p.write_text(render_markdown(report, class_names, run)))
 
     @staticmethod
     def _to_tensorboard(
@@ -351,7 +256,7 @@ class PredictionWriter(pl.Callback):
         dataset = getattr(trainer.datamodule, "predict_set", None)  # type: ignore[attr-defined]
         if dataset is None or outputs is None:
             return
-        names = list(pl_module.class_names)  # type: ignore[arg-type]
+        names = reported(pl_module).class_names
         rows = zip(batch.indices.tolist(), batch.targets.tolist(), outputs.float().cpu().tolist(), strict=True)
         for index, label, probs in rows:
             true = names[label] if label >= 0 else ""  # -1: a file to predict, class unknown
@@ -368,7 +273,7 @@ class PredictionWriter(pl.Callback):
         log_dir = trainer.log_dir
         if not trainer.is_global_zero or not log_dir:
             return
-        names = list(pl_module.class_names)  # type: ignore[arg-type]
+        names = reported(pl_module).class_names
         errors: list[list[Any]] = [
             [path, "", "", *([""] * len(names)), reason]
             for split, path, reason in sorted({tuple(r) for r in skipped})

@@ -127,7 +127,7 @@ def test_predict_folder_writes_csv_with_an_error_row(in_tmp: Path) -> None:
 
 
 def test_report_metrics_with_an_absent_class_follow_sklearn() -> None:
-    from lightning_modules.reporting import classification_report
+    from lightning_modules.report_metrics import classification_report
 
     rng = np.random.default_rng(0)
     targets = np.array([0, 0, 2, 2, 2, 0])  # class 1 never occurs

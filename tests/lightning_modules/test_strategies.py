@@ -107,6 +107,40 @@ def test_schedulers_keep_working_across_an_unfreeze(tmp_path: Path, name: str) -
     assert len(set(head_lrs)) > 1, f"{name} never changed the learning rate: {head_lrs}"
 
 
+def test_the_supported_schedulers_are_the_tested_ones() -> None:
+    from lightning_modules.finetuning import SUPPORTED_SCHEDULERS
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    tested = set()
+    for factory in SCHEDULERS.values():
+        scheduler = factory(optimizer)
+        tested |= {type(s) for s in [scheduler, *getattr(scheduler, "_schedulers", [])]}
+    assert tested == set(SUPPORTED_SCHEDULERS)
+
+
+def _with_scheduler(factory: Any) -> FineTuneModule:
+    return FineTuneModule(
+        backbone="timm/test_resnet",
+        weights="none",
+        image_size=32,
+        num_classes=3,
+        optimizer=partial(torch.optim.SGD, lr=0.01),
+        lr_scheduler=factory,
+    )
+
+
+def test_an_untested_scheduler_is_refused_when_a_stage_will_unfreeze(tmp_path: Path) -> None:
+    from lightning_modules.finetuning import FreezeUnfreeze
+
+    exponential = partial(torch.optim.lr_scheduler.ExponentialLR, gamma=0.5)
+    restarts = partial(torch.optim.lr_scheduler.CosineAnnealingWarmRestarts, T_0=2)
+    for factory, name in ((exponential, "ExponentialLR"), (restarts, "CosineAnnealingWarmRestarts")):
+        with pytest.raises(ConfigError, match=f"model.lr_scheduler {name}: .* CosineAnnealingLR, LambdaLR"):
+            _run(tmp_path, FreezeUnfreeze(unfreeze_at_epoch=1, stages=1), epochs=2, model=_with_scheduler(factory))
+    rec = _run(tmp_path, Freeze(), epochs=2, model=_with_scheduler(exponential))  # never unfreezes: no new groups
+    assert rec.epochs[1]["groups"][0][1] == pytest.approx(0.005)
+
+
 def test_frozen_stages_are_fixed_feature_extractors(tmp_path: Path) -> None:
     """Stochastic depth and dropout inside a frozen stage are off too, not only BatchNorm."""
     from torchvision.ops import StochasticDepth
