@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -272,6 +272,20 @@ def kfold_split(pool: LabeledDataset, num_folds: int, fold: int, seed: int) -> t
     return Subset(pool, train.tolist()), Subset(pool, val.tolist())
 
 
+def epoch_starting(trainer: Any) -> int:
+    """The epoch whose loaders the trainer asks for now (during its validation too), restored from the checkpoint
+    on resume: Lightning restores the loop state before it asks for any loader."""
+    progress: Any = trainer.fit_loop.epoch_progress.current  # typed as the base tracker; it counts these
+    return int(progress.processed)
+
+
+class FeatureSource(Protocol):
+    """What the DataModule asks for cached features: `ImageClassificationDataModule.feature_source`."""
+
+    def features_for(self, split: str) -> Dataset | None:
+        """Features to serve for `split` (train or val) in the epoch about to start, or None: the images."""
+
+
 class ImageClassificationDataModule(LightningDataModule):
     """Splits, transforms and loaders for image classification.
 
@@ -347,7 +361,7 @@ class ImageClassificationDataModule(LightningDataModule):
         self.predict_set: Transformed | None = None
         train_transform(self.data_config, augment, crop_scale)  # fail on a bad preset now, not at setup
         self.datasets: dict[str, Transformed] = {}
-        self.features: dict[str, Dataset] = {}  # split -> cached backbone features, while the backbone is frozen
+        self.feature_source: FeatureSource | None = None  # cached backbone features (the FeatureCache callback)
         self.skipped: set[tuple[str, str, str]] = set()  # (split, path, reason) of files that could not be read
         self.skipped_total = 0  # the files skipped on every process, as last written to bad_images.csv
 
@@ -424,6 +438,11 @@ class ImageClassificationDataModule(LightningDataModule):
         """Images per split (after setup): what the run trained, validated and tested on."""
         return {split: len(dataset) for split, dataset in self.datasets.items()}
 
+    def report_unreadable(self, split: str, files: list[tuple[str, str]]) -> None:
+        """Add (path, reason) pairs of `split` that another reader (the feature cache) found unreadable to the
+        run's `bad_images.csv`."""
+        self.skipped |= {(split, path, reason) for path, reason in files}
+
     def deterministic_view(self, split: str, force: bool = False) -> Transformed | None:
         """The split with inputs that are the same every epoch (what a feature cache may store): val and test
         always; train when its augmentation is `none`, or, with `force`, train under evaluation transforms."""
@@ -432,20 +451,17 @@ class ImageClassificationDataModule(LightningDataModule):
             return dataset
         return Transformed(dataset.dataset, eval_transform(self.data_config)) if force else None
 
-    def use_features(self, split: str, features: Dataset | None) -> None:
-        """Serve `split` from precomputed backbone features (batches of (N, num_features)), or None: images
-        again. Takes effect when the trainer next asks for the loader."""
-        if features is None:
-            self.features.pop(split, None)
-        else:
-            self.features[split] = features
-
-    def loader(self, split: str, dataset: Dataset | None = None, shuffle: bool = False) -> DataLoader:
-        """Batches of `split` (its transformed images, or its cached features while it has them), or of `dataset`;
-        shuffled by `EpochShuffle` for training."""
-        features = dataset is None and split in self.features  # no decoding, so no worker processes
-        if dataset is None:
-            dataset = self.features[split] if features else self.datasets[split]
+    def loader(
+        self, split: str, dataset: Dataset | None = None, shuffle: bool = False, one_pass: bool = False
+    ) -> DataLoader:
+        """Batches of `dataset`, or of `split`: its transformed images, or the backbone features `feature_source`
+        serves for it in the epoch about to start; shuffled by `EpochShuffle` for training. `one_pass`: worker
+        processes end with the pass instead of persisting (a loader read once, such as the feature cache's)."""
+        cached = None
+        if dataset is None and self.feature_source is not None and split in ("train", "val"):
+            cached = self.feature_source.features_for(split)
+        features = cached is not None  # in memory, no decoding: no worker processes
+        dataset = dataset if dataset is not None else cached if cached is not None else self.datasets[split]
         workers = 0 if features else self.num_workers
         sampler = None
         if shuffle:
@@ -457,22 +473,19 @@ class ImageClassificationDataModule(LightningDataModule):
             sampler=sampler,
             num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=workers > 0,
+            persistent_workers=workers > 0 and not one_pass,
             collate_fn=partial(collate, split=split, features=features),
             # a last training batch of one image breaks BatchNorm (one value per channel): it is left out
             drop_last=shuffle and len(dataset) % self.batch_size == 1,  # type: ignore[arg-type]
         )
 
     def _epoch_starting(self) -> int:
-        """The epoch the trainer's next training loader serves, restored from a checkpoint on resume.
+        """The epoch the trainer's next training loader serves (`epoch_starting`), 0 without a trainer.
 
         Lightning (2.6, issue #21938) creates the training iterator before it calls `set_epoch` on the sampler,
         and a loader with worker processes draws its first indices at once: a resumed run would replay epoch 0's
         order and augmentation. The sampler is therefore built at the right epoch."""
-        if self.trainer is None:
-            return 0
-        progress: Any = self.trainer.fit_loop.epoch_progress.current  # typed as the base tracker; it counts these
-        return int(progress.processed)
+        return epoch_starting(self.trainer) if self.trainer is not None else 0
 
     @override
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:

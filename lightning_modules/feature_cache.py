@@ -13,7 +13,6 @@ At the epoch a strategy first unfreezes a stage, the loaders go back to images, 
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from datamodules.base import Draw, Sample, digest
+from datamodules.base import Draw, ImageClassificationDataModule, Sample, digest, epoch_starting
 from datamodules.common import ConfigError, atomic_write
 from lightning_modules.console import notice
-from lightning_modules.finetuning import FinetuningStrategy
+from lightning_modules.finetuning import FinetuningStrategy, backbone_of
 
 SPLITS = ("train", "val")
 DEFAULT_DIR = Path.home() / ".cache" / "finetune-lab" / "features"
@@ -56,6 +55,13 @@ class FeatureCache(pl.Callback):
     """Serve train and val batches from cached backbone features while a finetuning strategy keeps the backbone
     frozen.
 
+    The DataModule asks (`ImageClassificationDataModule.feature_source`) each time the trainer asks it for a train
+    or val loader; the cache answers for the epoch about to start, which Lightning has already restored on a
+    resume. Features are computed at the first such request of a frozen epoch; at the first unfrozen one the
+    answer is "images". While features are served the trainer rebuilds its loaders every epoch
+    (`reload_dataloaders_every_n_epochs: 1`, Lightning's one switch for that), so the change takes effect
+    without a restart; the user's setting is back one epoch after the unfreeze and at the end of the fit.
+
     Args:
         store: `memory` (this fit), `disk` (kept under `cache_dir`, reused by later runs) or `off` (YAML reads an
             unquoted `off` as false, which means the same; `true` means `memory`).
@@ -74,83 +80,103 @@ class FeatureCache(pl.Callback):
         self.force = force
         self.computed: list[str] = []  # splits computed by this callback (the rest came from disk)
         self.loaded: list[str] = []
-        self._reload: int | None = None  # the trainer's own reload setting, while the cache overrides it
+        self._features: dict[str, FeatureSet | None] = {}  # per split, while the backbone is frozen
+        self._fit: tuple[pl.Trainer, pl.LightningModule, ImageClassificationDataModule] | None = None
+        self._reload: int | None = None  # the trainer's own reload setting, while features are served
 
     # ---------------------------------------------------------------------------------- hooks
 
     @override
-    def on_fit_start(self, trainer: Any, pl_module: pl.LightningModule) -> None:
-        """Compute or load the features when the first epoch has a frozen backbone."""
-        first = first_epoch(trainer)
-        if self.store == "off" or first is None or not self._frozen_at(trainer, pl_module, first):
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """For a fit, become the DataModule's feature source; a loud error when the data cannot take one."""
+        if stage != "fit" or self.store == "off":
             return
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "use_features"):
-            return
-        used = False
-        for split in SPLITS:
-            view = datamodule.deterministic_view(split, self.force)
-            if view is None:
-                notice(
-                    f"feature cache: train features not cached, augmentation {datamodule.augment!r} is random "
-                    "(set `force: true` to train the frozen phase on cached un-augmented images)"
-                )
-                continue
-            if split == "train" and datamodule.augment != "none":
-                notice(
-                    f"feature cache: the frozen phase trains on un-augmented images (augmentation "
-                    f"{datamodule.augment!r} starts at the first unfreeze)"
-                )
-            features = self._features(pl_module, view, split, datamodule)
-            datamodule.skipped |= {(split, path, reason) for path, reason in features.bad}
-            datamodule.use_features(split, features)
-            used = True
-        if used:  # the loaders must be asked for again at the first unfreeze
-            self._reload = trainer.reload_dataloaders_every_n_epochs
-            trainer.reload_dataloaders_every_n_epochs = 1
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        if not isinstance(datamodule, ImageClassificationDataModule):
+            raise ConfigError(
+                f"feature_cache needs an ImageClassificationDataModule (got {type(datamodule).__name__}); "
+                "set feature_cache.store off"
+            )
+        self.computed, self.loaded, self._features = [], [], {}
+        self._fit = (trainer, pl_module, datamodule)
+        datamodule.feature_source = self
 
     @override
-    def on_train_epoch_end(self, trainer: Any, pl_module: pl.LightningModule) -> None:
-        """After the last frozen epoch, switch the loaders back to images; one epoch later, restore the
-        trainer's reload setting (both loaders have been rebuilt by then)."""
-        if self._reload is None:
-            return
-        datamodule: Any = trainer.datamodule
-        if datamodule.features and not self._frozen_at(trainer, pl_module, trainer.current_epoch + 1):
-            for split in SPLITS:
-                datamodule.use_features(split, None)
-        elif not datamodule.features:
-            trainer.reload_dataloaders_every_n_epochs, self._reload = self._reload, None
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """At the end of the first unfrozen epoch both loaders serve images again: give back the reload setting."""
+        if self._reload is not None and not self._frozen_at(trainer.current_epoch):
+            set_reload(trainer, self._reload)
+            self._reload = None
 
     @override
-    def on_fit_end(self, trainer: Any, pl_module: pl.LightningModule) -> None:
-        """Later test or predict calls read images."""
-        datamodule: Any = trainer.datamodule
-        if self._reload is not None and datamodule is not None:
-            for split in SPLITS:
-                datamodule.use_features(split, None)
-            trainer.reload_dataloaders_every_n_epochs, self._reload = self._reload, None
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Later test or predict calls read images; the trainer's reload setting is the user's again."""
+        if self._fit is not None:
+            self._fit[2].feature_source = None
+            self._fit, self._features = None, {}
+        if self._reload is not None:
+            set_reload(trainer, self._reload)
+            self._reload = None
 
-    # ---------------------------------------------------------------------------------- helpers
+    # ---------------------------------------------------------------------------------- the source
 
-    @staticmethod
-    def _frozen_at(trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> bool:
+    def features_for(self, split: str) -> FeatureSet | None:
+        """The features of `split` when the epoch about to start keeps the backbone frozen (computed or loaded
+        at the first request), else None."""
+        if self._fit is None:
+            return None
+        trainer, pl_module, datamodule = self._fit
+        if not self._frozen_at(epoch_starting(trainer)):
+            self._features = {}  # the frozen phase is over: images from now on
+            return None
+        if split not in self._features:
+            self._features[split] = self._prepare(split, pl_module, datamodule)
+        features = self._features[split]
+        if features is not None and self._reload is None:  # rebuild the loaders every epoch until the unfreeze
+            self._reload = set_reload(trainer, 1)
+        return features
+
+    def _frozen_at(self, epoch: int) -> bool:
+        """Whether the one finetuning strategy keeps the whole backbone frozen at `epoch`."""
+        if self._fit is None:
+            return False
+        trainer, pl_module, _ = self._fit
         strategies = [c for c in trainer.callbacks if isinstance(c, FinetuningStrategy)]  # type: ignore[attr-defined]
-        backbone = getattr(pl_module, "backbone", None)
-        if len(strategies) != 1 or backbone is None:
-            return False  # no strategy: the whole network trains
+        if len(strategies) != 1:
+            return False  # no strategy: the whole network trains (two are refused by the CLI)
         strategy = strategies[0]
-        return not strategy.unfrozen and not strategy.trainable_stages(backbone, epoch)
+        return not strategy.unfrozen and not strategy.trainable_stages(backbone_of(pl_module), epoch)
 
-    def _features(self, pl_module: pl.LightningModule, view: Any, split: str, datamodule: Any) -> FeatureSet:
-        backbone: Any = pl_module.backbone
+    def _prepare(
+        self, split: str, pl_module: pl.LightningModule, datamodule: ImageClassificationDataModule
+    ) -> FeatureSet | None:
+        view = datamodule.deterministic_view(split, self.force)
+        if view is None:
+            notice(
+                f"feature cache: train features not cached, augmentation {datamodule.augment!r} is random "
+                "(set `force: true` to train the frozen phase on cached un-augmented images)"
+            )
+            return None
+        if split == "train" and datamodule.augment != "none":
+            notice(
+                f"feature cache: the frozen phase trains on un-augmented images (augmentation "
+                f"{datamodule.augment!r} starts at the first unfreeze)"
+            )
+        features = self._features_of(pl_module, view, split, datamodule)
+        datamodule.report_unreadable(split, features.bad)
+        return features
+
+    def _features_of(
+        self, pl_module: pl.LightningModule, view: Any, split: str, datamodule: ImageClassificationDataModule
+    ) -> FeatureSet:
+        backbone = backbone_of(pl_module)
         key = cache_key(backbone, view, split) if self.store == "disk" else None
         path = self.cache_dir / f"{key}.pt" if key is not None else None
         if path is not None and path.is_file():
             state = torch.load(path, map_location="cpu", weights_only=True)
             self.loaded.append(split)
             return FeatureSet(state["features"], state["targets"], [tuple(b) for b in state["bad"]])
-        features = compute_features(backbone, datamodule.loader(split, view), pl_module.device)
+        features = compute_features(backbone, datamodule.loader(split, view, one_pass=True), pl_module.device)
         self.computed.append(split)
         if path is not None:
             state = features.state()
@@ -158,16 +184,12 @@ class FeatureCache(pl.Callback):
         return features
 
 
-def first_epoch(trainer: pl.Trainer) -> int | None:
-    """The epoch this fit starts with: 0, or after the checkpoint it resumes (whose loop state is restored only
-    after `on_fit_start`); None if the checkpoint cannot be read here."""
-    if not trainer.ckpt_path:
-        return 0
-    try:
-        checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError):
-        return None
-    return int(checkpoint.get("epoch", 0)) + 1  # a mid-epoch checkpoint errs towards not caching
+def set_reload(trainer: Any, every_n_epochs: int) -> int:
+    """Set the trainer's `reload_dataloaders_every_n_epochs` (an attribute Lightning sets at init, untyped);
+    the previous value."""
+    previous = int(trainer.reload_dataloaders_every_n_epochs)
+    trainer.reload_dataloaders_every_n_epochs = every_n_epochs
+    return previous
 
 
 def cache_key(backbone: Any, view: Any, split: str) -> str | None:

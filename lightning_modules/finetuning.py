@@ -85,14 +85,14 @@ class FinetuningStrategy(BaseFinetuning):
     @override
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
         """Freeze every backbone stage that is not already unfrozen (the latter only on resume)."""
-        backbone = _backbone(pl_module)
+        backbone = backbone_of(pl_module)
         for stage in backbone.stages:
             self._set_trainable(backbone, stage, stage.name in self.unfrozen)
 
     @override
     def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         """Unfreeze the stages due at this epoch, each as a new named param group."""
-        backbone = _backbone(pl_module)
+        backbone = backbone_of(pl_module)
         in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
         head_lr = float(optimizer.param_groups[0]["lr"])
         for stage in self.trainable_stages(backbone, epoch):
@@ -149,12 +149,12 @@ class FinetuningStrategy(BaseFinetuning):
             added = added or len(optimizer.param_groups) > count
         if added:
             rewrap_ddp(trainer)
-        self.apply_bn_policy(_backbone(pl_module))
+        self.apply_bn_policy(backbone_of(pl_module))
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check every stage the strategy will ever unfreeze now: a wrong name fails at start, not at its epoch."""
-        self.trainable_stages(_backbone(pl_module), sys.maxsize)
+        self.trainable_stages(backbone_of(pl_module), sys.maxsize)
         super().setup(trainer, pl_module, stage)
 
     @override
@@ -162,7 +162,7 @@ class FinetuningStrategy(BaseFinetuning):
         """Refuse a scheduler that new param groups would break; on resume, restore the param groups (base class)
         and the trainable flags of unfrozen stages."""
         horizon = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1000
-        if any(self.trainable_stages(_backbone(pl_module), epoch) for epoch in range(horizon)):
+        if any(self.trainable_stages(backbone_of(pl_module), epoch) for epoch in range(horizon)):
             check_schedulers(trainer)
         super().on_fit_start(trainer, pl_module)
         self.freeze_before_training(pl_module)
@@ -184,7 +184,7 @@ class FinetuningStrategy(BaseFinetuning):
     def prepare(self, pl_module: pl.LightningModule, epoch: int = 0) -> None:
         """Set the trainable flags this strategy gives the backbone at `epoch`, without an optimizer (for tools
         that train outside the callbacks, such as Lightning's learning-rate finder)."""
-        backbone = _backbone(pl_module)
+        backbone = backbone_of(pl_module)
         due = {s.name for s in self.trainable_stages(backbone, epoch)} | set(self.unfrozen)
         for stage in backbone.stages:
             self._set_trainable(backbone, stage, stage.name in due)
@@ -388,7 +388,8 @@ def _submodule(body: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _backbone(pl_module: pl.LightningModule) -> Backbone:
+def backbone_of(pl_module: pl.LightningModule) -> Backbone:
+    """The module's `Backbone` (what strategies and the feature cache work on), or a ConfigError."""
     backbone = getattr(pl_module, "backbone", None)
     if not isinstance(backbone, Backbone):
         raise ConfigError("finetuning strategies need a module with a `backbone` built by build_backbone")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from datamodules import DigitsDataModule, ImageFolderDataModule
+from datamodules.common import ConfigError
 from lightning_modules.backbones import data_config_dict
 from lightning_modules.feature_cache import FeatureCache, cache_key
 from lightning_modules.finetuning import Freeze, FreezeUnfreeze
@@ -73,14 +74,14 @@ def _fit(strategy: pl.Callback, epochs: int, cache: FeatureCache | None, data: A
 def test_frozen_epochs_use_features_and_the_unfreeze_switches_to_images(tmp_path: Path) -> None:
     cache = FeatureCache()
     _, spy, trainer = _fit(FreezeUnfreeze(unfreeze_at_epoch=2, stages=1), 3, cache)
-    assert cache.computed == ["train", "val"]
+    assert sorted(cache.computed) == ["train", "val"]  # val first: the sanity check asks for it
     for epoch in (0, 1):
         assert spy.ranks[(epoch, "train")] == {2} and spy.ranks[(epoch, "val")] == {2}
         assert spy.backbone_calls[epoch] == 0
     assert spy.ranks[(2, "train")] == {4} and spy.ranks[(2, "val")] == {4}
     assert spy.backbone_calls[2] > 0
     assert trainer.reload_dataloaders_every_n_epochs == 0  # the user's setting is back
-    assert not trainer.datamodule.features  # a later test or predict reads images
+    assert trainer.datamodule.feature_source is None  # a later test or predict reads images
 
 
 def test_cached_run_equals_uncached_run() -> None:
@@ -100,7 +101,7 @@ def test_random_augmentation_caches_val_only_unless_forced(caplog: pytest.LogCap
     forced = FeatureCache(force=True)
     _, spy, _ = _fit(Freeze(), 1, forced, data=_data(augment="affine"))
     assert "the frozen phase trains on un-augmented images" in caplog.text
-    assert forced.computed == ["train", "val"] and spy.ranks[(0, "train")] == {2}
+    assert sorted(forced.computed) == ["train", "val"] and spy.ranks[(0, "train")] == {2}
 
 
 def test_no_strategy_or_unfrozen_start_means_no_cache() -> None:
@@ -112,10 +113,10 @@ def test_no_strategy_or_unfrozen_start_means_no_cache() -> None:
 def test_disk_cache_is_reused_by_the_next_run(tmp_path: Path) -> None:
     first = FeatureCache(store="disk", cache_dir=str(tmp_path))
     _fit(Freeze(), 1, first)
-    assert first.computed == ["train", "val"] and len(list(tmp_path.glob("*.pt"))) == 2
+    assert sorted(first.computed) == ["train", "val"] and len(list(tmp_path.glob("*.pt"))) == 2
     again = FeatureCache(store="disk", cache_dir=str(tmp_path))
     _, spy, _ = _fit(Freeze(), 2, again)
-    assert again.computed == [] and again.loaded == ["train", "val"]
+    assert again.computed == [] and sorted(again.loaded) == ["train", "val"]
     assert spy.ranks[(1, "train")] == {2} and spy.backbone_calls[0] == spy.backbone_calls[1] == 0
 
 
@@ -137,6 +138,19 @@ def test_resume_after_the_frozen_phase_reads_images(tmp_path: Path) -> None:
     )
     resumed.fit(model, datamodule=_data(), ckpt_path=str(tmp_path / "last.ckpt"))
     assert cache.computed == [] and spy.ranks[(1, "train")] == {4}
+
+
+def test_data_that_cannot_serve_features_is_a_loud_error() -> None:
+    from tests.lightning_modules.test_finetuning import _loader
+
+    class Plain(pl.LightningDataModule):
+        def train_dataloader(self) -> Any:
+            return _loader()
+
+    with pytest.raises(ConfigError, match=r"feature_cache needs an ImageClassificationDataModule \(got Plain\); set"):
+        _fit(Freeze(), 1, FeatureCache(), data=Plain())
+    _, spy, _ = _fit(Freeze(), 1, FeatureCache(store="off"), data=Plain(), limit_val_batches=0)
+    assert spy.ranks[(0, "train")] == {4}
 
 
 def _key(model: FineTuneModule, data: Any, split: str = "val") -> str | None:
