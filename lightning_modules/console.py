@@ -22,6 +22,8 @@ log = logging.getLogger("ftlab")
 # (category, message regex) of third-party warnings that say nothing about the user's run
 NOISE: tuple[tuple[type[Warning], str], ...] = (
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # Lightning 2.6 on torch 2.14
+    # ModelCheckpoint's state in a checkpoint read by test or predict from another run folder: nothing to act on
+    (UserWarning, r"The dirpath has changed from"),
 )
 NOISE_LOGS = ("litlogger",)  # Lightning's advertisement for its cloud logger, at every start
 
