@@ -1,0 +1,85 @@
+"""The frozen-pass engines: ONNX Runtime against torch on a tiny timm model, the fallbacks, the export cache."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules import DigitsDataModule
+from datamodules.common import ConfigError
+from lightning_modules import engines
+from lightning_modules.backbones import build_backbone, data_config_dict
+from lightning_modules.engines import frozen_pass, onnx_key, torch_pass
+from lightning_modules.feature_cache import FeatureCache, compute_features
+
+pytest.importorskip("onnxruntime")
+BACKBONE = "timm/test_resnet"
+CPU = torch.device("cpu")
+
+
+def _backbone(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_backbone(BACKBONE, "none", 32, 3).eval()
+
+
+def _loader() -> torch.utils.data.DataLoader:
+    data = DigitsDataModule(
+        batch_size=64, num_workers=0, augment="none", data_config=data_config_dict(BACKBONE, "none", 32)
+    )
+    data.setup("fit")
+    return data.loader("val", data.datasets["val"])
+
+
+def test_onnxruntime_features_equal_torch_within_the_tolerance(tmp_path: Path) -> None:
+    backbone = _backbone()
+    by_torch = compute_features(backbone, _loader(), CPU, "torch", tmp_path)
+    by_ort = compute_features(backbone, _loader(), CPU, "onnxruntime", tmp_path)
+    assert len(list(tmp_path.glob("*.onnx"))) == 1  # exported once, kept
+    assert by_ort.features.shape == by_torch.features.shape == (144, backbone.num_features)
+    assert torch.equal(by_ort.targets, by_torch.targets)
+    assert float((by_ort.features - by_torch.features).abs().max()) <= 1e-4
+    assert not torch.equal(by_ort.features, by_torch.features)  # really another engine, not torch twice
+
+
+def test_the_export_is_cached_under_its_weights_and_input(tmp_path: Path) -> None:
+    x = torch.rand(4, 3, 32, 32)
+    backbone = _backbone()
+    key = onnx_key(backbone, x)
+    assert key == onnx_key(_backbone(), x)  # the same weights: the same file
+    assert key != onnx_key(_backbone(seed=1), x)  # other weights
+    assert key != onnx_key(backbone, torch.rand(4, 3, 40, 40))  # another input size
+    frozen_pass(backbone, CPU, "onnxruntime", x, tmp_path)
+    (path,) = tmp_path.glob("*.onnx")
+    stamp = path.stat().st_mtime_ns
+    frozen_pass(backbone, CPU, "onnxruntime", x, tmp_path)
+    assert path.stat().st_mtime_ns == stamp  # reused, not exported again
+
+
+def test_falls_back_to_torch_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    x = torch.rand(4, 3, 32, 32)
+    backbone = _backbone()
+    expected = torch_pass(backbone, CPU)(x)
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="ftlab"):
+        patch.setattr(engines, "TOLERANCE", -1.0)  # any difference fails the check
+        run = frozen_pass(backbone, CPU, "onnxruntime", x, tmp_path)
+        assert torch.equal(run(x), expected)
+    assert "ONNX Runtime differs from torch by" in caplog.text
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="ftlab"):
+        patch.setitem(sys.modules, "onnxruntime", None)  # not installed
+        assert torch.equal(frozen_pass(backbone, CPU, "onnxruntime", x, tmp_path / "none")(x), expected)
+        assert "ONNX Runtime not used (ModuleNotFoundError" in caplog.text
+        caplog.clear()
+        patch.setattr(engines.importlib.util, "find_spec", lambda name: None)
+        assert torch.equal(frozen_pass(backbone, CPU, "auto", x, tmp_path / "none")(x), expected)
+        assert caplog.text == ""  # auto without onnxruntime is torch, silently
+
+
+def test_an_unknown_engine_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"feature_cache.engine 'tensorrt': choose one of \['torch'"):
+        FeatureCache(engine="tensorrt")
