@@ -21,6 +21,7 @@ from datamodules.common import ConfigError, atomic_write
 from lightning_modules.console import notice
 
 ENGINES = ("torch", "onnxruntime", "auto")
+ONNX_DIR = Path.home() / ".cache" / "finetune-lab" / "onnx"  # exports of whole models (test and predict)
 TOLERANCE = 1e-4  # max |difference| from torch on the check batch
 Pass = Callable[[torch.Tensor], torch.Tensor]
 
@@ -102,10 +103,12 @@ def frozen_pass(module: nn.Module, device: torch.device, engine: str, example: t
         candidate = onnxruntime_pass(module, example, cache_dir)
         expected, got = reference(example), candidate(example)
     except Exception as err:  # onnxruntime missing, an operator the exporter cannot take ...: torch runs it
-        notice(f"feature cache: ONNX Runtime not used ({type(err).__name__}: {str(err).splitlines()[0][:160]}); torch")
+        notice(
+            f"inference engine: ONNX Runtime not used ({type(err).__name__}: {str(err).splitlines()[0][:160]}); torch"
+        )
         return reference
     difference = float((got - expected).abs().max())
     if difference > TOLERANCE:
-        notice(f"feature cache: ONNX Runtime differs from torch by {difference:.2g} (> {TOLERANCE}); torch")
+        notice(f"inference engine: ONNX Runtime differs from torch by {difference:.2g} (> {TOLERANCE}); torch")
         return reference
     return candidate

@@ -24,6 +24,7 @@ from typing_extensions import override
 from datamodules.base import Batch
 from datamodules.common import ConfigError
 from lightning_modules.backbones import build_backbone
+from lightning_modules.engines import ENGINES, ONNX_DIR, Pass, frozen_pass
 
 STAGES = ("train", "val", "test")
 
@@ -106,6 +107,9 @@ class FineTuneModule(LightningModule):
             the same; on recent GPUs it is the layout mixed-precision convolutions want.
         compile: `torch.compile` the backbone (in place: checkpoints and stage names are unchanged); `true` or
             a mode such as `max-autotune`. The first steps pay the compilation.
+        inference_engine: what runs the model in `ftlab test` and `ftlab predict`: `torch`, `onnxruntime` (CPU;
+            exported once under `~/.cache/finetune-lab/onnx`, used only if it matches torch within 1e-4 on the
+            first batch) or `auto` (onnxruntime on CPU when installed); see `lightning_modules/engines.py`.
     """
 
     def __init__(
@@ -126,6 +130,7 @@ class FineTuneModule(LightningModule):
         sync_batchnorm: bool = False,
         channels_last: bool = True,
         compile: bool | str = False,
+        inference_engine: str = "torch",
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -135,7 +140,10 @@ class FineTuneModule(LightningModule):
             )
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"model.class_names has {len(class_names)} names for {num_classes} classes")
+        if inference_engine not in ENGINES:
+            raise ConfigError(f"model.inference_engine {inference_engine!r}: choose one of {list(ENGINES)}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self._inference: Pass | None = None  # the test or predict engine, built at the first batch
         self.backbone = build_backbone(backbone, weights, image_size, in_chans)
         self.head = build_head(self.backbone.num_features, num_classes, head_hidden or (), head_dropout)
         self.class_names = class_names or [str(i) for i in range(num_classes)]
@@ -171,12 +179,32 @@ class FineTuneModule(LightningModule):
         backbone features (`batch.features`, the feature cache)."""
         return self.head(batch.inputs) if batch.features else self(batch.inputs)
 
+    def inference_logits(self, batch: Batch) -> torch.Tensor:
+        """`logits` for test and predict, by `inference_engine` (built at the first batch of the run)."""
+        engine = self.hparams.get("inference_engine", "torch")
+        if engine == "torch" or batch.features:
+            return self.logits(batch)
+        if self._inference is None:
+            self._inference = frozen_pass(self, self.device, engine, batch.inputs, ONNX_DIR)
+        return self._inference(batch.inputs).to(self.device)
+
+    @override
+    def on_test_start(self) -> None:
+        """A fresh engine for this run (the weights may have changed since the last)."""
+        self._inference = None
+
+    @override
+    def on_predict_start(self) -> None:
+        """A fresh engine for this run."""
+        self._inference = None
+
     def _shared_step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Loss and logits, with the stage's metrics updated and logged; None when no file of the batch could be
         read (they are reported as bad images)."""
         if batch.size == 0:
             return None
-        logits, y = self.logits(batch), batch.targets
+        logits = self.inference_logits(batch) if stage == "test" else self.logits(batch)
+        y = batch.targets
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
         metrics: MetricCollection = self.metrics[f"{stage}_metrics"]  # type: ignore[assignment]
         metrics.update(logits, y)
@@ -241,7 +269,7 @@ class FineTuneModule(LightningModule):
         become error rows)."""
         if batch.size == 0:
             return torch.empty(0, self.hparams["num_classes"], device=self.device)
-        return self.logits(batch).softmax(dim=1)
+        return self.inference_logits(batch).softmax(dim=1)
 
     def trainable_param_groups(self) -> list[dict[str, Any]]:
         """Named groups of the parameters that train now: `head`, then `backbone` if any of it is trainable."""

@@ -15,6 +15,8 @@ from lightning_modules import engines
 from lightning_modules.backbones import build_backbone, data_config_dict
 from lightning_modules.engines import frozen_pass, onnx_key, torch_pass
 from lightning_modules.feature_cache import FeatureCache, compute_features
+from lightning_modules.module import FineTuneModule
+from tests.conftest import quiet_trainer
 
 pytest.importorskip("onnxruntime")
 BACKBONE = "timm/test_resnet"
@@ -83,3 +85,26 @@ def test_falls_back_to_torch_and_says_why(
 def test_an_unknown_engine_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"feature_cache.engine 'tensorrt': choose one of \['torch'"):
         FeatureCache(engine="tensorrt")
+
+
+def test_test_and_predict_give_the_same_results_on_either_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("lightning_modules.module.ONNX_DIR", tmp_path)
+    config = data_config_dict(BACKBONE, "none", 32)
+    results = {}
+    for engine in ("torch", "onnxruntime"):
+        torch.manual_seed(0)
+        model = FineTuneModule(
+            backbone=BACKBONE, weights="none", image_size=32, num_classes=10, inference_engine=engine
+        )
+        data = DigitsDataModule(batch_size=64, num_workers=0, augment="none", data_config=config)
+        trainer = quiet_trainer(tmp_path, limit_test_batches=2, limit_predict_batches=2)
+        tested = trainer.test(model, datamodule=data, verbose=False)[0]
+        probs = torch.cat(trainer.predict(model, datamodule=data))  # type: ignore[arg-type]
+        results[engine] = (tested, probs, model._inference)
+    (torch_metrics, torch_probs, _), (ort_metrics, ort_probs, ort_pass) = results["torch"], results["onnxruntime"]
+    assert ort_pass is not None and len(list(tmp_path.glob("*.onnx"))) == 1  # the model really ran on ORT
+    assert float((ort_probs - torch_probs).abs().max()) <= 1e-4 and not torch.equal(ort_probs, torch_probs)
+    assert ort_metrics["test/acc"] == torch_metrics["test/acc"]
+    assert ort_metrics["test/loss"] == pytest.approx(torch_metrics["test/loss"], abs=1e-4)
