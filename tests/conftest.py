@@ -1,26 +1,34 @@
-"""Shared fixtures: tiny data made on the fly, runs under a temporary directory, never the network."""
+"""Shared fixtures: tiny data made on the fly, runs under a temporary directory, never the network; the global
+torch state each test found is restored after it (tests pass alone and in the suite alike)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import pytest
+import torch
+
+from tests.helpers import REPO
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[1]
 
-# Overrides that make any experiment tiny: fast_dev_run, no workers, no progress bar.
-FAST = [
-    "--trainer.fast_dev_run=true",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--data.init_args.num_workers=0",
-]
+@pytest.fixture(autouse=True)
+def restore_torch_state() -> Iterator[None]:
+    """Deterministic mode (`deterministic: warn` in the defaults turns it on for the whole process), threads and
+    the default dtype, back to what they were before the test."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    dtype = torch.get_default_dtype()
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
 
 
 @pytest.fixture
@@ -29,15 +37,3 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "experiments").symlink_to(REPO / "experiments")
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def quiet_trainer(root: Path, **kwargs: Any) -> pl.Trainer:
-    """A Trainer for tests: no logger, checkpoints, progress bar or summary unless asked for."""
-    defaults: dict[str, Any] = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(root),
-    }
-    return pl.Trainer(**{**defaults, **kwargs})

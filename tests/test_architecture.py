@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PACKAGES = ("datamodules", "lightning_modules", "scripts")
 TOP = {"cli", "sweeps", "results", "recipe_table"}  # what runs, or runs many: nothing below may import them

@@ -24,9 +24,7 @@ import torch
 from PIL import Image
 
 from lightning_modules import cli
-from tests.conftest import FAST, REPO
-from tests.datamodules.conftest import photo, write_cifar, write_class_folders, write_mnist
-from tests.datamodules.test_datasets import Image_exif
+from tests.helpers import FAST, REPO, image_exif, photo, write_cifar, write_class_folders, write_mnist
 
 TINY = ["--model.backbone=timm/test_resnet", "--model.weights=none", "--model.image_size=32"]
 SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
@@ -96,7 +94,7 @@ def _build_world(root: Path) -> dict[str, str]:
     for folder in inbox.values():
         folder.mkdir()
     (inbox["empty"] / "notes.txt").write_text("no images here")
-    photo(1, (40, 24)).save(inbox["exif"] / "turned.jpg", exif=Image_exif(orientation=8))
+    photo(1, (40, 24)).save(inbox["exif"] / "turned.jpg", exif=image_exif(orientation=8))
     photo(2, (1, 1)).save(inbox["tiny"] / "one_pixel.png")
     Image.fromarray(np.full((30, 30), 40000, dtype=np.uint16)).save(inbox["png16"] / "deep.png")
     frames = [photo(i, (24, 24)).convert("P") for i in range(3)]

@@ -12,8 +12,7 @@ from types import SimpleNamespace
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from lightning_modules.console import CompactProgressBar
-from tests.conftest import REPO
-from tests.datamodules.conftest import write_class_folders
+from tests.helpers import REPO, write_class_folders
 
 
 def test_setup_summary_names_the_classes_splits_and_the_empty_file(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 from datamodules.common import ConfigError
 from lightning_modules.backbones import build_backbone, resolve_data_config
 from lightning_modules.cli import cli_main
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_export_parity_from_a_checkpoint(in_tmp: Path) -> None:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.datamodules.conftest import write_class_folders
+from tests.helpers import REPO, write_class_folders
 
 POISON = '''
 import lightning.pytorch as pl

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.conftest import REPO
-from tests.datamodules.conftest import photo
+from tests.helpers import REPO, photo
 
 
 def _run(src: Path, dst: Path) -> str:

@@ -12,9 +12,7 @@ import pytest
 
 from datamodules.common import ConfigError
 from lightning_modules.recipe_table import load_plan, main
-from tests.conftest import REPO
-from tests.datamodules.conftest import write_class_folders, write_mnist
-from tests.helpers import in_process
+from tests.helpers import REPO, in_process, write_class_folders, write_mnist
 
 PLAN = REPO / "scripts" / "results.yaml"
 ROWS = ["mnist-mlp", "cifar10-simple_cnn", "cats_vs_dogs-own_images"]

@@ -22,7 +22,7 @@ import torch
 
 from lightning_modules import cli
 from lightning_modules.cli import cli_main
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 EXPERIMENT = """
 trainer:

@@ -22,8 +22,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import REPO
-from tests.helpers import in_process
+from tests.helpers import REPO, in_process
 
 BASE = """
 trainer:

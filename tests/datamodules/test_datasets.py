@@ -21,8 +21,7 @@ from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
 from lightning_modules.backbones import data_config_dict
 from lightning_modules.module import FineTuneModule
-from tests.conftest import quiet_trainer
-from tests.datamodules.conftest import photo, write_cifar, write_class_folders, write_mnist
+from tests.helpers import image_exif, photo, quiet_trainer, write_cifar, write_class_folders, write_mnist
 
 SIZE = 32
 
@@ -152,7 +151,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     from datamodules.images import load_image, read_rgb
 
     img = photo(7, size=(40, 20))
-    exif = Image_exif(orientation=6)  # rotate 90 degrees on display
+    exif = image_exif(orientation=6)  # rotate 90 degrees on display
     img.save(tmp_path / "rotated.jpg", exif=exif)
     slow = read_rgb(tmp_path / "rotated.jpg")
     fast = load_image(tmp_path / "rotated.jpg")  # the torchvision decoder
@@ -172,14 +171,6 @@ def test_fast_jpeg_path_falls_back_to_pil_for_cmyk_and_truncated_files(tmp_path:
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match="truncated"):
         load_image(tmp_path / "cut.jpg")
-
-
-def Image_exif(orientation: int) -> Any:
-    from PIL import Image
-
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return exif
 
 
 def test_an_empty_class_folder_is_an_error_unless_class_names_leave_it_out(

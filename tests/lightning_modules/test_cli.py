@@ -11,8 +11,7 @@ import yaml
 
 from lightning_modules import cli
 from lightning_modules.cli import cli_main
-from tests.conftest import FAST, REPO
-from tests.datamodules.conftest import write_cifar, write_class_folders, write_mnist
+from tests.helpers import FAST, REPO, write_cifar, write_class_folders, write_mnist
 
 EXPERIMENTS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
 DATA = [e for e in EXPERIMENTS if e.startswith("experiments/data/")]

@@ -16,7 +16,7 @@ from lightning_modules.backbones import build_backbone, data_config_dict
 from lightning_modules.engines import frozen_pass, onnx_key, torch_pass
 from lightning_modules.feature_cache import FeatureCache, compute_features
 from lightning_modules.module import FineTuneModule
-from tests.conftest import quiet_trainer
+from tests.helpers import quiet_trainer
 
 pytest.importorskip("onnxruntime")
 BACKBONE = "timm/test_resnet"

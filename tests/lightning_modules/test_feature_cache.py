@@ -18,8 +18,7 @@ from lightning_modules.backbones import data_config_dict
 from lightning_modules.feature_cache import FeatureCache, cache_key
 from lightning_modules.finetuning import Freeze, FreezeUnfreeze
 from lightning_modules.module import FineTuneModule
-from tests.conftest import quiet_trainer
-from tests.datamodules.conftest import write_class_folders
+from tests.helpers import quiet_trainer, tiny_loader, write_class_folders
 
 BACKBONE = "timm/test_resnet"
 
@@ -141,11 +140,9 @@ def test_resume_after_the_frozen_phase_reads_images(tmp_path: Path) -> None:
 
 
 def test_data_that_cannot_serve_features_is_a_loud_error() -> None:
-    from tests.lightning_modules.test_finetuning import _loader
-
     class Plain(pl.LightningDataModule):
         def train_dataloader(self) -> Any:
-            return _loader()
+            return tiny_loader()
 
     with pytest.raises(ConfigError, match=r"feature_cache needs an ImageClassificationDataModule \(got Plain\); set"):
         _fit(Freeze(), 1, FeatureCache(), data=Plain())

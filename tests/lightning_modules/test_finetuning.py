@@ -2,82 +2,28 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
 
-from datamodules.base import TensorImages, Transformed, collate
 from lightning_modules.finetuning import FreezeUnfreeze
 from lightning_modules.module import FineTuneModule
-from tests.conftest import quiet_trainer
-
-
-def _loader(n: int = 16) -> DataLoader:
-    """`Batch`es of random 32 px images in three classes, as the package's loaders make them."""
-    g = torch.Generator().manual_seed(0)
-    images = TensorImages(torch.rand(n, 3, 32, 32, generator=g), [i % 3 for i in range(n)])
-    return DataLoader(Transformed(images, nn.Identity()), batch_size=8, collate_fn=partial(collate, split="train"))
-
-
-def _model() -> FineTuneModule:
-    return FineTuneModule(backbone="timm/test_resnet", weights="none", image_size=32, num_classes=3)
-
-
-def _bn_stats(model: FineTuneModule, stage: str) -> list[torch.Tensor]:
-    backbone = model.backbone
-    return [
-        m.running_mean.clone()
-        for m in backbone.stage_modules(backbone.stage(stage))
-        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None
-    ]
-
-
-class Recorder(pl.Callback):
-    """Records, at the first batch of each epoch, what trains and how BatchNorm behaves."""
-
-    def __init__(self) -> None:
-        self.epochs: dict[int, dict[str, Any]] = {}
-        self.at_start: dict[str, Any] = {}
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self.at_start = self._snapshot(trainer, pl_module)  # after any resume, before any epoch's unfreezing
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if not batch_idx:
-            self.epochs[trainer.current_epoch] = self._snapshot(trainer, pl_module)
-
-    @staticmethod
-    def _snapshot(trainer: pl.Trainer, pl_module: Any) -> dict[str, Any]:
-        backbone = pl_module.backbone
-        state: dict[str, Any] = {"groups": [(g["name"], g["lr"]) for g in trainer.optimizers[0].param_groups]}
-        for stage in backbone.stages:
-            params = list(backbone.stage_parameters(stage))
-            bns = [m for m in backbone.stage_modules(stage) if isinstance(m, nn.BatchNorm2d)]
-            state[stage.name] = {
-                "requires_grad": {p.requires_grad for p in params},
-                "bn_training": {m.training for m in bns},
-                "bn_stats": _bn_stats(pl_module, stage.name),
-            }
-        return state
+from tests.helpers import Recorder, bn_stats, quiet_trainer, tiny_loader, tiny_model
 
 
 def _fit(tmp_path: Path, callback: pl.Callback, epochs: int, model: FineTuneModule | None = None) -> tuple:
-    model = model or _model()
+    model = model or tiny_model()
     recorder = Recorder()
     trainer = quiet_trainer(tmp_path, max_epochs=epochs, callbacks=[callback, recorder])
-    trainer.fit(model, train_dataloaders=_loader())
+    trainer.fit(model, train_dataloaders=tiny_loader())
     return model, recorder, trainer
 
 
 def test_frozen_phase_freezes_params_and_batchnorm(tmp_path: Path) -> None:
-    model = _model()
-    before = {s.name: _bn_stats(model, s.name) for s in model.backbone.stages}
+    model = tiny_model()
+    before = {s.name: bn_stats(model, s.name) for s in model.backbone.stages}
     model, rec, _ = _fit(tmp_path, FreezeUnfreeze(unfreeze_at_epoch=None), epochs=2, model=model)
     for epoch in (0, 1):
         state = rec.epochs[epoch]
@@ -86,15 +32,15 @@ def test_frozen_phase_freezes_params_and_batchnorm(tmp_path: Path) -> None:
             assert state[stage]["requires_grad"] == {False}
             assert state[stage]["bn_training"] == {False}, "frozen BatchNorm must be in eval mode"
     for stage, stats in before.items():  # running statistics never moved
-        for old, new in zip(stats, _bn_stats(model, stage), strict=True):
+        for old, new in zip(stats, bn_stats(model, stage), strict=True):
             assert torch.equal(old, new), stage
     assert all(p.requires_grad for p in model.head.parameters())
 
 
 def test_unfreeze_adds_named_groups_with_their_lr(tmp_path: Path) -> None:
-    model = _model()
-    stem_before = _bn_stats(model, "stem")
-    layer4_before = _bn_stats(model, "layer4")
+    model = tiny_model()
+    stem_before = bn_stats(model, "stem")
+    layer4_before = bn_stats(model, "layer4")
     model, rec, trainer = _fit(tmp_path, FreezeUnfreeze(unfreeze_at_epoch=1, stages=2, lr=0.01), epochs=2, model=model)
     assert rec.epochs[0]["layer4"]["requires_grad"] == {False}
     state = rec.epochs[1]
@@ -105,8 +51,8 @@ def test_unfreeze_adds_named_groups_with_their_lr(tmp_path: Path) -> None:
     for stage in ("stem", "layer1", "layer2"):
         assert state[stage]["requires_grad"] == {False}
         assert state[stage]["bn_training"] == {False}
-    assert all(torch.equal(a, b) for a, b in zip(stem_before, _bn_stats(model, "stem"), strict=True))
-    assert not all(torch.equal(a, b) for a, b in zip(layer4_before, _bn_stats(model, "layer4"), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(stem_before, bn_stats(model, "stem"), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(layer4_before, bn_stats(model, "layer4"), strict=True))
     groups = trainer.optimizers[0].param_groups
     assert sum(len(g["params"]) for g in groups) == len({id(p) for g in groups for p in g["params"]})
 
@@ -123,12 +69,12 @@ def test_resume_after_unfreeze_keeps_stages_trainable(tmp_path: Path) -> None:
     ckpt = tmp_path / "after_unfreeze.ckpt"
     _, _, trainer = _fit(tmp_path, FreezeUnfreeze(unfreeze_at_epoch=1, stages=1, lr=0.01), epochs=2)
     trainer.save_checkpoint(ckpt)
-    model = _model()
+    model = tiny_model()
     recorder = Recorder()
     resumed = quiet_trainer(
         tmp_path, max_epochs=3, callbacks=[FreezeUnfreeze(unfreeze_at_epoch=1, stages=1, lr=0.01), recorder]
     )
-    resumed.fit(model, train_dataloaders=_loader(), ckpt_path=ckpt)
+    resumed.fit(model, train_dataloaders=tiny_loader(), ckpt_path=ckpt)
     start = recorder.at_start  # restored from the checkpoint, not re-unfrozen by the epoch-2 schedule
     assert start["groups"] == [("head", pytest.approx(1e-3)), ("layer4", 0.01)]
     assert start["layer4"]["requires_grad"] == {True} and start["layer3"]["requires_grad"] == {False}

@@ -15,8 +15,7 @@ from datamodules.common import ConfigError
 from datamodules.images import load_image
 from lightning_modules.cli import cli_main
 from lightning_modules.module import FineTuneModule
-from tests.datamodules.conftest import write_class_folders
-from tests.lightning_modules.test_reporting import _folder_args
+from tests.helpers import folder_args, write_class_folders
 
 CLASSES = ["cat", "Dog", "fox"]
 
@@ -31,7 +30,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     write_class_folders(root / "inbox" / "any", {"new": 3}, start=100)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        args = [*_folder_args(root / "imgs", batch_size=4), "--model.image_size=28", "--trainer.max_epochs=1"]
+        args = [*folder_args(root / "imgs", batch_size=4), "--model.image_size=28", "--trainer.max_epochs=1"]
         fit = cli_main(["fit", *args])
         ckpt = Path(fit.trainer.checkpoint_callback.best_model_path).resolve()  # type: ignore[union-attr]
     shutil.move(root / "imgs", root / "moved_away")

@@ -14,30 +14,15 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 from datamodules.images import load_image
 from lightning_modules.cli import cli_main
 from lightning_modules.module import PresentClassesAUROC
-from tests.datamodules.conftest import write_class_folders
+from tests.helpers import folder_args, write_class_folders
 
 FIGURES = ("confusion_matrix", "correct", "misclassified", "top_losses", "first_layer_kernels", "feature_maps")
-
-
-def _folder_args(root: Path, batch_size: int) -> list[str]:
-    """The own-images recipe with a tiny stand-in backbone."""
-    return [
-        "--config",
-        "experiments/data/image_folder.yaml",
-        "--model.backbone=timm/test_resnet",
-        "--model.weights=none",
-        "--model.image_size=32",
-        f"--data.init_args.root={root}",
-        f"--data.init_args.batch_size={batch_size}",
-        "--data.init_args.num_workers=0",
-        "--trainer.enable_progress_bar=false",
-    ]
 
 
 def _fit_and_test(tmp: Path, classes: dict[str, int]) -> tuple[Path, np.ndarray, np.ndarray]:
     write_class_folders(tmp / "imgs", classes)
     common = [
-        *_folder_args(tmp / "imgs", batch_size=8),
+        *folder_args(tmp / "imgs", batch_size=8),
         "--data.init_args.test_fraction=0.4",
         "--trainer.enable_model_summary=false",
     ]
@@ -99,7 +84,7 @@ def test_predict_folder_writes_csv_with_an_error_row(in_tmp: Path) -> None:
     write_class_folders(inbox, {"new": 3})
     (inbox / "new" / "broken.jpg").write_bytes(b"not a jpeg at all")
     (inbox / "new" / "truncated.jpg").write_bytes((inbox / "new" / "img_0.jpg").read_bytes()[:200])
-    common = _folder_args(in_tmp / "imgs", batch_size=4)
+    common = folder_args(in_tmp / "imgs", batch_size=4)
     cli_main(["fit", *common, "--trainer.max_epochs=1"])
     run = cli_main(["predict", *common, "--ckpt_path", "best", f"--data.init_args.predict_root={inbox}"])
     with (Path(str(run.trainer.log_dir)) / "predictions.csv").open() as f:

@@ -13,14 +13,13 @@ import torch
 from datamodules.common import ConfigError
 from lightning_modules.finetuning import Freeze, Milestones, NoFreeze, select_stages
 from lightning_modules.module import FineTuneModule
-from tests.conftest import quiet_trainer
-from tests.lightning_modules.test_finetuning import Recorder, _loader, _model
+from tests.helpers import Recorder, quiet_trainer, tiny_loader, tiny_model
 
 
 def _run(tmp_path: Path, strategy: Any, epochs: int, model: FineTuneModule | None = None) -> Recorder:
     recorder = Recorder()
     quiet_trainer(tmp_path, max_epochs=epochs, callbacks=[strategy, recorder]).fit(
-        model or _model(), train_dataloaders=_loader()
+        model or tiny_model(), train_dataloaders=tiny_loader()
     )
     return recorder
 
@@ -58,7 +57,7 @@ def test_milestones_unfreeze_top_down(tmp_path: Path) -> None:
 
 
 def test_stage_selection_errors() -> None:
-    backbone = _model().backbone
+    backbone = tiny_model().backbone
     with pytest.raises(ConfigError, match="has no stage 'layer9'"):
         select_stages(backbone, ["layer9"])
     with pytest.raises(ConfigError, match="positive count"):
@@ -160,7 +159,7 @@ def test_frozen_stages_are_fixed_feature_extractors(tmp_path: Path) -> None:
                 }
 
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[FreezeUnfreeze(unfreeze_at_epoch=1, stages=2), Probe()]).fit(
-        model, train_dataloaders=_loader()
+        model, train_dataloaders=tiny_loader()
     )
     assert seen[0] == {"features.3": False, "features.7": False}  # frozen: no stochastic depth
     assert seen[1] == {"features.3": False, "features.7": True}  # features.7 unfrozen: trains normally
@@ -198,7 +197,7 @@ def test_warmup_ramps_a_new_stage_over_steps_and_schedulers_see_the_full_rate(tm
     )
     spy = StepSpy()
     strategy = FreezeUnfreeze(unfreeze_at_epoch=1, stages=1, lr_factor=0.1, warmup_steps=3)
-    quiet_trainer(tmp_path, max_epochs=3, callbacks=[strategy, spy]).fit(model, train_dataloaders=_loader())
+    quiet_trainer(tmp_path, max_epochs=3, callbacks=[strategy, spy]).fit(model, train_dataloaders=tiny_loader())
     # two steps an epoch; layer4 joins at epoch 1 at a tenth of the head's 0.005, StepLR halves both at epoch 2;
     # the ramp (1/3, 2/3, 3/3) crosses the epoch boundary
     full = [0.0005, 0.0005, 0.00025, 0.00025]

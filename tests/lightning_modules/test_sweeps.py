@@ -11,7 +11,7 @@ import yaml
 
 from datamodules.common import ConfigError
 from lightning_modules.sweeps import Run, Sweep, grid_runs, load_grid, merge, overrides, run_one, select
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_grid_is_the_cartesian_product_with_readable_names() -> None:
