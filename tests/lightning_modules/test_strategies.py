@@ -46,7 +46,7 @@ def test_no_freeze_trains_everything_from_the_start_with_layer_decay(tmp_path: P
     [({"lr": 0.01, "lr_decay": 0.5}, 0.01), ({"lr_factor": 0.5, "lr_decay": 0.25}, 1e-3 * 0.5)],  # AdamW's 1e-3
     ids=["lr", "lr_factor"],
 )
-def test_milestones_unfreeze_top_down_at_their_rates(tmp_path: Path, rates: dict[str, float], top: float) -> None:
+def test_milestones_unfreeze_top_down_at_their_rates(tmp_path: Path, rates: dict[str, Any], top: float) -> None:
     rec = _run(tmp_path, Milestones([(1, 1), (2, ["layer3", "layer2"]), (3, -1)], **rates), epochs=4)
     expected = {
         0: ["head"],
@@ -115,28 +115,6 @@ def test_schedulers_keep_working_across_an_unfreeze(tmp_path: Path, name: str) -
     assert len(set(head_lrs)) > 1, f"{name} never changed the learning rate: {head_lrs}"
 
 
-def test_a_new_group_gets_the_plateau_floor_of_the_head_times_its_ratio(tmp_path: Path) -> None:
-    from lightning_modules.finetuning import FreezeUnfreeze
-
-    # mode "max" with threshold 1 on a positive loss: only the first epoch counts as an improvement, so every
-    # later epoch halves the rates, down to min_lr 0.004 for the head
-    plateau = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="max", threshold=1.0, factor=0.5, patience=0)
-    model = FineTuneModule(
-        backbone="timm/test_resnet",
-        weights="none",
-        image_size=32,
-        num_classes=3,
-        optimizer=partial(torch.optim.SGD, lr=0.01),
-        lr_scheduler=partial(plateau, min_lr=0.004),
-        scheduler_monitor="train/loss_epoch",
-    )
-    rec = _run(tmp_path, FreezeUnfreeze(unfreeze_at_epoch=1, stages=1, lr_factor=0.1), epochs=5, model=model)
-    rates = [dict(rec.epochs[e]["groups"]) for e in range(5)]
-    assert [r["head"] for r in rates] == pytest.approx([0.01, 0.01, 0.005, 0.004, 0.004])
-    # layer4 joins at a tenth of the head (0.001), halves once, then stops at a tenth of the head's floor
-    assert [r["layer4"] for r in rates[1:]] == pytest.approx([0.001, 0.0005, 0.0004, 0.0004])
-
-
 def test_the_supported_schedulers_are_the_tested_ones() -> None:
     from lightning_modules.finetuning import SUPPORTED_SCHEDULERS
 
@@ -148,7 +126,7 @@ def test_the_supported_schedulers_are_the_tested_ones() -> None:
     assert tested == set(SUPPORTED_SCHEDULERS)
 
 
-def _with_scheduler(factory: Any) -> FineTuneModule:
+def _with_scheduler(factory: Any, **kwargs: Any) -> FineTuneModule:
     return FineTuneModule(
         backbone="timm/test_resnet",
         weights="none",
@@ -156,7 +134,22 @@ def _with_scheduler(factory: Any) -> FineTuneModule:
         num_classes=3,
         optimizer=partial(torch.optim.SGD, lr=0.01),
         lr_scheduler=factory,
+        **kwargs,
     )
+
+
+def test_a_new_group_gets_the_plateau_floor_of_the_head_times_its_ratio(tmp_path: Path) -> None:
+    from lightning_modules.finetuning import FreezeUnfreeze
+
+    # mode "max" with threshold 1 on a positive loss: only the first epoch counts as an improvement, so every
+    # later epoch halves the rates, down to min_lr 0.004 for the head
+    plateau = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="max", threshold=1.0, factor=0.5, patience=0)
+    model = _with_scheduler(partial(plateau, min_lr=0.004), scheduler_monitor="train/loss_epoch")
+    rec = _run(tmp_path, FreezeUnfreeze(unfreeze_at_epoch=1, stages=1, lr_factor=0.1), epochs=5, model=model)
+    rates = [dict(rec.epochs[e]["groups"]) for e in range(5)]
+    assert [r["head"] for r in rates] == pytest.approx([0.01, 0.01, 0.005, 0.004, 0.004])
+    # layer4 joins at a tenth of the head (0.001), halves once, then stops at a tenth of the head's floor
+    assert [r["layer4"] for r in rates[1:]] == pytest.approx([0.001, 0.0005, 0.0004, 0.0004])
 
 
 def test_an_untested_scheduler_is_refused_when_a_stage_will_unfreeze(tmp_path: Path) -> None:
