@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from datamodules.images import load_image
 from lightning_modules.cli import cli_main
@@ -38,6 +46,19 @@ def _fit_and_test(tmp: Path, classes: dict[str, int]) -> tuple[Path, np.ndarray,
     return Path(str(run.trainer.log_dir)), torch.cat(probs).numpy(), torch.cat(targets).numpy()
 
 
+def assert_per_class_follows_sklearn(report: dict, probs: np.ndarray, targets: np.ndarray) -> None:
+    """The whole confusion matrix (rows: true class, columns: predicted) and each class's precision, recall, F1
+    and support equal sklearn's on the same predictions."""
+    labels = list(range(probs.shape[1]))
+    preds = probs.argmax(1)
+    expected = confusion_matrix(targets, preds, labels=labels)
+    assert np.array_equal(np.array(report["confusion_matrix"]), expected), (report["confusion_matrix"], expected)
+    columns = precision_recall_fscore_support(targets, preds, labels=labels, average=None, zero_division=0)
+    for i, figures in enumerate(report["per_class"].values()):
+        for key, column in zip(("precision", "recall", "f1", "support"), columns, strict=True):
+            assert figures[key] == pytest.approx(column[i], abs=1e-12), (i, key)
+
+
 @pytest.mark.parametrize("classes", [{"cat": 10, "dog": 10}, {"a": 8, "b": 8, "c": 8}])
 def test_report_matches_sklearn(in_tmp: Path, classes: dict[str, int]) -> None:
     run_dir, probs, targets = _fit_and_test(in_tmp, classes)
@@ -53,10 +74,9 @@ def test_report_matches_sklearn(in_tmp: Path, classes: dict[str, int]) -> None:
         else roc_auc_score(targets, probs, multi_class="ovr", average="macro")
     )
     assert report["auroc"] == pytest.approx(expected_auc, abs=1e-4)
-    matrix = np.array(report["confusion_matrix"])
-    assert matrix.sum() == len(targets) and np.trace(matrix) == (preds == targets).sum()
     names = sorted(classes, key=str.lower)
     assert list(report["per_class"]) == names
+    assert_per_class_follows_sklearn(report, probs, targets)
     markdown = (run_dir / "report.md").read_text()
     assert f"| acc | {report['acc']:.4f} |" in markdown and f"| f1 | {report['f1']:.4f} |" in markdown
     for name in names:
@@ -115,18 +135,26 @@ def test_report_metrics_with_an_absent_class_follow_sklearn() -> None:
     from lightning_modules.report_metrics import classification_report
 
     rng = np.random.default_rng(0)
-    targets = np.array([0, 0, 2, 2, 2, 0])  # class 1 never occurs
+    targets = np.array([0, 0, 2, 2, 2, 0, 2, 2])  # class 1 never occurs; 3 and 5 samples of the others
     probs = rng.dirichlet(np.ones(3), size=len(targets))
     report = classification_report(probs, targets, ["a", "b", "c"])
     preds = probs.argmax(1)
     assert report["recall"] == pytest.approx(recall_score(targets, preds, average="macro", zero_division=0))
     assert report["f1"] == pytest.approx(f1_score(targets, preds, average="macro", zero_division=0))
-    one_vs_rest = [roc_auc_score(targets == c, probs[:, c]) for c in (0, 2)]  # the classes that occur
-    assert report["auroc"] == pytest.approx(np.mean(one_vs_rest))
+    # AUROC by its definition (the chance that a sample of the class outranks one of another class, ties half),
+    # one-vs-rest for each class that occurs, averaged over those: class 1 has no positives, so no ROC curve
+    pairs = [
+        np.mean([(p > n) + 0.5 * (p == n) for p in probs[targets == c, c] for n in probs[targets != c, c]])
+        for c in (0, 2)
+    ]
+    assert report["auroc"] == pytest.approx(np.mean(pairs), abs=1e-12)
     logged = PresentClassesAUROC(3)  # what the console and TensorBoard show as test/auroc
     logged.update(torch.from_numpy(probs).float(), torch.from_numpy(targets))
     assert float(logged.compute()) == pytest.approx(report["auroc"], abs=1e-6)
     assert report["per_class"]["b"]["support"] == 0
+    matrix = np.array(report["confusion_matrix"])
+    assert not np.array_equal(matrix, matrix.T)  # a transposed matrix would be seen
+    assert_per_class_follows_sklearn(report, probs, targets)
 
 
 def test_predictions_on_a_carved_test_split_name_the_files(tmp_path: Path) -> None:
