@@ -75,7 +75,11 @@ def atomic_write(path: Path, write: Callable[[Path], Any], durable: bool = True,
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial" if shared else f".{path.name}.partial")
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:  # the writer failed (a kill leaves the partial file, which the next write replaces)
+        tmp.unlink(missing_ok=True)
+        raise
     if not durable:
         os.replace(tmp, path)
         return
@@ -90,6 +94,17 @@ def atomic_write(path: Path, write: Callable[[Path], Any], durable: bool = True,
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+HAND_WRITTEN = "<!-- Written by hand below this line; the scripts that rewrite the part above keep it. -->"
+
+
+def write_generated(path: Path, text: str) -> None:
+    """Write a generated markdown page atomically, keeping whatever follows its `HAND_WRITTEN` line."""
+    old = path.read_text() if path.is_file() else ""
+    tail = old[old.index(HAND_WRITTEN) :] if HAND_WRITTEN in old else ""
+    page = text.rstrip("\n") + "\n\n" + tail if tail else text
+    atomic_write(path, lambda p: p.write_text(page))
 
 
 def gather_lists(items: list[Any]) -> list[Any]:

@@ -10,7 +10,9 @@ A strategy says which backbone stages train at each epoch (`trainable_stages`). 
   learning rate at which it started (cosine, step, one-cycle and plateau all scale it like the head);
 - which stages are unfrozen is part of the callback's state, so a run resumed after an unfreeze keeps them
   trainable with their groups and rates (Lightning's own callback silently refreezes them);
-- under DDP the model is re-wrapped after an unfreeze, so the new parameters are synchronised too.
+- under DDP the model is re-wrapped after an unfreeze, so the new parameters are synchronised too
+  (`rewrap_ddp`, the one place that touches the strategy's wrapper); other multi-process strategies (FSDP,
+  DeepSpeed) are refused at the start of a fit that would unfreeze (`check_strategy`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer, lr_scheduler
 from typing_extensions import override
 
@@ -164,6 +168,7 @@ class FinetuningStrategy(BaseFinetuning):
         horizon = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1000
         if any(self.trainable_stages(backbone_of(pl_module), epoch) for epoch in range(horizon)):
             check_schedulers(trainer)
+            check_strategy(trainer)
         super().on_fit_start(trainer, pl_module)
         self.freeze_before_training(pl_module)
         if self.unfrozen:
@@ -365,15 +370,31 @@ def register_new_groups(trainer: pl.Trainer, optimizer: Optimizer, groups: list[
                     lambdas.append(lambdas[0])
 
 
+def check_strategy(trainer: pl.Trainer) -> None:
+    """A ConfigError naming the strategy when it runs several processes and is not DDP: `rewrap_ddp` is what
+    keeps replicas in step after an unfreeze, and only DDP has it."""
+    strategy = trainer.strategy
+    if isinstance(strategy, ParallelStrategy) and not isinstance(strategy, DDPStrategy):
+        raise ConfigError(
+            f"trainer.strategy {type(strategy).__name__}: a finetuning strategy that unfreezes during the fit is "
+            "supported on one device and on DDP (`ddp`, `ddp_spawn`, ...); use one of them, or Freeze/NoFreeze"
+        )
+
+
 def rewrap_ddp(trainer: pl.Trainer) -> None:
-    """Re-create the DDP wrapper so parameters unfrozen after it was built are synchronised too.
+    """Re-create the DDP wrapper so parameters unfrozen after it was built are synchronised too: the one seam
+    between the finetuning strategies and the distributed strategy.
 
-    DDP registers only parameters that require grad when it is built; without this, each process would train
-    newly unfrozen parameters on its own gradients and the replicas would silently drift apart.
+    DDP registers only the parameters that require grad when it is built; without this, each process would train
+    newly unfrozen parameters on its own gradients and the replicas would silently drift apart. The seam is
+    Lightning's own `DDPStrategy.configure_ddp`, which wraps `strategy.model`: it is handed the unwrapped module
+    and builds a new wrapper (new gradient buckets; parameters broadcast from rank 0, which holds the same
+    values). Parameters stay the same objects, so the optimizer and its state carry on. It runs after any change
+    to the trainable set: at an unfreeze (`on_train_epoch_start`) and when a resumed fit restores unfrozen stages
+    (`on_fit_start`). Single-device strategies need nothing; other multi-process ones are refused by
+    `check_strategy`. `tests/test_reliability.py` trains across an unfreeze on two processes and checks that the
+    replicas stay identical.
     """
-    from lightning.pytorch.strategies import DDPStrategy
-    from torch.nn.parallel import DistributedDataParallel
-
     strategy = trainer.strategy
     if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.model, DistributedDataParallel):
         return

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from datamodules.common import ConfigError, atomic_write
+from datamodules.common import ConfigError, atomic_write, write_generated
 from lightning_modules.backbones import resolve_data_config
 from lightning_modules.results import read_run
 from lightning_modules.sweeps import VERSION, Launcher, Run, Sweep, merge, overrides, run_one, subprocess_launcher
@@ -247,17 +247,17 @@ def markdown(table: list[dict[str, Any]], missing: list[Row], not_run: dict[str,
 
 
 def write_table(out: Path, table: list[dict[str, Any]], text: str, doc: Path | None) -> None:
-    """results.md and results.csv in `out` (and results.md at `doc`), each written aside and renamed."""
+    """results.md and results.csv in `out` (and at `doc`, above its hand-written part), each written atomically."""
     buffer = io.StringIO()
     if table:
         writer = csv.DictWriter(buffer, fieldnames=list(table[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(table)
     atomic_write(out / "results.csv", lambda p: p.write_text(buffer.getvalue()))
-    for path in [out / "results.md", *([doc] if doc else [])]:
-        atomic_write(path, lambda p: p.write_text(text))
-        if path != out / "results.md":
-            atomic_write(path.with_suffix(".csv"), lambda p: p.write_text(buffer.getvalue()))
+    atomic_write(out / "results.md", lambda p: p.write_text(text))
+    if doc:  # the page keeps its hand-written measurements
+        write_generated(doc, text)
+        atomic_write(doc.with_suffix(".csv"), lambda p: p.write_text(buffer.getvalue()))
 
 
 # ------------------------------------------------------------------------------------------ the command line

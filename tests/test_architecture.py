@@ -104,3 +104,16 @@ def test_every_override_says_so() -> None:
                     if overrides and not marked:
                         missing.append(f"{path.relative_to(REPO)}:{item.lineno} {node.name}.{item.name}")
     assert missing == []
+
+
+def test_one_seam_touches_the_distributed_wrapper() -> None:
+    """Only `finetuning.rewrap_ddp` replaces the strategy's wrapped model (docs/multi-gpu.md)."""
+    writers = []
+    for package in ("datamodules", "lightning_modules"):
+        for path in _modules(package):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Attribute) and t.attr == "model" for t in node.targets
+                ):
+                    writers.append(f"{path.stem}:{node.lineno}")
+    assert len(writers) == 1 and writers[0].startswith("finetuning:"), writers

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
-from lightning_modules.finetuning import FreezeUnfreeze
+from datamodules.common import ConfigError
+from lightning_modules.finetuning import FreezeUnfreeze, check_strategy
 from lightning_modules.module import FineTuneModule
 from tests.helpers import Recorder, bn_stats, quiet_trainer, tiny_loader, tiny_model
 
@@ -82,3 +85,10 @@ def test_resume_after_unfreeze_keeps_stages_trainable(tmp_path: Path) -> None:
     assert state["groups"] == [("head", pytest.approx(1e-3)), ("layer4", 0.01)]
     assert state["layer4"]["requires_grad"] == {True}
     assert state["layer3"]["requires_grad"] == {False}
+
+
+def test_only_ddp_among_multi_process_strategies_may_unfreeze() -> None:
+    with pytest.raises(ConfigError, match=r"trainer.strategy FSDPStrategy: .* supported on one device and on DDP"):
+        check_strategy(SimpleNamespace(strategy=FSDPStrategy()))  # type: ignore[arg-type]
+    for fine in (DDPStrategy(), SingleDeviceStrategy(torch.device("cpu"))):
+        check_strategy(SimpleNamespace(strategy=fine))  # type: ignore[arg-type]
