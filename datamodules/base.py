@@ -297,7 +297,10 @@ class ImageClassificationDataModule(LightningDataModule):
     carved from train uses evaluation transforms.
 
     Args:
-        batch_size: samples per batch (per device under DDP).
+        batch_size: samples per training batch (per device under DDP).
+        eval_batch_size: samples per batch where no gradient flows (validation, test, predict, the feature cache's
+            pass over a frozen backbone); default: `batch_size`. Inference keeps no activations for a backward
+            pass, so a GPU usually takes about twice the training batch here.
         num_workers: loader processes; default: the CPU count, at most 8.
         val_fraction: part of train (after any test carve) held out for validation when the data has no val split.
         test_fraction: part of train held out for testing when the data has no test split.
@@ -321,6 +324,7 @@ class ImageClassificationDataModule(LightningDataModule):
     def __init__(
         self,
         batch_size: int = 32,
+        eval_batch_size: int | None = None,
         num_workers: int | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
@@ -342,6 +346,7 @@ class ImageClassificationDataModule(LightningDataModule):
                 raise ConfigError(f"data.init_args.{key} must be between 0 and 1 (exclusive), got {value}")
         self.save_hyperparameters(ignore=list(self.hparams_ignore))  # hparams.yaml and checkpoints
         self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -469,7 +474,7 @@ class ImageClassificationDataModule(LightningDataModule):
             sampler.set_epoch(self._epoch_starting())
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
             sampler=sampler,
             num_workers=workers,
             pin_memory=self.pin_memory,

@@ -7,21 +7,30 @@ Prints markdown tables of ratios (and the raw figures behind them):
   with the same val accuracy within 0.5 points;
 - data pipeline images/s / pure decoding of the same JPEGs (same workers); goal >= 0.7;
 - `ftlab predict` images/s / a raw `inference_mode` loop's; goal >= 0.95;
-- the switches (channels_last, bf16 / 16-mixed, torch.compile): step time relative to the default.
+- the switches (channels_last, bf16 / 16-mixed, torch.compile): step time relative to the default;
+- on CPU, the frozen backbone's forward pass on ONNX Runtime / torch for EfficientNet-Lite0, MobileNetV2 and
+  ResNet18 (goals >= 3.0, >= 2.0, >= 0.95), and FeatureCache's pass / a bare InferenceSession loop (>= 0.9);
+- on CPU, fit + test of a frozen Lite0 linear probe on the dev cats-vs-dogs photos with each engine (>= 2.5x,
+  the same test accuracy within 0.2 points).
 
 Uses the GPU when there is one. Usage:
 
-    .venv/bin/python scripts/benchmark.py [--out docs/benchmark.md]   # the table of docs/performance.md
-    .venv/bin/python scripts/benchmark.py --quick                     # a smoke run on a tiny model
+    .venv/bin/python scripts/benchmark.py --out docs/benchmark.md    # everything: docs/benchmark.md
+    .venv/bin/python scripts/benchmark.py --parts engines probe      # only the inference engines
+    .venv/bin/python scripts/benchmark.py --quick                    # a smoke run on a tiny model
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -38,13 +47,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules import DigitsDataModule, ImageFolderDataModule
 from datamodules.base import Batch, Transformed
-from datamodules.common import DataConfig, atomic_write
+from datamodules.common import DataConfig, write_generated
 from datamodules.images import load_image, read_rgb
 from datamodules.preresize import preresize
 from datamodules.transforms import eval_transform, train_transform
-from lightning_modules.backbones import data_config_dict
+from lightning_modules.backbones import build_backbone, data_config_dict
 from lightning_modules.callbacks import TrainingStateLogger
-from lightning_modules.feature_cache import FeatureCache
+from lightning_modules.engines import onnxruntime_pass, torch_pass
+from lightning_modules.feature_cache import FeatureCache, compute_features
 from lightning_modules.finetuning import Freeze
 from lightning_modules.module import FineTuneModule
 from lightning_modules.reporting import PredictionWriter
@@ -68,6 +78,8 @@ class Setup:
 
 QUICK = Setup("timm/test_resnet", "none", 32, 16, 8, 2, 2, 48, 64, False)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+REPO = Path(__file__).resolve().parent.parent
+PARTS = ("framework", "engines", "probe")
 
 
 def sync() -> None:
@@ -319,13 +331,144 @@ def predict_rates(setup: Setup, root: str) -> tuple[float, float, int]:
         net.eval()
         start = time.perf_counter()
         with torch.inference_mode():
-            for x, _, _ in data.predict_dataloader():
-                net(x.to(DEVICE)).softmax(dim=1).cpu()
+            for batch in data.predict_dataloader():
+                net(batch.inputs.to(DEVICE)).softmax(dim=1).cpu()
         return time.perf_counter() - start
 
     raw()  # warm-up
     count = len(data.datasets["test"])
     return count / best(framework, 3), count / best(raw, 3), count
+
+
+# ------------------------------------------------------------------------------------------ inference engines
+
+ENGINE_BACKBONES = (  # EfficientNet-Lite0 with its embedded ImageNet weights; the others need a download for theirs
+    ("timm/efficientnet_lite0", "embedded"),
+    ("torchvision/mobilenet_v2", "none"),
+    ("torchvision/resnet18", "none"),
+)
+
+
+def rate(run: Callable[[torch.Tensor], Any], batches: list[torch.Tensor], repeats: int = 3) -> float:
+    """Images per second of `run` over `batches`, the best of `repeats` after one warm-up batch."""
+    run(batches[0])
+    count = sum(len(b) for b in batches)
+    return count / best(lambda: timed(lambda: [run(b) for b in batches]), repeats)
+
+
+def timed(work: Callable[[], Any]) -> float:
+    """Seconds `work()` takes."""
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def engine_rows(setup: Setup, root: Path) -> list[str]:
+    """The frozen backbone's forward pass, torch against ONNX Runtime (`feature_cache.engine`), per backbone;
+    then the framework's cached-feature pass against a bare `onnxruntime.InferenceSession` loop on the same
+    batches (both after the export, which is cached)."""
+    import onnxruntime as ort
+
+    size = setup.jpeg_size
+    backbones = ENGINE_BACKBONES if setup.compile else (("timm/test_resnet", "none"),)
+    torch.manual_seed(0)
+    batches = [torch.rand(32, 3, size, size).contiguous(memory_format=torch.channels_last) for _ in range(12)]
+    rows = [
+        f"| backbone (feature pass, {len(batches)} batches of 32 at {size} px, eval mode) | torch | ONNX Runtime | "
+        "ratio | goal | export | max difference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, weights in backbones:
+        backbone = build_backbone(name, weights, size, 3).eval().to(memory_format=torch.channels_last)
+        by_torch = torch_pass(backbone, torch.device("cpu"))
+        onnx_dir = root / "onnx" / name.replace("/", "_")
+        start = time.perf_counter()
+        by_ort = onnxruntime_pass(backbone, batches[0], onnx_dir)  # the export (a new folder: not cached)
+        export_s = time.perf_counter() - start
+        diff = max(float((by_torch(b) - by_ort(b)).abs().max()) for b in batches)
+        t, o = rate(by_torch, batches), rate(by_ort, batches)
+        goal = {"timm/efficientnet_lite0": ">= 3.0", "torchvision/mobilenet_v2": ">= 2.0"}.get(name, ">= 0.95")
+        rows.append(
+            f"| {name} ({weights} weights) | {t:.0f} img/s | {o:.0f} img/s | {o / t:.2f} | {goal} | {export_s:.1f} s "
+            f"| {diff:.1g} |"
+        )
+    # the last backbone: FeatureCache's pass (loader of batches, parity check, concatenation) against bare ORT
+    count = sum(len(b) for b in batches)
+    labelled = [Batch(b, torch.zeros(len(b), dtype=torch.long), torch.arange(len(b)), [], "val") for b in batches]
+    loader: DataLoader[Batch] = DataLoader(labelled, batch_size=None)  # type: ignore[arg-type]  # a list is a dataset
+    cpu = torch.device("cpu")
+    framework = count / best(lambda: timed(lambda: compute_features(backbone, loader, cpu, "onnxruntime", onnx_dir)), 3)
+    (path,) = onnx_dir.glob("*.onnx")
+
+    def bare_loop() -> list[Any]:  # what one would write by hand: a session on the exported file, then the batches
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return [session.run(None, {"images": b.numpy()}) for b in batches]
+
+    bare = count / best(lambda: timed(bare_loop), 3)
+    rows.append(
+        f"| {name}: FeatureCache's pass (session, parity check, loader, concatenation) vs a bare InferenceSession "
+        f"loop (session, batches) | {framework:.0f} img/s | {bare:.0f} img/s | {framework / bare:.2f} | >= 0.9 | | |"
+    )
+    return rows
+
+
+PROBE = ("fit", "test")  # the end-to-end linear probe: two `ftlab` commands
+
+
+def probe_rows(data: Path, root: Path) -> list[str]:
+    """Fit (3 frozen epochs) + test of the own-images recipe's Lite0 linear probe on the dev cats-vs-dogs photos,
+    once per engine: torch, ONNX Runtime with no export on disk, ONNX Runtime with the exports cached."""
+    photos = data / "cats_vs_dogs" / "PetImages"
+    if not photos.is_dir():
+        return [f"(end-to-end probe not run: no {photos}; pass --data DIR, the dev data's folder)"]
+    runs: dict[str, tuple[dict[str, float], float]] = {}
+    for label, engine in (
+        ("torch", "torch"),
+        ("ONNX Runtime, exports made", "onnxruntime"),
+        ("ONNX Runtime, exports cached", "onnxruntime"),
+    ):
+        env = {**os.environ, "HOME": str(root / f"home-{engine}"), "PYTHONPATH": str(REPO)}  # the export caches
+        name = label.split(",")[0].replace(" ", "_") + str(len(runs))
+        common = [
+            "--config",
+            str(REPO / "experiments" / "data" / "image_folder.yaml"),
+            f"--data.init_args.root={photos}",
+            f"--trainer.logger.init_args.save_dir={root / 'runs'}",
+            f"--trainer.logger.init_args.name={name}",
+        ]
+        args = {
+            "fit": ["fit", *common, "--trainer.max_epochs=3", f"--feature_cache.engine={engine}"],
+            "test": ["test", *common, "--ckpt_path=best", f"--model.inference_engine={engine}"],
+        }
+        seconds = {}
+        for command in PROBE:
+            start = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, "-m", "lightning_modules.cli", *args[command]],
+                env=env,
+                cwd=root,
+                capture_output=True,
+                text=True,
+            )
+            seconds[command] = time.perf_counter() - start
+            if done.returncode:
+                raise RuntimeError(f"ftlab {command} ({label}) failed:\n{done.stderr[-2000:]}")
+        metrics = json.loads((root / "runs" / name / "version_0" / "metrics.json").read_text())
+        runs[label] = (seconds, float(metrics["acc"]))
+    base_s, base_acc = runs["torch"]
+    rows = [
+        f"| linear probe on {photos.parent.name} (fit: 3 frozen epochs; test of the best checkpoint) | fit | test | "
+        "fit + test | vs torch | test accuracy | goal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, (secs, acc) in runs.items():
+        total = sum(secs.values())
+        goal = ">= 2.5x, accuracy within 0.2 points" if label.endswith("cached") else ""
+        rows.append(
+            f"| {label} | {secs['fit']:.1f} s | {secs['test']:.1f} s | {total:.1f} s | "
+            f"{sum(base_s.values()) / total:.2f}x | {acc:.4f} ({(acc - base_acc) * 100:+.1f} points) | {goal} |"
+        )
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -340,54 +483,74 @@ def machine() -> str:
     )
 
 
-def run(setup: Setup) -> str:
-    """All measurements; the markdown report."""
-    lines = [f"Machine: {machine()}.", f"Model: {setup.backbone} ({setup.weights}) at {setup.image_size} px.", ""]
+def run(setup: Setup, parts: list[str], data: Path) -> str:
+    """The measurements of `parts`; the markdown report."""
+    lines = [
+        f"Written by `python scripts/benchmark.py --parts {' '.join(parts)}` on {datetime.date.today()}; machine: "
+        f"{machine()}.",
+        "",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
-        batches = fixed_batches(setup)
-        hand = best(lambda: hand_loop(setup, batches))
-        fw = best(lambda: framework_steps(setup, batches, tmp))
-        uncached, fit_plain, acc_plain = frozen_epochs(setup, tmp, "off")
-        cached, fit_cached, acc_cached = frozen_epochs(setup, tmp, "memory")
-        after = statistics.mean(uncached[1:]) / statistics.mean(cached[1:])
-        pipe = pipeline_rates(setup, Path(tmp) / "jpegs")
-        floor = max(pipe["decode PIL"], pipe["decode TorchCodec"])
-        fw_rate, raw_rate, count = predict_rates(setup, tmp)
-        lines += [
-            "| measure | finetune-lab | reference | ratio | goal |",
-            "|---|---|---|---|---|",
-            f"| train step time (batch {setup.batch_size}) vs hand-written loop | {fw * 1e3:.1f} ms | "
-            f"{hand * 1e3:.1f} ms | {fw / hand:.3f} | <= 1.05 |",
-            f"| frozen epoch, cache vs none (epochs 2-{setup.epochs}, mean) | {statistics.mean(cached[1:]):.3f} s | "
-            f"{statistics.mean(uncached[1:]):.3f} s | {after:.1f}x faster | >= 10x |",
-            f"| frozen fit of {setup.epochs} epochs, cache vs none (wall, incl. the feature pass) | {fit_cached:.1f} s "
-            f"| {fit_plain:.1f} s | {fit_plain / fit_cached:.1f}x faster | |",
-            f"| val accuracy after the frozen fit, cache vs none | {acc_cached:.4f} | {acc_plain:.4f} | "
-            f"{abs(acc_cached - acc_plain) * 100:.2f} points apart | <= 0.5 points |",
-            f"| data pipeline ({setup.jpegs} JPEGs 500x375 -> {setup.jpeg_size} px, basic augment, "
-            f"{int(pipe['workers'])} workers) vs pure decoding | {pipe['pipeline']:.0f} img/s | {floor:.0f} img/s | "
-            f"{pipe['pipeline'] / floor:.2f} | >= 0.7 |",
-            f"| the same on a copy pre-resized by scripts/preresize.py vs pure decoding of the originals | "
-            f"{pipe['pipeline on the pre-resized copy']:.0f} img/s | {floor:.0f} img/s | "
-            f"{pipe['pipeline on the pre-resized copy'] / floor:.2f} | |",
-            f"| the same without augmentation (eval transform) vs pure decoding | "
-            f"{pipe['pipeline, eval transform']:.0f} img/s | {floor:.0f} img/s | "
-            f"{pipe['pipeline, eval transform'] / floor:.2f} | |",
-            f"| predict ({count} images, writer included) vs raw inference_mode loop | {fw_rate:.0f} img/s | "
-            f"{raw_rate:.0f} img/s | {fw_rate / raw_rate:.3f} | >= 0.95 |",
-            "",
-            "| data stage | images/s |",
-            "|---|---|",
-            *(f"| {k} | {v:.0f} |" for k, v in pipe.items() if k != "workers"),
-            "",
-            "| switch (train step, same batches) | step time | vs the default |",
-            "|---|---|---|",
-            f"| default (32-true, channels_last) | {fw * 1e3:.1f} ms | 1.00 |",
-        ]
-        for name, kw in switches(setup).items():
-            time_ = framework_steps(setup, batches, tmp, **kw)
-            lines.append(f"| {name} | {time_ * 1e3:.1f} ms | {time_ / fw:.2f} |")
-    return "\n".join(lines) + "\n"
+        if "engines" in parts and DEVICE.type == "cpu":
+            lines += [*engine_rows(setup, Path(tmp)), ""]
+        if "probe" in parts and DEVICE.type == "cpu":
+            lines += [*probe_rows(data, Path(tmp)), ""]
+        if "framework" in parts:
+            lines += [
+                f"Model: {setup.backbone} ({setup.weights}) at {setup.image_size} px.",
+                "",
+                *framework_rows(setup, tmp),
+            ]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def framework_rows(setup: Setup, tmp: str) -> list[str]:
+    """Step time, feature cache, data pipeline, predict and the switches, each against its hand-written reference."""
+    lines: list[str] = []
+    batches = fixed_batches(setup)
+    hand = best(lambda: hand_loop(setup, batches))
+    fw = best(lambda: framework_steps(setup, batches, tmp))
+    uncached, fit_plain, acc_plain = frozen_epochs(setup, tmp, "off")
+    cached, fit_cached, acc_cached = frozen_epochs(setup, tmp, "memory")
+    after = statistics.mean(uncached[1:]) / statistics.mean(cached[1:])
+    pipe = pipeline_rates(setup, Path(tmp) / "jpegs")
+    floor = max(pipe["decode PIL"], pipe["decode TorchCodec"])
+    fw_rate, raw_rate, count = predict_rates(setup, tmp)
+    lines += [
+        "| measure | finetune-lab | reference | ratio | goal |",
+        "|---|---|---|---|---|",
+        f"| train step time (batch {setup.batch_size}) vs hand-written loop | {fw * 1e3:.1f} ms | "
+        f"{hand * 1e3:.1f} ms | {fw / hand:.3f} | <= 1.05 |",
+        f"| frozen epoch, cache vs none (epochs 2-{setup.epochs}, mean) | {statistics.mean(cached[1:]):.3f} s | "
+        f"{statistics.mean(uncached[1:]):.3f} s | {after:.1f}x faster | >= 10x |",
+        f"| frozen fit of {setup.epochs} epochs, cache vs none (wall, incl. the feature pass) | {fit_cached:.1f} s "
+        f"| {fit_plain:.1f} s | {fit_plain / fit_cached:.1f}x faster | |",
+        f"| val accuracy after the frozen fit, cache vs none | {acc_cached:.4f} | {acc_plain:.4f} | "
+        f"{abs(acc_cached - acc_plain) * 100:.2f} points apart | <= 0.5 points |",
+        f"| data pipeline ({setup.jpegs} JPEGs 500x375 -> {setup.jpeg_size} px, basic augment, "
+        f"{int(pipe['workers'])} workers) vs pure decoding | {pipe['pipeline']:.0f} img/s | {floor:.0f} img/s | "
+        f"{pipe['pipeline'] / floor:.2f} | >= 0.7 |",
+        f"| the same on a copy pre-resized by scripts/preresize.py vs pure decoding of the originals | "
+        f"{pipe['pipeline on the pre-resized copy']:.0f} img/s | {floor:.0f} img/s | "
+        f"{pipe['pipeline on the pre-resized copy'] / floor:.2f} | |",
+        f"| the same without augmentation (eval transform) vs pure decoding | "
+        f"{pipe['pipeline, eval transform']:.0f} img/s | {floor:.0f} img/s | "
+        f"{pipe['pipeline, eval transform'] / floor:.2f} | |",
+        f"| predict ({count} images, writer included) vs raw inference_mode loop | {fw_rate:.0f} img/s | "
+        f"{raw_rate:.0f} img/s | {fw_rate / raw_rate:.3f} | >= 0.95 |",
+        "",
+        "| data stage | images/s |",
+        "|---|---|",
+        *(f"| {k} | {v:.0f} |" for k, v in pipe.items() if k != "workers"),
+        "",
+        "| switch (train step, same batches) | step time | vs the default |",
+        "|---|---|---|",
+        f"| default (32-true, channels_last) | {fw * 1e3:.1f} ms | 1.00 |",
+    ]
+    for name, kw in switches(setup).items():
+        time_ = framework_steps(setup, batches, tmp, **kw)
+        lines.append(f"| {name} | {time_ * 1e3:.1f} ms | {time_ / fw:.2f} |")
+    return lines
 
 
 def switches(setup: Setup) -> dict[str, dict[str, Any]]:
@@ -407,15 +570,21 @@ def main(argv: list[str] | None = None) -> None:
     """Run and print (and optionally save) the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and data: checks the script, not speed")
-    parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
+    parser.add_argument(
+        "--out", type=Path, help="also write the report here (docs/benchmark.md: above its hand-written part)"
+    )
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
+    parser.add_argument(
+        "--data", type=Path, default=REPO.parent / "shared" / "data", help="the dev data, for the probe"
+    )
     args = parser.parse_args(argv)
     setup = QUICK if args.quick else Setup()
     if DEVICE.type == "cuda":
         setup = replace(setup, image_size=224, batch_size=128)
-    report = run(setup)
+    report = run(setup, args.parts, args.data)
     print(report)
     if args.out:
-        atomic_write(args.out, lambda p: p.write_text(report))
+        write_generated(args.out, report)
 
 
 if __name__ == "__main__":

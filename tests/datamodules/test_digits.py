@@ -62,6 +62,20 @@ def test_images_follow_the_backbone_data_config() -> None:
     assert dm.class_names == [str(d) for d in range(10)] and dm.num_classes == 10
 
 
+def test_passes_without_gradient_take_their_own_batch_size() -> None:
+    config = data_config_dict("scratch/mlp", "none", 8, 1)
+    dm = _dm(data_config=config, batch_size=16, eval_batch_size=100)
+    assert next(iter(dm.train_dataloader())).size == 16
+    for loader in (
+        dm.val_dataloader(),
+        dm.test_dataloader(),
+        dm.predict_dataloader(),
+        dm.loader("train", one_pass=True),
+    ):
+        assert next(iter(loader)).size == 100
+    assert next(iter(_dm(data_config=config, batch_size=16).val_dataloader())).size == 16  # default: batch_size
+
+
 def test_default_size_is_the_backbone_input_size() -> None:
     dm = _dm(data_config=data_config_dict("timm/test_resnet", "none"))
     x = dm.datasets["test"][0].image
