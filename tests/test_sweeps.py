@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -233,3 +234,38 @@ def test_two_seeds_mean_and_std(sweep_dir: Path, scripts: Any) -> None:
     for seed in (1, 2):
         config = yaml.safe_load((out / "runs" / f"seed{seed}" / "version_0" / "config.yaml").read_text())
         assert config["seed_everything"] == seed
+    one, two = (
+        torch.load(out / "runs" / f"seed{s}" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+        for s in (1, 2)
+    )
+    assert any(not torch.equal(w, two["state_dict"][k]) for k, w in one["state_dict"].items())  # two runs, not one
+
+
+class FailingSeed2(Recorder):
+    """As `Recorder`; seed2's fit crashes at epoch 1 and its `process` exits with status 1."""
+
+    def __call__(self, args: list[str], log: Path) -> int:
+        with pytest.MonkeyPatch.context() as mp:
+            if args[0] == "fit" and any(a.endswith("seed2/run.yaml") for a in args):
+                mp.setenv("FTLAB_TEST_FAIL", "1")
+            try:
+                return super().__call__(args, log)
+            except RuntimeError as err:  # what an uncaught exception does to a process
+                with log.open("a") as out:
+                    print(f"RuntimeError: {err}", file=out)
+                return 1
+
+
+def test_a_seed_that_fails_is_reported_and_the_others_still_run(
+    sweep_dir: Path, scripts: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    launcher = FailingSeed2()
+    args = ["--config", "base.yaml", "--seeds", "1", "2", "3", "--out", "seeds"]
+    assert scripts("multi_seed").main(args, launcher=launcher) == 1
+    printed = capsys.readouterr().out
+    assert "[seed2] ftlab fit failed with status 1; see " in printed and "injected crash" in printed
+    assert "Not finished: seed2 (failed now: seed2)" in printed and "(2 of 3 runs finished)" in printed
+    assert launcher.runs("fit") == ["seed1", "seed2", "seed3"] and launcher.runs("test") == ["seed1", "seed3"]
+    rows = assert_outputs(sweep_dir / "seeds", runs=2)
+    assert [r["run"] for r in rows[:2]] == ["seed1", "seed3"]  # the run after the failure is in the table
+    _assert_summary(rows, 2)
