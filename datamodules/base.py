@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 from typing_extensions import override
 
-from datamodules.common import ConfigError, DataConfig, gather_lists
+from datamodules.common import ConfigError, DataConfig, cores, gather_lists
 from datamodules.images import BadSample, bad_reason, check_header, list_images, load_image, write_bad_images
 from datamodules.transforms import CROP_SCALE, eval_transform, train_transform
 
@@ -301,7 +301,7 @@ class ImageClassificationDataModule(LightningDataModule):
         eval_batch_size: samples per batch where no gradient flows (validation, test, predict, the feature cache's
             pass over a frozen backbone); default: `batch_size`. Inference keeps no activations for a backward
             pass, so a GPU usually takes about twice the training batch here.
-        num_workers: loader processes; default: the CPU count, at most 8.
+        num_workers: loader processes; default: the CPU cores this process may use, at most 8.
         val_fraction: part of train (after any test carve) held out for validation when the data has no val split.
         test_fraction: part of train held out for testing when the data has no test split.
         split_seed: seed of every split, independent of the training seed.
@@ -347,7 +347,7 @@ class ImageClassificationDataModule(LightningDataModule):
         self.save_hyperparameters(ignore=list(self.hparams_ignore))  # hparams.yaml and checkpoints
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
+        self.num_workers = min(cores(), 8) if num_workers is None else num_workers
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed

@@ -16,6 +16,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def cores() -> int:
+    """CPU cores this process may use: its affinity (a job pinned to 4 cores of a 64-core node gets 4), not the
+    machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class ConfigError(ValueError):
     """A config value, path or file the user gave is wrong; the message names it and says what to do. The CLI
     prints it alone, without a traceback, and exits with status 2."""

@@ -9,7 +9,6 @@ its weights and input shape, and checked against torch on a real batch before it
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from datamodules.base import digest
-from datamodules.common import ConfigError, atomic_write
+from datamodules.common import ConfigError, atomic_write, cores
 from lightning_modules.console import notice
 
 ENGINES = ("torch", "onnxruntime", "auto")
@@ -25,11 +24,6 @@ ONNX_DIR = Path.home() / ".cache" / "finetune-lab" / "onnx"  # exports of whole 
 TOLERANCE = 1e-4  # max |difference| from torch on the check images
 CHECK_IMAGES = 8  # the first images of the first real batch: the check costs a torch pass over these alone
 Pass = Callable[[torch.Tensor], torch.Tensor]
-
-
-def cores() -> int:
-    """CPU cores this process may use (its affinity, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def torch_pass(module: nn.Module, device: torch.device) -> Pass:

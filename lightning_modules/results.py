@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.common import ConfigError, atomic_write
+from lightning_modules.launchers import launch
 from lightning_modules.sweeps import (
     VERSION,
     Launcher,
@@ -35,7 +36,6 @@ from lightning_modules.sweeps import (
     describe,
     is_finished,
     overrides,
-    run_one,
     select,
     subprocess_launcher,
 )
@@ -267,7 +267,7 @@ def run_cli(
             print("\n".join(f"{i}\t{run.name}" for i, run in enumerate(sweep.runs)))
             return 0
         chosen = [] if args.collect_only else select(sweep, args.only, args.index)
-        failed = [run.name for run in chosen if not run_one(sweep, run, launcher)]
+        failed = launch(sweep, chosen, launcher, args)
         if args.only is not None or args.index is not None:
             print(f"Run finished; the table: {sys.argv[0]} ... --collect-only --out {sweep.out}")
             return 1 if failed else 0
@@ -279,6 +279,10 @@ def run_cli(
         return 2
     missing = [run.name for run in sweep.runs if not is_finished(sweep, run)]
     print(f"Results: {sweep.out / 'results.md'} ({len(rows)} of {len(sweep.runs)} runs finished)")
+    if args.launcher == "submitit" and args.no_wait:
+        if failed:
+            print(f"Queued or running: {', '.join(failed)}; the same command again tables them once they finish")
+        return 0
     if missing:
         print(f"Not finished: {', '.join(missing)}" + (f" (failed now: {', '.join(failed)})" if failed else ""))
     return 1 if missing else 0

@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,10 +207,12 @@ def write_best(path: Path, sweep: Sweep, run: Run, note: str) -> None:
 # ------------------------------------------------------------------------------------------ running
 
 
-def subprocess_launcher(args: list[str], log: Path) -> int:
-    """Run `ftlab <args>` as a child process with this checkout importable; its output goes to `log`."""
+def subprocess_launcher(args: list[str], log: Path, extra_env: Mapping[str, str] | None = None) -> int:
+    """Run `ftlab <args>` as a child process with this checkout importable (and `extra_env`); its output goes to
+    `log`."""
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    env.update(extra_env or {})
     with log.open("a") as out:
         cmd = [sys.executable, "-m", "lightning_modules.cli", *args]
         return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
@@ -299,6 +301,37 @@ def sweep_parser(description: str | None, default_out: str) -> argparse.Argument
     parser.add_argument("--list", action="store_true", help="print the runs (index and name) and exit")
     parser.add_argument("--only", help="run only the run of this name (one task of a job array)")
     parser.add_argument("--index", type=int, help="run only the run at this index, e.g. $SLURM_ARRAY_TASK_ID")
+    where = parser.add_argument_group("where the runs go (docs/sweeps.md)")
+    where.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once (default 1); with --launcher submitit: jobs of the array at once (default: all)",
+    )
+    where.add_argument("--gpus-per-job", type=int, default=1, help="GPUs of each run (default 1)")
+    where.add_argument(
+        "--launcher",
+        choices=("local", "submitit"),
+        default="local",
+        help="local: processes of this machine (default); submitit: one SLURM job per run, one array",
+    )
+    where.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="submitit: return once submitted; the same command "
+        "later tables what has finished and resubmits what is neither finished nor queued",
+    )
+    where.add_argument(
+        "--slurm",
+        type=Path,
+        help="a YAML file of job settings: partition, time_min, cpus_per_job, "
+        "mem_gb, gpus_per_job, and any other submitit parameter (slurm_account: ...)",
+    )
+    where.add_argument("--partition", help="SLURM partition")
+    where.add_argument("--time-min", type=int, help="SLURM time limit of each job, in minutes (default 240)")
+    where.add_argument("--cpus-per-job", type=int, help="CPUs of each job")
+    where.add_argument("--mem-gb", type=float, help="memory of each job, in GB")
+    where.add_argument("--cluster", choices=("slurm", "local", "debug"), help=argparse.SUPPRESS)  # tests: local
     return parser
 
 

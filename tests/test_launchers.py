@@ -1,0 +1,122 @@
+"""Where sweep members run: `--jobs N` on this machine (slots of GPUs or CPU cores) and `--launcher submitit`
+(submitit's local executor runs the same code path as SLURM jobs, on this machine)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_modules.launchers import slots
+from tests.helpers import REPO
+
+TINY = """
+trainer:
+  max_epochs: 1
+  limit_train_batches: 2
+  limit_val_batches: 1
+  limit_test_batches: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks+:
+    - class_path: tests.test_launchers.Stamp
+model: {backbone: scratch/mlp, weights: none, image_size: 8, in_chans: 1}
+data:
+  class_path: datamodules.DigitsDataModule
+  init_args: {batch_size: 32, num_workers: 0}
+"""
+MEMBERS = ["scratch/mlp@none", "scratch/simple_cnn@none"]
+
+
+class Stamp(pl.Callback):
+    """Writes, beside the run, when its fit started and ended and what the process was given (cores, threads)."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = time.time()
+        time.sleep(2)  # long enough that two members running at once overlap
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stamp = {
+            "start": self.start,
+            "end": time.time(),
+            "cpus": sorted(os.sched_getaffinity(0)),
+            "threads": torch.get_num_threads(),
+            "omp": os.environ.get("OMP_NUM_THREADS"),
+        }
+        Path(trainer.log_dir or ".", "stamp.json").write_text(json.dumps(stamp))
+
+
+def scripts_module(name: str) -> ModuleType:
+    """A script of scripts/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table(out: Path) -> dict[str, dict[str, Any]]:
+    with (out / "results.csv").open() as f:
+        return {row["run"]: row for row in csv.DictReader(f)}
+
+
+def _check_rows_match_runs(out: Path) -> None:
+    table = _table(out)
+    assert sorted(table) == ["scratch-mlp-none", "scratch-simple_cnn-none"]
+    for name, row in table.items():
+        metrics = json.loads((out / "runs" / name / "version_0" / "metrics.json").read_text())
+        assert float(row["test_acc"]) == pytest.approx(metrics["acc"])
+        assert (
+            row["backbone"]
+            == {"scratch-mlp-none": "scratch/mlp", "scratch-simple_cnn-none": "scratch/simple_cnn"}[name]
+        )
+
+
+def test_slots_deal_gpus_round_robin_and_split_the_cores() -> None:
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots(2, 2, gpus=4)] == ["0,1", "2,3"]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots(3, 1, gpus=2)] == ["0", "1", "0"]
+    cpu = slots(2, gpus=0, cpus=[0, 1, 2, 3, 4])
+    assert [sorted(s.cpus or []) for s in cpu] == [[0, 1], [2, 3, 4]]
+    assert [s.env["OMP_NUM_THREADS"] for s in cpu] == ["2", "3"]
+    assert [sorted(s.cpus or []) for s in slots(3, gpus=0, cpus=[0, 1])] == [[0], [1], [0]]  # more jobs than cores
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two slots need two cores")
+def test_two_members_run_at_once_each_on_its_own_cores(in_tmp: Path) -> None:
+    (in_tmp / "base.yaml").write_text(TINY)
+    compare = scripts_module("compare_backbones")
+    args = ["--config", "base.yaml", "--out", "cmp", "--backbones", *MEMBERS, "--jobs", "2"]
+    assert compare.main(args) == 0
+    _check_rows_match_runs(in_tmp / "cmp")
+    stamps = [json.loads(p.read_text()) for p in sorted((in_tmp / "cmp" / "runs").glob("*/version_0/stamp.json"))]
+    assert len(stamps) == 2
+    first, second = sorted(stamps, key=lambda s: s["start"])
+    assert second["start"] < first["end"]  # they overlapped
+    assert not set(first["cpus"]) & set(second["cpus"])  # each on its own cores
+    assert all(s["omp"] == str(len(s["cpus"])) and s["threads"] == len(s["cpus"]) for s in stamps)
+
+
+def test_members_run_as_submitit_jobs_and_are_collected(in_tmp: Path) -> None:
+    pytest.importorskip("submitit", reason="the sweep extra (pip install -e '.[sweep]') is not installed")
+    (in_tmp / "base.yaml").write_text(TINY)
+    compare = scripts_module("compare_backbones")
+    args = ["--config", "base.yaml", "--out", "cmp", "--backbones", *MEMBERS, "--launcher", "submitit"]
+    assert compare.main([*args, "--cluster", "local", "--no-wait"]) == 0  # submitted, not waited for
+    jobs = json.loads((in_tmp / "cmp" / "submitit" / "jobs.json").read_text())
+    assert sorted(jobs) == ["scratch-mlp-none", "scratch-simple_cnn-none"]
+    deadline = time.time() + 300
+    while not all((in_tmp / "cmp" / "runs" / n / "version_0" / "metrics.json").is_file() for n in jobs):
+        assert time.time() < deadline, list((in_tmp / "cmp" / "submitit").glob("*"))
+        time.sleep(2)
+    assert compare.main([*args, "--cluster", "local"]) == 0  # the same command: nothing to submit, the table
+    assert json.loads((in_tmp / "cmp" / "submitit" / "jobs.json").read_text()) == jobs  # nothing resubmitted
+    _check_rows_match_runs(in_tmp / "cmp")
