@@ -3,6 +3,7 @@ results to the uncached path, hits on disk and invalidation on each key."""
 
 from __future__ import annotations
 
+import io
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -18,16 +19,17 @@ from lightning_modules.backbones import data_config_dict
 from lightning_modules.feature_cache import FeatureCache, cache_key
 from lightning_modules.finetuning import Freeze, FreezeUnfreeze
 from lightning_modules.module import FineTuneModule
-from tests.helpers import quiet_trainer, tiny_loader, write_class_folders
+from tests.helpers import photo, quiet_trainer, tiny_loader, write_class_folders
 
 BACKBONE = "timm/test_resnet"
 
 
 class InputSpy(pl.Callback):
-    """Per epoch and stage: the input ranks the model saw (2: features, 4: images) and backbone calls."""
+    """Per epoch and stage: the input ranks the model saw (2: features, 4: images), the samples, backbone calls."""
 
     def __init__(self) -> None:
         self.ranks: dict[tuple[int, str], set[int]] = defaultdict(set)
+        self.samples: dict[tuple[int, str], int] = defaultdict(int)
         self.backbone_calls: dict[int, int] = defaultdict(int)
         self.in_batch = False
 
@@ -40,12 +42,14 @@ class InputSpy(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         assert batch.features == (batch.inputs.dim() == 2)  # features are declared, not guessed from the shape
         self.ranks[(trainer.current_epoch, "train")].add(batch.inputs.dim())
+        self.samples[(trainer.current_epoch, "train")] += batch.size
         self.in_batch = True
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, *args: Any) -> None:
         if not trainer.sanity_checking:
             assert batch.features == (batch.inputs.dim() == 2)
             self.ranks[(trainer.current_epoch, "val")].add(batch.inputs.dim())
+            self.samples[(trainer.current_epoch, "val")] += batch.size
         self.in_batch = True
 
     def on_train_batch_end(self, *args: Any) -> None:
@@ -83,13 +87,60 @@ def test_frozen_epochs_use_features_and_the_unfreeze_switches_to_images(tmp_path
     assert trainer.datamodule.feature_source is None  # a later test or predict reads images
 
 
+def _assert_cached_path(spy: InputSpy, epochs: tuple[int, ...]) -> None:
+    """In these epochs the model saw features only, and the backbone never ran inside a train or val batch."""
+    for epoch in epochs:
+        assert spy.ranks[(epoch, "train")] == {2} and spy.ranks[(epoch, "val")] == {2}, epoch
+        assert spy.backbone_calls[epoch] == 0, epoch
+
+
 def test_cached_run_equals_uncached_run() -> None:
-    cached, _, _ = _fit(FreezeUnfreeze(unfreeze_at_epoch=2, stages=1), 3, FeatureCache())
+    cache = FeatureCache()
+    cached, cached_spy, _ = _fit(FreezeUnfreeze(unfreeze_at_epoch=2, stages=1), 3, cache)
     plain, spy, _ = _fit(FreezeUnfreeze(unfreeze_at_epoch=2, stages=1), 3, None)
-    assert spy.ranks[(0, "train")] == {4}  # the reference really ran on images
+    assert sorted(cache.computed) == ["train", "val"]
+    _assert_cached_path(cached_spy, (0, 1))  # the cached run really trained on features ...
+    assert spy.ranks[(0, "train")] == {4} and spy.backbone_calls[0] > 0  # ... and the reference on images
+    assert cached_spy.samples == spy.samples
+    # Tolerance zero: the cached features are the eval-mode backbone's output for the same images, so the head
+    # sees the same numbers in the same order (measured: every tensor bit for bit equal on this 2-core CPU, with
+    # and without deterministic algorithms).
     for (name, a), b in zip(cached.state_dict().items(), plain.state_dict().values(), strict=True):
-        if a.is_floating_point():
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+        assert torch.equal(a, b), name
+
+
+def test_the_cache_leaves_out_unreadable_files_as_the_image_path_does(tmp_path: Path) -> None:
+    """The demo's path: an image folder with files that cannot be read, features cached in the frozen phase."""
+    root = tmp_path / "imgs"
+    seed = write_class_folders(root / "train", {"cat": 10, "dog": 9})  # 20 files, 19 readable: no batch of 1
+    write_class_folders(root / "val", {"cat": 4, "dog": 4}, start=write_class_folders(root / "test", {"cat": 2}, seed))
+    buffer = io.BytesIO()
+    photo(100, (64, 64)).save(buffer, format="JPEG")
+    cut = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    bad = {  # two that the listing's header check rejects, two that pass it and fail to decode in a batch
+        root / "train" / "cat" / "empty.jpg": b"",
+        root / "train" / "dog" / "text.jpg": b"not a JPEG",
+        root / "train" / "cat" / "cut.jpg": cut,
+        root / "val" / "dog" / "cut.jpg": cut,
+    }
+    for path, content in bad.items():
+        path.write_bytes(content)
+
+    def data() -> ImageFolderDataModule:
+        config = data_config_dict(BACKBONE, "none", 32)
+        return ImageFolderDataModule(root=str(root), batch_size=8, num_workers=0, augment="none", data_config=config)
+
+    cache = FeatureCache()
+    _, cached_spy, cached = _fit(Freeze(), 2, cache, data=data())
+    _, spy, plain = _fit(Freeze(), 2, None, data=data())
+    assert sorted(cache.computed) == ["train", "val"]
+    _assert_cached_path(cached_spy, (0, 1))
+    assert spy.ranks[(0, "train")] == {4}
+    # each readable image once per epoch, in its split; the unreadable ones left out, never replaced
+    assert cached_spy.samples == spy.samples
+    assert [cached_spy.samples[(epoch, split)] for epoch in (0, 1) for split in ("train", "val")] == [19, 8, 19, 8]
+    for trainer in (cached, plain):
+        assert {Path(path) for _, path, _ in trainer.datamodule.skipped} == set(bad)
 
 
 def test_random_augmentation_caches_val_only_unless_forced(caplog: pytest.LogCaptureFixture) -> None:
