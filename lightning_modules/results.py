@@ -38,6 +38,7 @@ from lightning_modules.sweeps import (
     overrides,
     select,
     subprocess_launcher,
+    write_best,
 )
 
 METRICS = (
@@ -238,6 +239,21 @@ def write_results(sweep: Sweep, rows: list[dict[str, Any]], title: str | None = 
         fig = plot(rows, summary, title)
         atomic_write(sweep.out / "results.png", lambda p: fig.savefig(p, dpi=110, format="png"))
         plt.close(fig)
+
+
+def pick_best(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
+    """Write best.yaml for the run with the highest `best_by` metric; the note for results.md says which."""
+    metric = sweep.best_by or "val_acc"
+    scored = [r for r in rows if r.get(metric) is not None]
+    if not scored:
+        return f"No finished run has {metric}."
+    best = max(scored, key=lambda r: r[metric])
+    run = next(r for r in sweep.runs if r.name == best["run"])
+    path = sweep.out / "best.yaml"
+    note = f"Best by {metric}: {run.name} ({metric} {best[metric]:.4f}, test acc {best['test_acc']:.4f})"
+    write_best(path, sweep, run, note)
+    print(f"{note}; ready to run: ftlab fit --config {path}")
+    return f"{note}; its config: `{path.name}`."
 
 
 def run_cli(

@@ -46,6 +46,7 @@ class Run:
     name: str
     params: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
+    plumbing: dict[str, Any] = field(default_factory=dict)  # what the run needs but best.yaml does not (a callback)
 
 
 @dataclass
@@ -75,7 +76,7 @@ class Sweep:
     def layer(self, run: Run) -> dict[str, Any]:
         """The run's `run.yaml`: common overrides, then the run's own, then its fixed log location."""
         logger = {"init_args": {"save_dir": str(self.out / "runs"), "name": run.name, "version": 0}}
-        return merge(merge(self.common, run.config), {"trainer": {"logger": logger}})
+        return merge(merge(merge(self.common, run.config), run.plumbing), {"trainer": {"logger": logger}})
 
 
 # ------------------------------------------------------------------------------------------ config layers
@@ -218,6 +219,12 @@ def subprocess_launcher(args: list[str], log: Path, extra_env: Mapping[str, str]
         return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
 
 
+def write_labels(sweep: Sweep, run: Run) -> None:
+    """The run's labels in the table (`params.json`)."""
+    text = json.dumps({"name": run.name, "params": run.params}, indent=2)
+    atomic_write(sweep.root(run) / "params.json", lambda p: p.write_text(text))
+
+
 def is_finished(sweep: Sweep, run: Run) -> bool:
     """A run is finished when its test report is written (atomically, so never half)."""
     return (sweep.root(run) / VERSION / "metrics.json").is_file()
@@ -248,7 +255,7 @@ def run_one(sweep: Sweep, run: Run, launcher: Launcher = subprocess_launcher) ->
         return True
     root.mkdir(parents=True, exist_ok=True)
     written.write_text(layer)
-    (root / "params.json").write_text(json.dumps({"name": run.name, "params": run.params}, indent=2))
+    write_labels(sweep, run)
     configs = [arg for path in [*sweep.base, str(written)] for arg in ("--config", path)]
     steps = [("test", ["--ckpt_path", "best"])]
     if not (root / "fit.done").is_file():

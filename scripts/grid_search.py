@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.common import ConfigError
-from lightning_modules.results import METRICS, run_cli
-from lightning_modules.sweeps import Launcher, Sweep, load_grid, subprocess_launcher, sweep_parser, write_best
+from lightning_modules.results import METRICS, pick_best, run_cli
+from lightning_modules.sweeps import Launcher, Sweep, load_grid, subprocess_launcher, sweep_parser
 
 
 def plan(args: argparse.Namespace, common: dict[str, Any]) -> Sweep:
@@ -37,21 +37,6 @@ def plan(args: argparse.Namespace, common: dict[str, Any]) -> Sweep:
         raise ConfigError(f"grid metric {metric!r} is not one of {', '.join(METRICS)}")
     out = args.out or Path("runs") / "grid" / args.grid.stem
     return Sweep(out, [*base, *args.config], runs, common, best_by=metric)
-
-
-def pick_best(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
-    """Write best.yaml for the run with the highest `best_by` metric; the note for results.md says which."""
-    metric = sweep.best_by or "val_acc"
-    scored = [r for r in rows if r.get(metric) is not None]
-    if not scored:
-        return f"No finished run has {metric}."
-    best = max(scored, key=lambda r: r[metric])
-    run = next(r for r in sweep.runs if r.name == best["run"])
-    path = sweep.out / "best.yaml"
-    note = f"Best by {metric}: {run.name} ({metric} {best[metric]:.4f}, test acc {best['test_acc']:.4f})"
-    write_best(path, sweep, run, note)
-    print(f"{note}; ready to run: ftlab fit --config {path}")
-    return f"{note}; its config: `{path.name}`."
 
 
 def main(argv: Sequence[str] | None = None, launcher: Launcher = subprocess_launcher) -> int:

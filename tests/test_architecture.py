@@ -12,7 +12,8 @@ from pathlib import Path
 from tests.helpers import REPO
 
 PACKAGES = ("datamodules", "lightning_modules", "scripts")
-TOP = {"cli", "sweeps", "results", "recipe_table"}  # what runs, or runs many: nothing below may import them
+# what runs, or runs many: nothing below may import them
+TOP = {"cli", "sweeps", "launchers", "tuning", "results", "recipe_table"}
 
 
 def _modules(package: str) -> list[Path]:
