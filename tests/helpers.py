@@ -214,10 +214,12 @@ class KillAt(pl.Callback):
 
 
 class KillDuringSave(pl.Callback):
-    """From `epoch` on, the next checkpoint write is cut short: half its bytes reach the file, then SIGKILL."""
+    """From `epoch` on, the next checkpoint write to a file whose name contains `only` is cut short: half its bytes
+    reach the file, then SIGKILL. Other writes go through."""
 
-    def __init__(self, epoch: int) -> None:
+    def __init__(self, epoch: int, only: str = "") -> None:
         self.epoch = epoch
+        self.only = only
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch != self.epoch:
@@ -225,6 +227,8 @@ class KillDuringSave(pl.Callback):
         real_save = torch.save
 
         def cut_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            if self.only not in str(getattr(f, "name", f)):
+                return real_save(obj, f, *args, **kwargs)
             buffer = io.BytesIO()
             real_save(obj, buffer, *args, **kwargs)
             data = buffer.getvalue()

@@ -1,9 +1,10 @@
 """Reliability: kill and resume, a kill while a checkpoint is written, a NaN loss, safe loading, DDP.
 
-One uninterrupted run is the baseline. A second run on the same data is killed three times in a chain (at an
-epoch boundary after an unfreeze, in the middle of the next epoch, and while that epoch's checkpoint is being
-written), resumed each time with `--ckpt_path last`, and must end with exactly the baseline's weights, optimizer
-groups and EarlyStopping counters. Killed runs are child processes (a SIGKILL needs a process of its own).
+One uninterrupted run is the baseline. A second run on the same data is killed four times in a chain (at two
+epoch boundaries around an unfreeze, in the middle of the next epoch, and while a later checkpoint is being
+written), each process resuming with `--ckpt_path last` from the checkpoint the one before it wrote; it must end
+bit for bit on the baseline's weights, optimizer state and groups and EarlyStopping counters, and so must the
+epoch redone after the mid-epoch kill. Killed runs are child processes (a SIGKILL needs a process of its own).
 docs/reliability.md.
 """
 
@@ -94,9 +95,25 @@ def _early_stopping(ckpt: dict[str, Any]) -> dict[str, Any]:
     return next(v for k, v in ckpt["callbacks"].items() if k.startswith("EarlyStopping"))
 
 
+def _states_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Bit for bit: every weight and buffer, and every tensor of the optimizer state (deterministic CPU)."""
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    states = [c["optimizer_states"][0]["state"] for c in (a, b)]
+    assert states[0].keys() == states[1].keys()
+    for index, slots in states[0].items():
+        for slot, value in slots.items():
+            assert torch.equal(value, states[1][index][slot]), (index, slot)
+
+
+CHAIN = ["--trainer.max_epochs=5"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The baseline run and the killed-thrice-and-resumed run, with what each stage left behind."""
+    """The baseline run and a run killed four times, each process resuming from the checkpoint the one before it
+    wrote, with what each stage left behind."""
     root = tmp_path_factory.mktemp("reliability")
     (root / "experiments").symlink_to(REPO / "experiments")
     (root / "exp.yaml").write_text(EXPERIMENT)
@@ -104,17 +121,23 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         ckpts = root / "runs" / "chain" / "version_0" / "checkpoints"
-        kill_boundary = _inject(root, "k1", "tests.helpers.KillAt", epoch=3)
-        out["k1"] = _ftlab(root, *_fit_args("chain", *kill_boundary))
-        out["after_boundary_kill"] = _ckpt(ckpts / "last.ckpt")
-        kill_mid = _inject(root, "k2", "tests.helpers.KillAt", epoch=3, batch=2)
-        out["k2"] = _ftlab(root, *_fit_args("chain", "--ckpt_path", "last", *kill_mid))
-        kill_save = _inject(root, "k3", "tests.helpers.KillDuringSave", epoch=3)
-        out["k3"] = _ftlab(root, *_fit_args("chain", "--ckpt_path", "last", *kill_save))
+        resume = ["--ckpt_path", "last", *CHAIN]
+        # process 1: killed at the start of epoch 2 (the unfreeze was at epoch 1)
+        out["k1"] = _ftlab(root, *_fit_args("chain", *CHAIN, *_inject(root, "k1", "tests.helpers.KillAt", epoch=2)))
+        out["after_k1"] = _ckpt(ckpts / "last.ckpt")
+        # process 2 resumes from process 1's epoch-1 checkpoint, writes epoch 2's, killed at the start of epoch 3
+        out["k2"] = _ftlab(root, *_fit_args("chain", *resume, *_inject(root, "k2", "tests.helpers.KillAt", epoch=3)))
+        out["after_k2"] = _ckpt(ckpts / "last.ckpt")
+        # process 3 resumes from process 2's checkpoint, killed before batch 2 of epoch 3
+        kill_mid = _inject(root, "k3", "tests.helpers.KillAt", epoch=3, batch=2)
+        out["k3"] = _ftlab(root, *_fit_args("chain", *resume, *kill_mid))
+        # process 4 resumes from process 2's checkpoint again, redoes epoch 3, writes its checkpoint, and is killed
+        # halfway through writing epoch 4's last.ckpt
+        kill_save = _inject(root, "k4", "tests.helpers.KillDuringSave", epoch=4, only="last")
+        out["k4"] = _ftlab(root, *_fit_args("chain", *resume, *kill_save))
         out["partials"] = [(p.name, p.stat().st_size, _loads(p)) for p in ckpts.glob(".*.partial")]
         out["last_size"] = (ckpts / "last.ckpt").stat().st_size
-        out["last_after_save_kill"] = _ckpt(ckpts / "last.ckpt")
-        out["resolved_last"] = cli.resolve_checkpoint("last", (root / "runs" / "chain", None))
+        out["after_k4"] = _ckpt(ckpts / "last.ckpt")
         loads: list[Any] = []
         real_load = torch.load
 
@@ -125,52 +148,64 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         mp.setattr(torch, "load", recording_load)
         notices = _Collect()
         logging.getLogger("ftlab").addHandler(notices)
-        try:
-            cli_main(_fit_args("chain", "--ckpt_path", "last"))
+        try:  # process 5 (this one) resumes from process 4's epoch-3 checkpoint and finishes
+            cli_main(_fit_args("chain", *resume))
         finally:
             logging.getLogger("ftlab").removeHandler(notices)
         mp.setattr(torch, "load", real_load)
         out["final_warnings"] = notices.messages
         out["resume_loads"] = loads
-        cli_main(_fit_args("straight"))
+        out["partials_at_end"] = [p.name for p in ckpts.glob(".*.partial")]
+        every_epoch = root / "every_epoch.yaml"  # the baseline keeps each epoch's weights aside (4 steps an epoch)
+        every_epoch.write_text(
+            "trainer:\n  callbacks+:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+            f"      init_args: {{dirpath: '{root / 'straight_epochs'}', filename: 'e{{epoch}}', save_top_k: -1, "
+            "every_n_train_steps: 4}\n"
+        )
+        cli_main(_fit_args("straight", *CHAIN, "--config", str(every_epoch)))
     out["straight"] = root / "runs" / "straight" / "version_0" / "checkpoints"
+    out["straight_epoch3"] = _ckpt(next((root / "straight_epochs").glob("e*epoch=3*.ckpt")))
     out["chain"] = ckpts
     yield out
 
 
-def test_sigkill_at_an_epoch_boundary_resumes_to_the_same_weights_and_early_stopping_counters(
+def test_sigkill_at_epoch_boundaries_resumes_to_the_same_weights_and_early_stopping_counters(
     runs: dict[str, Any],
 ) -> None:
-    assert runs["k1"].returncode == -9  # SIGKILL at the start of epoch 3, two epochs after the unfreeze
-    killed = runs["after_boundary_kill"]
-    assert killed["epoch"] == 2 and _early_stopping(killed)["wait_count"] == 2  # counters were mid-flight
+    assert runs["k1"].returncode == runs["k2"].returncode == -9  # SIGKILLs at the starts of epochs 2 and 3
+    first, second = runs["after_k1"], runs["after_k2"]
+    assert first["epoch"] == 1 and _early_stopping(first)["wait_count"] == 1  # counters were mid-flight
+    # the resumed process wrote its own checkpoint (step 12: epochs 0-2), counting on from the first one's
+    assert second["epoch"] == 2 and second["global_step"] == 12 and _early_stopping(second)["wait_count"] == 2
+    assert MARK not in runs["k2"].stderr  # resuming after a kill at an epoch boundary redoes nothing
     straight, resumed = _ckpt(runs["straight"] / "last.ckpt"), _ckpt(runs["chain"] / "last.ckpt")
-    assert resumed["epoch"] == straight["epoch"] == 3
-    for key, value in straight["state_dict"].items():
-        assert torch.equal(value, resumed["state_dict"][key]), key  # deterministic CPU: bit for bit
+    assert resumed["epoch"] == straight["epoch"] == 4
+    _states_equal(straight, resumed)  # after four kills and five processes
     assert _early_stopping(resumed) == _early_stopping(straight)
-    assert _early_stopping(resumed)["wait_count"] == 3  # counted on across the kill, not reset
+    assert _early_stopping(resumed)["wait_count"] == 4  # counted on across every kill, not reset
     groups = [[(g.get("name"), g["lr"]) for g in c["optimizer_states"][0]["param_groups"]] for c in (straight, resumed)]
     assert groups[0] == groups[1] and [n for n, _ in groups[0]] == ["head", "layer4", "layer3"]
 
 
-def test_sigkill_mid_epoch_warns_and_the_epoch_restarts_from_its_first_batch(runs: dict[str, Any]) -> None:
-    assert runs["k2"].returncode == -9  # killed before batch 2 of epoch 3: global step 14, checkpoint at step 12
-    assert MARK not in runs["k2"].stderr  # resuming after a kill at an epoch boundary redoes nothing
-    warning = " ".join(runs["k3"].stderr.split())
+def test_sigkill_mid_epoch_warns_and_the_redone_epoch_ends_bit_for_bit_on_the_baseline(runs: dict[str, Any]) -> None:
+    assert runs["k3"].returncode == -9  # killed before batch 2 of epoch 3: global step 14, checkpoint at step 12
+    warning = " ".join(runs["k4"].stderr.split())
     assert "saved at global step 12; the interrupted run had reached epoch 3, step 14. Epoch 3 " + MARK in warning
-    # the final resume (after the kill during the checkpoint write) redid the whole of epoch 3 too
-    assert any("had reached epoch 3, step 16" in w and MARK in w for w in runs["final_warnings"])
-    # ... and still ended bit for bit on the baseline: tolerance zero (see the test above)
+    # the process that redid epoch 3 wrote its checkpoint before it was killed: the baseline's epoch 3 exactly
+    assert runs["after_k4"]["epoch"] == 3 and runs["after_k4"]["global_step"] == 16
+    _states_equal(runs["straight_epoch3"], runs["after_k4"])
 
 
 def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(runs: dict[str, Any]) -> None:
-    assert runs["k3"].returncode == -9
-    assert len(runs["partials"]) == 1  # the cut write: half a file beside the checkpoints, never over them
-    name, size, loads = runs["partials"][0]
-    assert name.startswith(".") and 0 < size < runs["last_size"] and not loads  # half a zip archive
-    assert runs["last_after_save_kill"]["epoch"] == 2  # the previous last.ckpt, whole
-    assert runs["resolved_last"].name == "last.ckpt"  # `--ckpt_path last` never picks the partial file
+    assert runs["k4"].returncode == -9
+    # the cut write: half a file under the atomic writer's name, beside last.ckpt, never over it
+    assert [name for name, _, _ in runs["partials"]] == [".last.ckpt.partial"]
+    _, size, loads = runs["partials"][0]
+    assert 0 < size < runs["last_size"] and not loads  # half a zip archive
+    assert runs["after_k4"]["epoch"] == 3  # the previous last.ckpt, whole (compared bit for bit above)
+    # the next process resumed from that checkpoint (step 16), not from the half-written one, and redid epoch 4
+    assert any("saved at global step 16" in w and "had reached epoch 4, step 20" in w for w in runs["final_warnings"])
+    assert runs["partials_at_end"] == []  # its own write of last.ckpt replaced the partial file
 
 
 def _primitive(value: Any) -> bool:

@@ -109,7 +109,9 @@ def test_cached_run_equals_uncached_run() -> None:
         assert torch.equal(a, b), name
 
 
-def test_the_cache_leaves_out_unreadable_files_as_the_image_path_does(tmp_path: Path) -> None:
+def test_the_cache_leaves_out_unreadable_files_as_the_image_path_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The demo's path: an image folder with files that cannot be read, features cached in the frozen phase."""
     root = tmp_path / "imgs"
     seed = write_class_folders(root / "train", {"cat": 10, "dog": 9})  # 20 files, 19 readable: no batch of 1
@@ -130,6 +132,7 @@ def test_the_cache_leaves_out_unreadable_files_as_the_image_path_does(tmp_path: 
         config = data_config_dict(BACKBONE, "none", 32)
         return ImageFolderDataModule(root=str(root), batch_size=8, num_workers=0, augment="none", data_config=config)
 
+    monkeypatch.chdir(tmp_path)  # bad_images.csv is written in the working directory (no logger)
     cache = FeatureCache()
     _, cached_spy, cached = _fit(Freeze(), 2, cache, data=data())
     _, spy, plain = _fit(Freeze(), 2, None, data=data())
