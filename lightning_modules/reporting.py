@@ -57,6 +57,7 @@ class TestReport(pl.Callback):
     def _reset(self) -> None:
         self.probs: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
+        self.indices: list[torch.Tensor] = []  # each sample's index in the test set: the sampler's repeats show
         self.correct: list[tuple[torch.Tensor, int, int, float, float]] = []
         self.wrong: list[tuple[torch.Tensor, int, int, float, float]] = []
         self.top_losses: list[tuple[torch.Tensor, int, int, float, float]] = []
@@ -94,6 +95,7 @@ class TestReport(pl.Callback):
         losses = F.cross_entropy(logits, y, reduction="none")
         self.probs.append(probs)
         self.targets.append(y)
+        self.indices.append(batch.indices.cpu())
         cfg = reported(pl_module).backbone.data_config
         images = denormalize(batch.inputs, cfg.mean, cfg.std)
         conf, pred = probs.max(1)
@@ -124,20 +126,26 @@ class TestReport(pl.Callback):
         print(f"Test report: {Path(log_dir) / 'report.md'}")
 
     def _gather(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Probabilities and targets of every process (a collective: every process calls it); None if empty."""
+        """Probabilities and targets of every process (a collective: every process calls it), each test sample
+        once (DDP's sampler repeats a few to even out the shards); None if empty."""
         num_classes = int(pl_module.hparams["num_classes"])
         local = (
             torch.cat(self.probs) if self.probs else torch.empty(0, num_classes),
             torch.cat(self.targets) if self.targets else torch.empty(0, dtype=torch.long),
+            torch.cat(self.indices) if self.indices else torch.empty(0, dtype=torch.long),
         )
         parts = gather_lists([local])
-        if trainer.world_size > 1:
+        first: dict[int, int] = {}  # sample index -> its first row
+        for row, index in enumerate(torch.cat([i for _, _, i in parts]).tolist()):
+            first.setdefault(index, row)
+        keep = list(first.values())
+        if trainer.world_size > 1 and len(keep) < sum(len(i) for _, _, i in parts):
             rank_zero_warn(
-                "test report under DDP: the distributed sampler repeats a few samples to even out the "
-                "shards; for exact figures run `ftlab test` with --trainer.devices 1"
+                "test under DDP: the distributed sampler repeated a few samples to even out the shards; the "
+                "logged test/ metrics count them, the report (metrics.json, report.md) counts each sample once"
             )
-        targets = torch.cat([t for _, t in parts])
-        return (torch.cat([p for p, _ in parts]), targets) if len(targets) else None
+        targets = torch.cat([t for _, t, _ in parts])[keep]
+        return (torch.cat([p for p, _, _ in parts])[keep], targets) if len(targets) else None
 
     def _metrics(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, probs: torch.Tensor, targets: torch.Tensor

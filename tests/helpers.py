@@ -242,20 +242,23 @@ class KillDuringSave(pl.Callback):
 
 
 class PoisonBatch(pl.Callback):
-    """Fill the images of the batch at global step `step` with NaN (a corrupt batch that makes the loss NaN)."""
+    """Fill the images of the batch at global step `step` with NaN (a corrupt batch that makes the loss NaN), on
+    every process or only on process `rank`."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, rank: int | None = None) -> None:
         self.step = step
+        self.rank = rank
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             batch.inputs.fill_(float("nan"))
 
 
 class DumpState(pl.Callback):
-    """At the end of fit, write each process's trainable count, param groups and a weights checksum to JSON."""
+    """At the end of fit, write each process's trainable count, param groups and a weights checksum to JSON, and
+    its state dict beside it."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -270,6 +273,7 @@ class DumpState(pl.Callback):
             "epoch": trainer.current_epoch,
         }
         Path(f"{self.path}.rank{trainer.global_rank}.json").write_text(json.dumps(state))
+        torch.save(pl_module.state_dict(), f"{self.path}.rank{trainer.global_rank}.pt")  # every tensor, to compare
 
 
 def in_process(args: list[str], log: Path) -> int:
