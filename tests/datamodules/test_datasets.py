@@ -109,10 +109,11 @@ def test_planted_faults_are_converted_or_reported_never_replaced(
     for split in ("train", "val", "test"):
         loader = getattr(dm, f"{split}_dataloader")()
         for batch in loader:
-            x = dm.on_before_batch_transfer(batch, 0).inputs
-            assert x.shape[1:] == (3, SIZE, SIZE)
-            seen += [f"{split}:{i}" for i in range(len(x))]
-    assert len(seen) == good  # every decodable image once, the truncated one dropped, nothing duplicated
+            batch = dm.on_before_batch_transfer(batch, 0)
+            assert batch.inputs.shape[1:] == (3, SIZE, SIZE) and len(batch.indices) == len(batch.inputs)
+            seen += [Path(dm.datasets[split].name(i)).name for i in batch.indices.tolist()]
+    decodable = [f"img_{i}.jpg" for i in range(12)] + [name for name, fate in fates.items() if fate == "good"]
+    assert len(seen) == good and sorted(seen) == sorted(decodable)  # each decodable file once: no duplicate, no drop
     reasons = {Path(p).name: r for _, p, r in dm.skipped}
     assert set(reasons) == {"zero.jpg", "not_an_image.jpg", "truncated.jpg"}
     assert "empty file" in reasons["zero.jpg"] and "truncated" in reasons["truncated.jpg"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
@@ -257,10 +259,12 @@ def test_bad_backbone_is_one_line_error(
         "sys.argv",
         ["ftlab", "fit", "--config", "experiments/quickstart.yaml", "--model.backbone=timm/efficientnet_lite9", *FAST],
     )
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         cli.main()
-    err = capsys.readouterr().err
-    assert "timm has no model 'efficientnet_lite9'" in err and "efficientnet_lite0" in err
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ftlab: error: "), err  # one line, no traceback
+    assert "timm has no model 'efficientnet_lite9'" in err[0] and "efficientnet_lite0" in err[0]
 
 
 def test_two_stacked_strategies_are_one_line_error(
@@ -280,8 +284,19 @@ def test_two_stacked_strategies_are_one_line_error(
 
 
 def test_lr_find_applies_its_suggestion_with_a_strategy_in_place(
-    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+    in_tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from lightning.pytorch.tuner.lr_finder import _LRCallback  # the finder's only callback while it runs
+
+    during: list[tuple[bool, list[str]]] = []  # per finder step: any backbone parameter trainable, the groups
+    finder_step = _LRCallback.on_train_batch_start
+
+    def probed(callback: Any, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        groups = [str(g.get("name")) for g in trainer.optimizers[0].param_groups]
+        during.append((any(p.requires_grad for p in pl_module.backbone.parameters()), groups))
+        finder_step(callback, trainer, pl_module, batch, batch_idx)
+
+    monkeypatch.setattr(_LRCallback, "on_train_batch_start", probed)
     args = [
         "fit",
         "--config",
@@ -303,6 +318,8 @@ def test_lr_find_applies_its_suggestion_with_a_strategy_in_place(
     assert run.trainer.optimizers[0].param_groups[0]["name"] == "head"
     assert run.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(suggested, rel=1e-2)
     assert (Path(str(run.trainer.log_dir)) / "lr_find.png").is_file()
+    # the finder trained the head alone, the backbone frozen at every one of its steps
+    assert len(during) == 100 and all(step == (False, ["head"]) for step in during), during[:3]
 
 
 def test_the_experiment_lists_are_found() -> None:
