@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from typing_extensions import override
@@ -112,6 +113,16 @@ class FinetuneCLI(LightningCLI):
             raise ConfigError(f"checkpoint {ckpt_path} does not exist; pass --ckpt_path best, last or a .ckpt file")
         config.ckpt_path = str(ckpt_path)
         run_dir = ckpt_path.parent.parent
+        if (  # no run named, a checkpoint of a run folder: test, validate and predict write there
+            subcommand != "fit"
+            and runs is not None
+            and runs[1] is not None
+            and runs[1].get("name") == DEFAULT_RUN_NAME
+            and run_dir.name.startswith("version_")
+            and (run_dir / "hparams.yaml").is_file()
+        ):
+            runs[1].save_dir, runs[1].name = str(run_dir.parent.parent), run_dir.parent.name
+            runs = (run_dir.parent, runs[1])
         if runs is not None and run_dir.parent == runs[0]:
             self._run_version = run_dir.name  # test, validate or resume into the checkpoint's run directory
             if runs[1] is not None:
@@ -228,6 +239,9 @@ def check_one_strategy(callbacks: list[Any]) -> None:
 
 
 RUN_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # loggers whose folder is the run directory
+
+
+DEFAULT_RUN_NAME = "default"  # the logger's name in defaults.yaml, when no experiment names its runs
 
 
 def run_root(trainer_config: Namespace) -> tuple[Path, Namespace | None] | None:
@@ -385,9 +399,13 @@ def main() -> None:
 
 
 def _config_error(err: BaseException | None) -> ConfigError | None:
-    """The ConfigError behind `err`, also when jsonargparse wrapped it (a class of `data:` failing to build)."""
-    while err is not None and not isinstance(err, ConfigError):
+    """The ConfigError behind `err`, also when jsonargparse wrapped it (a class of `data:` failing to build); a
+    Trainer setting this machine cannot run (Lightning's MisconfigurationException: `accelerator: gpu` without
+    a GPU) reads as one too."""
+    while err is not None and not isinstance(err, ConfigError | MisconfigurationException):
         err = err.__cause__ or err.__context__
+    if isinstance(err, MisconfigurationException):
+        return ConfigError(f"trainer: {' '.join(str(err).split())}")
     return err
 
 

@@ -36,7 +36,7 @@ from datamodules.common import ConfigError, atomic_write, close_names
 
 Launcher = Callable[[list[str], Path], int]  # (ftlab arguments, log file) -> exit status
 VERSION = "version_0"
-TOP_LEVEL = ("model", "data", "trainer", "seed_everything", "early_stopping", "lr_find", "ckpt_path")
+TOP_LEVEL = ("model", "data", "trainer", "seed_everything", "early_stopping", "feature_cache", "lr_find", "ckpt_path")
 
 
 @dataclass

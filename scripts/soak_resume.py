@@ -75,6 +75,11 @@ def main() -> None:
         if process.wait() != 0:
             raise SystemExit(f"a resumed run failed (exit {process.returncode}); see {log}")
         break
+    if kills == 0:
+        raise SystemExit(
+            "no kill landed: every timer outlived the resumed run, so nothing was tested; "
+            "give --max-seconds below the run's length, or another --seed"
+        )
     final = save_dir / "uninterrupted" / "version_0" / "checkpoints" / "last.ckpt"
     print(f"{kills} kills; max weight difference to the uninterrupted run: {max_weight_difference(final, ckpt):.3g}")
 

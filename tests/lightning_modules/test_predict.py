@@ -49,6 +49,7 @@ def test_predict_needs_only_the_checkpoint_and_a_folder(trained: dict[str, Any],
     run = cli_main(
         ["predict", "--ckpt_path", str(trained["ckpt"]), f"--data.init_args.predict_root={trained['inbox']}"]
     )
+    assert Path(str(run.trainer.log_dir)) == trained["ckpt"].parent.parent  # into the checkpoint's run folder
     rows = _rows(Path(str(run.trainer.log_dir)) / "predictions.csv")
     assert list(rows[0]) == ["path", "true", "predicted", *(f"prob_{n}" for n in CLASSES), "error"]
     assert len(rows) == 3 and all(r["error"] == "" for r in rows)
