@@ -8,7 +8,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 DATA ?= ../shared/data
 
-.PHONY: demo test lint clean results
+.PHONY: demo test test-fast lint clean results
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
+
+# the suite without the tests marked slow or ddp (pyproject.toml): a quick check while editing
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m "not slow and not ddp"
 
 results: $(VENV)/.installed
 	$(BIN)/python scripts/results.py --data $(DATA) --doc docs/results.md

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO
 
 PACKAGES = ("datamodules", "lightning_modules", "scripts")
@@ -37,6 +39,7 @@ def _project_imports(path: Path) -> list[tuple[ast.AST, str, bool]]:
     return found
 
 
+@pytest.mark.slow
 def test_the_data_package_loads_without_the_models() -> None:
     modules = [f"datamodules.{p.stem}" for p in _modules("datamodules") if p.stem != "__init__"]
     code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"

@@ -229,6 +229,7 @@ def _outputs(out: str) -> str:
     return "\n".join(row["path"] for row in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input(
     case: str, world: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]

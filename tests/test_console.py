@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from lightning_modules.console import CompactProgressBar
 from tests.helpers import REPO, write_class_folders
 
 
+@pytest.mark.slow
 def test_setup_summary_names_the_classes_splits_and_the_empty_file(tmp_path: Path) -> None:
     write_class_folders(tmp_path / "photos", {"cat": 12, "dog": 12})
     (tmp_path / "photos" / "cat" / "zero.jpg").write_bytes(b"")

@@ -18,6 +18,8 @@ from lightning_modules.backbones import build_backbone, resolve_data_config
 from lightning_modules.cli import cli_main
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow  # an export and a subprocess
+
 
 def _max_gap(a: Any, b: torch.Tensor) -> float:
     return float(np.abs(np.asarray(a) - b.numpy()).max())

@@ -14,6 +14,8 @@ import pytest
 
 from tests.helpers import REPO, write_class_folders
 
+pytestmark = pytest.mark.slow  # a wheel built and installed
+
 POISON = '''
 import lightning.pytorch as pl
 

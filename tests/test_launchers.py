@@ -90,6 +90,7 @@ def test_slots_deal_gpus_round_robin_and_split_the_cores() -> None:
     assert [sorted(s.cpus or []) for s in slots(3, gpus=0, cpus=[0, 1])] == [[0], [1], [0]]  # more jobs than cores
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two slots need two cores")
 def test_two_members_run_at_once_each_on_its_own_cores(in_tmp: Path) -> None:
     (in_tmp / "base.yaml").write_text(TINY)
@@ -105,6 +106,7 @@ def test_two_members_run_at_once_each_on_its_own_cores(in_tmp: Path) -> None:
     assert all(s["omp"] == str(len(s["cpus"])) and s["threads"] == len(s["cpus"]) for s in stamps)
 
 
+@pytest.mark.slow
 def test_members_run_as_submitit_jobs_and_are_collected(in_tmp: Path) -> None:
     pytest.importorskip("submitit", reason="the sweep extra (pip install -e '.[sweep]') is not installed")
     (in_tmp / "base.yaml").write_text(TINY)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from tests.helpers import REPO, photo
@@ -17,6 +18,7 @@ def _run(src: Path, dst: Path) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_preresize_copies_the_layout_at_the_training_size(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "cat").mkdir(parents=True)

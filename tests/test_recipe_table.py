@@ -40,6 +40,7 @@ def test_every_row_of_the_plan_names_a_recipe_that_exists() -> None:
         assert (REPO / recipe).is_file(), recipe
 
 
+@pytest.mark.slow
 def test_quick_mode_runs_rows_writes_the_table_and_skips_finished_rows(in_tmp: Path, dev_data: Path) -> None:
     out, doc = in_tmp / "results", in_tmp / "docs" / "results.md"
     args = ["--data", str(dev_data), "--plan", str(PLAN), "--out", str(out), "--quick", "--only", *ROWS]

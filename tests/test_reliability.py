@@ -25,6 +25,8 @@ from lightning_modules import cli
 from lightning_modules.cli import cli_main
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow  # every test shares one module fixture of six fits (the kill chain)
+
 EXPERIMENT = """
 trainer:
   max_epochs: 4
@@ -251,6 +253,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_the_last_good_checkpoint_is_inta
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
 
 
+@pytest.mark.ddp
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_ddp_two_processes_agree_with_one_and_the_checkpoint_resumes_on_one(
     runs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
@@ -314,6 +317,7 @@ def test_ddp_two_processes_agree_with_one_and_the_checkpoint_resumes_on_one(
     assert report["confusion_matrix"] == alone["confusion_matrix"]  # the same digits, each once
 
 
+@pytest.mark.ddp
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_ddp_a_nan_loss_on_one_process_stops_both_with_the_last_good_checkpoint(runs: dict[str, Any]) -> None:
     root = runs["root"]

@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import pytest
 from PIL import Image
 
 from datamodules.base import LabeledDataset, Subset
@@ -114,6 +115,7 @@ class RecordEpochs(pl.Callback):
         self.epoch[0] = trainer.current_epoch
 
 
+@pytest.mark.slow
 def test_dirty_folder_of_hundreds_of_images_every_epoch_sees_each_decodable_image_once(in_tmp: Path) -> None:
     good, bad = write_dirty_folder(in_tmp / "dirty")
     data = [

@@ -25,6 +25,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.helpers import REPO, in_process
 
+pytestmark = pytest.mark.slow  # sweeps of several fits each
+
 BASE = """
 trainer:
   max_epochs: 2

@@ -74,6 +74,7 @@ def test_the_space_is_checked_with_the_key_named() -> None:
     assert kinds == {"model.x": "int", "model.y": "float"}
 
 
+@pytest.mark.slow
 def test_a_study_prunes_survives_a_kill_and_ends_with_a_ready_best_yaml(in_tmp: Path) -> None:
     (in_tmp / "base.yaml").write_text(BASE)
     (in_tmp / "search.yaml").write_text(SEARCH)

@@ -125,6 +125,7 @@ def test_planted_faults_are_converted_or_reported_never_replaced(
     assert not any(".ipynb_checkpoints" in p or p.endswith(("Thumbs.db", ".DS_Store")) for p in all_paths)
 
 
+@pytest.mark.slow
 def test_bad_image_report_is_written_to_the_run_directory(
     tmp_path: Path, faulty_folder: tuple[Path, dict[str, str]]
 ) -> None:
@@ -200,6 +201,7 @@ def test_missing_image_folder_error_names_the_path(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- pet expressions
 
 
+@pytest.mark.slow
 def test_pet_expressions_layout_and_stable_class_map(tmp_path: Path) -> None:
     master = tmp_path / "pets" / "Master Folder"
     seed = write_class_folders(master / "train", {"Angry": 3, "happy": 3, "Sad": 3, "Other": 3})
@@ -233,6 +235,7 @@ def _hf_dataset(n: int = 12) -> datasets.Dataset:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["petimages", "save_to_disk", "parquet"])
 def test_cats_vs_dogs_offline_sources(tmp_path: Path, source: str) -> None:
     root = tmp_path / source

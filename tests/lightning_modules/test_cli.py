@@ -44,6 +44,7 @@ def _tiny_data(name: str, root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", RUNNABLE)
 def test_every_experiment_runs_fast_dev_run(in_tmp: Path, experiment: str) -> None:
     from lightning.pytorch.callbacks import EarlyStopping
@@ -159,6 +160,7 @@ def _fit_quick(tmp: Path, epochs: int = 2) -> Path:
     return tmp / "runs" / "quickstart" / "version_0"
 
 
+@pytest.mark.slow
 def test_fit_saves_config_and_test_best_reuses_the_run_directory(in_tmp: Path) -> None:
     run_dir = _fit_quick(in_tmp)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -199,6 +201,7 @@ def test_fit_saves_config_and_test_best_reuses_the_run_directory(in_tmp: Path) -
     assert not (in_tmp / "runs" / "quickstart" / "version_1").exists()
 
 
+@pytest.mark.slow
 def test_with_a_csv_logger_alone_shortcuts_report_and_tables_work(in_tmp: Path) -> None:
     from lightning_modules.results import read_run, scalars
 
@@ -283,6 +286,7 @@ def test_two_stacked_strategies_are_one_line_error(
     ]
 
 
+@pytest.mark.slow
 def test_lr_find_applies_its_suggestion_with_a_strategy_in_place(
     in_tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

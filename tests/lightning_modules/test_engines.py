@@ -36,6 +36,7 @@ def _loader() -> torch.utils.data.DataLoader:
     return data.loader("val", data.datasets["val"])
 
 
+@pytest.mark.slow
 def test_onnxruntime_features_equal_torch_within_the_tolerance(tmp_path: Path) -> None:
     backbone = _backbone()
     by_torch = compute_features(backbone, _loader(), CPU, "torch", tmp_path)

@@ -59,6 +59,7 @@ def assert_per_class_follows_sklearn(report: dict, probs: np.ndarray, targets: n
             assert figures[key] == pytest.approx(column[i], abs=1e-12), (i, key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classes", [{"cat": 10, "dog": 10}, {"a": 8, "b": 8, "c": 8}])
 def test_report_matches_sklearn(in_tmp: Path, classes: dict[str, int]) -> None:
     run_dir, probs, targets = _fit_and_test(in_tmp, classes)

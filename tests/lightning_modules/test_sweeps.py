@@ -64,6 +64,7 @@ def test_grid_file_needs_base_and_grid(tmp_path: Path) -> None:
         load_grid(path)
 
 
+@pytest.mark.slow
 def test_missing_base_config_and_bad_metric_exit_2_with_one_line(tmp_path: Path) -> None:
     grid = tmp_path / "g.yaml"
     grid.write_text(yaml.safe_dump({"base": "missing.yaml", "grid": {"model.head_dropout": [0.1]}}))
