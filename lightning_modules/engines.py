@@ -72,6 +72,9 @@ def onnxruntime_pass(module: nn.Module, example: torch.Tensor, cache_dir: Path) 
     options = ort.SessionOptions()
     options.intra_op_num_threads = cores()
     options.inter_op_num_threads = 1
+    # no spin-waiting between batches: the loader's workers decode the next batch on the same cores (measured:
+    # docs/benchmark.md, the feature pass over the dev photos)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(images: torch.Tensor) -> torch.Tensor:

@@ -352,7 +352,11 @@ def test_loader_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         "val_fraction": 0.25,
         "test_fraction": 0.25,
     }
-    for cpus, workers in ((2, 2), (64, 8), (None, 1)):
+    for cpus, workers in ((2, 2), (64, 8), (1, 1)):  # the cores this process may use (its affinity), at most 8
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, cpus=cpus: set(range(cpus)))
+        assert ImageFolderDataModule(**kwargs).num_workers == workers
+    monkeypatch.delattr("os.sched_getaffinity")  # a platform without affinity: the CPU count
+    for cpus, workers in ((4, 4), (None, 1)):
         monkeypatch.setattr("os.cpu_count", lambda cpus=cpus: cpus)
         assert ImageFolderDataModule(**kwargs).num_workers == workers
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
