@@ -178,8 +178,9 @@ def storage_path(out: Path) -> Path:
     return out / "study.journal"
 
 
-def open_study(out: Path, search: Search) -> Any:
-    """The study in `<out>/study.journal`, created on first use (TPE with `seed`, median pruner)."""
+def open_study(out: Path, search: Search, worker: int = 0) -> Any:
+    """The study in `<out>/study.journal`, created on first use (TPE, median pruner), as worker `worker` sees it:
+    TPE's seed is the search's plus the worker's number (workers with one seed would sample the same values)."""
     optuna = optuna_module()
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -189,7 +190,10 @@ def open_study(out: Path, search: Search) -> Any:
         study_name="search",
         storage=JournalStorage(JournalFileBackend(str(storage_path(out)))),
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=min(10, max(2, search.trials // 3))),
+        sampler=optuna.samplers.TPESampler(
+            seed=None if search.seed is None else search.seed + worker,
+            n_startup_trials=min(10, max(2, search.trials // 3)),
+        ),
         pruner=median_pruner(search.startup_trials, search.warmup_epochs),
         load_if_exists=True,
     )
@@ -255,11 +259,12 @@ def finished(study: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def work(sweep: Sweep, search: Search, launcher: Launcher, stop_after: int | None = None) -> int:
+def work(sweep: Sweep, search: Search, launcher: Launcher, worker: int = 0, stop_after: int | None = None) -> int:
     """Ask, run and tell trials until the study has `search.trials` finished or running ones (or this worker has
-    run `stop_after`); the number this worker ran. Safe to run in several processes on one journal."""
+    run `stop_after`); the number this worker ran. Safe to run in several processes on one journal (each with its
+    own `worker` number)."""
     optuna = optuna_module()
-    study = open_study(sweep.out, search)
+    study = open_study(sweep.out, search, worker)
     ran = 0
     while stop_after is None or ran < stop_after:
         running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
@@ -269,6 +274,15 @@ def work(sweep: Sweep, search: Search, launcher: Launcher, stop_after: int | Non
         trial.set_user_attr("owner", owner())
         run = trial_run(search, trial, sweep.out)
         trial.set_user_attr("run", run.name)
+        twin = [
+            t.number
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if t.user_attrs.get("run") == run.name and t.number < trial.number
+        ]
+        if twin:  # the same values are being run by another worker, in the same folder: leave them to it
+            trial.set_user_attr("twin_of", twin[0])
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
         ok = run_one(sweep, run, launcher)
         ran += 1
         row = read_run(sweep.root(run))
@@ -306,15 +320,15 @@ class TuneWorker:
     """`work` as a submitit job (one of an array): asks and runs trials until the study has enough. Preempted or
     timed out, it hands its running trial back to the study and is requeued (submitit calls `checkpoint`)."""
 
-    def __call__(self, sweep: Sweep, search: Search) -> int:
-        return work(sweep, search, subprocess_launcher)
+    def __call__(self, sweep: Sweep, search: Search, worker: int) -> int:
+        return work(sweep, search, subprocess_launcher, worker)
 
-    def checkpoint(self, sweep: Sweep, search: Search) -> Any:
+    def checkpoint(self, sweep: Sweep, search: Search, worker: int) -> Any:
         """Give back this process's running trial, then run again."""
         from submitit.helpers import DelayedSubmission
 
         requeue_dead(open_study(sweep.out, search), owned_by=owner())
-        return DelayedSubmission(self, sweep, search)
+        return DelayedSubmission(self, sweep, search, worker)
 
 
 # ------------------------------------------------------------------------------------------ the callback

@@ -486,7 +486,7 @@ def machine() -> str:
 def run(setup: Setup, parts: list[str], data: Path) -> str:
     """The measurements of `parts`; the markdown report."""
     command = f"python scripts/benchmark.py{' --quick' if setup == QUICK else ''} --parts {' '.join(parts)}"
-    lines = [f"Written by `{command}` on {datetime.date.today()}; machine: {machine()}.", ""]
+    lines = ["# Benchmarks", "", f"Written by `{command}` on {datetime.date.today()}; machine: {machine()}.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         if "engines" in parts and DEVICE.type == "cpu":
             lines += [*engine_rows(setup, Path(tmp)), ""]

@@ -1,6 +1,6 @@
 """Grid search from a YAML grid: every combination is one `ftlab` run; the best is written as an experiment.
 
-    python scripts/grid_search.py experiments/grids/mnist_mlp.yaml
+    python scripts/grid_search.py scripts/grids/mnist_mlp.yaml
 
 The grid file:
 

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, search: Search, sweep: Sweep, launcher: Launch
     if args.launcher == "submitit":
         ex = executor(sweep.out / "submitit", slurm_options(args))
         workers = max(1, args.jobs)
-        jobs = ex.map_array(TuneWorker(), [sweep] * workers, [search] * workers)
+        jobs = ex.map_array(TuneWorker(), [sweep] * workers, [search] * workers, list(range(workers)))
         print(f"Submitted {len(jobs)} workers: {', '.join(j.job_id for j in jobs)}", flush=True)
         if args.no_wait:
             return
@@ -56,8 +56,8 @@ def run(args: argparse.Namespace, search: Search, sweep: Sweep, launcher: Launch
         if not isinstance(local, LocalLauncher):
             raise ConfigError("--jobs N runs trials as processes of this machine; this launcher runs them another way")
 
-        def worker(_: int, slot: Slot) -> int:
-            return work(sweep, search, local.at(slot))
+        def worker(number: int, slot: Slot) -> int:
+            return work(sweep, search, local.at(slot), number)
 
         in_slots(range(args.jobs), args.jobs, args.gpus_per_job, worker)
     else:

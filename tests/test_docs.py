@@ -55,3 +55,13 @@ def test_dated_measurements_live_on_the_results_and_benchmark_pages() -> None:
         if re.search(r"\b20\d\d-\d\d-\d\d\b", line)
     ]
     assert dated == []
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    named = {m for page in PAGES for m in re.findall(r"(tests/[\w/]+\.py)(?:::(\w+))?", page.read_text())}
+    missing = [
+        f"{path}::{test}" if test else path
+        for path, test in named
+        if not (REPO / path).is_file() or (test and f"def {test}(" not in (REPO / path).read_text())
+    ]
+    assert missing == []

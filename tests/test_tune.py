@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from datamodules.common import ConfigError
-from lightning_modules.tuning import load_search, parse_space
+from lightning_modules.tuning import load_search, open_study, parse_space
 from tests.helpers import REPO, in_process
 
 optuna = pytest.importorskip("optuna", reason="the sweep extra (pip install -e '.[sweep]') is not installed")
@@ -148,3 +148,12 @@ def test_the_search_file_is_checked(tmp_path: Path) -> None:
     path.write_text("base: b.yaml\nspace: {model.head_dropout: [0, 0.5]}\ntrails: 5\n")
     with pytest.raises(ConfigError, match=r"unknown keys \['trails'\]"):
         load_search(path)
+
+
+def test_workers_on_one_study_sample_different_values(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text("base: b.yaml\nseed: 0\nspace: {model.head_dropout: {low: 0.0, high: 0.5}}\n")
+    search = load_search(tmp_path / "s.yaml")
+    first, second = (open_study(tmp_path / "study", search, worker).ask() for worker in (0, 1))
+    assert first.number != second.number
+    values = [t.suggest_float("model.head_dropout", 0.0, 0.5) for t in (first, second)]
+    assert values[0] != values[1]  # one seed for both would give both workers the same first trial

@@ -356,8 +356,8 @@ def test_loader_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         monkeypatch.setattr("os.sched_getaffinity", lambda pid, cpus=cpus: set(range(cpus)))
         assert ImageFolderDataModule(**kwargs).num_workers == workers
     monkeypatch.delattr("os.sched_getaffinity")  # a platform without affinity: the CPU count
-    for cpus, workers in ((4, 4), (None, 1)):
-        monkeypatch.setattr("os.cpu_count", lambda cpus=cpus: cpus)
+    for count, workers in ((4, 4), (None, 1)):
+        monkeypatch.setattr("os.cpu_count", lambda count=count: count)
         assert ImageFolderDataModule(**kwargs).num_workers == workers
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     assert ImageFolderDataModule(**kwargs).pin_memory is True
