@@ -4,6 +4,11 @@ torch state each test found is restored after it (tests pass alone and in the su
 from __future__ import annotations
 
 import os
+
+# Before anything imports huggingface_hub (timm does, through tests.helpers): it reads these once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,9 +16,6 @@ import pytest
 import torch
 
 from tests.helpers import REPO
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)
