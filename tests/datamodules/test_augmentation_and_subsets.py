@@ -18,7 +18,7 @@ from lightning_modules.backbones import resolve_data_config
 from tests.helpers import photo, write_class_folders
 
 SCRATCH_32 = resolve_data_config("scratch/simple_cnn", "none", 32)  # mean 0.5, std 0.5, crop_pct 1
-LITE0 = resolve_data_config("timm/efficientnet_lite0", "embedded")  # 224 px, bicubic, crop_pct 0.875
+LITE0 = resolve_data_config("timm/tf_efficientnet_lite0", "embedded")  # 224 px, bicubic, crop_pct 0.875
 
 
 def _pixels(out: torch.Tensor, cfg: DataConfig) -> torch.Tensor:

@@ -45,7 +45,7 @@ def test_splits_are_disjoint_complete_stratified_and_seeded() -> None:
 
 
 def test_images_follow_the_backbone_data_config() -> None:
-    dm = _dm(data_config=data_config_dict("timm/efficientnet_lite0", "embedded", 48))
+    dm = _dm(data_config=data_config_dict("timm/tf_efficientnet_lite0", "embedded", 48))
     batch = next(iter(dm.train_dataloader()))
     x, y = batch.inputs, batch.targets
     assert batch.skipped == [] and batch.split == "train" and not batch.features

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from datamodules.common import ConfigError
-from lightning_modules.backbones import build_backbone, embedded_efficientnet_lite0, resolve_data_config
+from datamodules.transforms import eval_transform
+from lightning_modules.backbones import EMBEDDED, Backbone, build_backbone, embedded_weights, resolve_data_config
 
 FAMILIES = {
     "timm/test_resnet": ["stem", "layer1", "layer2", "layer3", "layer4"],
@@ -58,14 +60,45 @@ def test_data_config_comes_from_pretrained_preprocessing() -> None:
     assert gray.input_size == (1, 28, 28) and gray.mean == (0.5,)
 
 
-def test_embedded_efficientnet_lite0_loads_offline() -> None:
-    backbone = build_backbone("timm/efficientnet_lite0", weights="embedded", image_size=64)
-    state = embedded_efficientnet_lite0()
-    assert len(state) == 296
+# ImageNet classes: 281-285 are the domestic cats (tabby, tiger cat, Persian, Siamese, Egyptian), 967 espresso
+CATS, ESPRESSO = set(range(281, 286)), 967
+
+
+def imagenet_top1(backbone: Backbone, head: dict[str, torch.Tensor], photo: Image.Image) -> int:
+    """The ImageNet class the embedded classifier ranks first for a real photo, with the backbone's own
+    preprocessing (resize, centre crop, mean and std of its data config)."""
+    x = eval_transform(backbone.data_config)(photo)[None]
+    with torch.no_grad():
+        logits = backbone.eval()(x) @ head["classifier.weight"].T + head["classifier.bias"]
+    return int(logits.argmax())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(EMBEDDED))
+def test_embedded_weights_load_into_their_tf_variant_and_name_real_photos(arch: str) -> None:
+    """Each embedded weight file, loaded offline into timm's TF variant with mean = std = 0.5 at its native size,
+    ranks a cat class first for skimage's photo of a cat and espresso first for its cup of coffee."""
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (dev extra) ships the real photos")
+    state = embedded_weights(arch)
+    backbone = build_backbone(f"timm/{arch}", weights="embedded")
+    cfg = backbone.data_config
+    assert cfg.mean == cfg.std == (0.5, 0.5, 0.5) and cfg.interpolation == "bicubic"
+    assert cfg.input_size[1] == {"tf_efficientnet_lite0": 224, "tf_efficientnet_lite1": 240}.get(arch, 260)
+    assert type(backbone.body.conv_stem).__name__ == "Conv2dSame"  # TF "same" padding
     body = backbone.body.state_dict()
-    assert torch.equal(body["conv_stem.weight"], state["conv_stem.weight"])
-    assert torch.equal(body["blocks.6.0.conv_pwl.weight"], state["blocks.6.0.conv_pwl.weight"])
-    assert backbone.num_features == 1280
+    assert all(torch.equal(body[k], v) for k, v in state.items() if not k.startswith("classifier."))
+    cat = Image.fromarray(skimage_data.chelsea())
+    coffee = Image.fromarray(skimage_data.coffee())
+    assert imagenet_top1(backbone, state, cat) in CATS
+    assert imagenet_top1(backbone, state, coffee) == ESPRESSO
+
+
+def test_embedded_weights_in_the_pytorch_padded_twin_warn() -> None:
+    with pytest.warns(UserWarning, match="use model.backbone: timm/tf_efficientnet_lite0"):
+        backbone = build_backbone("timm/efficientnet_lite0", weights="embedded", image_size=64)
+    assert type(backbone.body.conv_stem).__name__ == "Conv2d"
+    stem = embedded_weights("tf_efficientnet_lite0")["conv_stem.weight"]
+    assert torch.equal(backbone.body.state_dict()["conv_stem.weight"], stem)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -108,7 +141,7 @@ def test_weights_file_that_is_not_a_state_dict(tmp_path: Path) -> None:
         ("torchvision/resnet_18", "none", "torchvision has no classification model"),
         ("keras/resnet18", "none", "must be 'timm/<model>'"),
         ("scratch/mlp", "pretrained", "has no pretrained weights"),
-        ("timm/test_resnet", "embedded", "'embedded' exists only for timm/efficientnet_lite0"),
+        ("timm/test_resnet", "embedded", "'embedded' exists only for timm/tf_efficientnet_lite0, timm/tf_eff"),
         ("timm/test_resnet", "missing/file.pth", "weights file missing/file.pth does not exist"),
         ("torchvision/resnet18", "IMAGENET1K_V9", "not a weights name of torchvision/resnet18"),
     ],

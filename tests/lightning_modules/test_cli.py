@@ -164,7 +164,7 @@ def _fit_quick(tmp: Path, epochs: int = 2) -> Path:
 def test_fit_saves_config_and_test_best_reuses_the_run_directory(in_tmp: Path) -> None:
     run_dir = _fit_quick(in_tmp)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["model"]["backbone"] == "timm/efficientnet_lite0"
+    assert saved["model"]["backbone"] == "timm/tf_efficientnet_lite0"
     assert saved["model"]["image_size"] == 32
     hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
     assert hparams["data_config"]["input_size"] == [3, 32, 32]  # the linked preprocessing is recorded

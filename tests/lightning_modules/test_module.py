@@ -57,7 +57,7 @@ def test_sync_batchnorm_keeps_timm_fused_activations() -> None:
     from lightning_modules.backbones import build_backbone
     from lightning_modules.module import sync_batchnorm
 
-    backbone = build_backbone("timm/efficientnet_lite0", weights="embedded", image_size=32).eval()
+    backbone = build_backbone("timm/tf_efficientnet_lite0", weights="embedded", image_size=32).eval()
     x = torch.rand(2, 3, 32, 32)
     expected = backbone(x)
     converted = sync_batchnorm(backbone.body).eval()
