@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 from typing_extensions import override
 
 from datamodules.common import ConfigError, DataConfig, cores, gather_lists
 from datamodules.images import BadSample, bad_reason, check_header, list_images, load_image, write_bad_images
+from datamodules.splits import GROUP_PATTERN, carve, group_names, has_copies, kfold, stratified_sample
 from datamodules.transforms import CROP_SCALE, eval_transform, train_transform
 
 SPLITS = ("train", "val", "test")
@@ -37,6 +35,10 @@ class LabeledDataset(Dataset):
     def fingerprint(self) -> str | None:
         """A digest that changes when the samples or labels change (keys the feature cache on disk); None when
         the data cannot say, and then the cache is not kept on disk."""
+        return None
+
+    def files(self) -> list[str] | None:
+        """Each sample's file, in order; None when the samples are not files."""
         return None
 
 
@@ -68,6 +70,12 @@ class Subset(LabeledDataset):
         return self.dataset[self.indices[index]]
 
     @override
+    def files(self) -> list[str] | None:
+        """The parent's files at the chosen indices."""
+        parent = self.dataset.files()
+        return None if parent is None else [parent[i] for i in self.indices]
+
+    @override
     def fingerprint(self) -> str | None:
         """The parent's digest and the chosen indices."""
         parent = self.dataset.fingerprint()
@@ -96,6 +104,11 @@ class ImageFiles(LabeledDataset):
             return load_image(path), self.targets[index]
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             return BadSample(path, bad_reason(err)), self.targets[index]
+
+    @override
+    def files(self) -> list[str] | None:
+        """The files' paths."""
+        return list(self.paths)
 
     @override
     def fingerprint(self) -> str | None:
@@ -217,32 +230,17 @@ class EpochShuffle(RandomSampler):
             yield Draw(index, hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def stratified_split(dataset: LabeledDataset, fraction: float, seed: int) -> tuple[LabeledDataset, LabeledDataset]:
-    """Split into (rest, fraction) keeping class proportions; the same seed gives the same split."""
-    if not 0 < fraction < 1:
-        raise ConfigError(f"split fraction must be between 0 and 1, got {fraction}")
-    indices = np.arange(len(dataset))
-    try:
-        rest, part = train_test_split(indices, test_size=fraction, random_state=seed, stratify=list(dataset.targets))
-    except ValueError as err:  # too few samples per class to stratify: a plain seeded split
-        warnings.warn(f"split not stratified ({err})", stacklevel=2)
-        rest, part = train_test_split(indices, test_size=fraction, random_state=seed)
-    return Subset(dataset, sorted(rest.tolist())), Subset(dataset, sorted(part.tolist()))
+def stratified_split(
+    dataset: LabeledDataset, fraction: float, seed: int, groups: Sequence[str] | None = None
+) -> tuple[LabeledDataset, LabeledDataset]:
+    """Split into (rest, fraction) keeping class proportions and every group whole (`splits.carve`)."""
+    rest, part = carve(dataset.targets, fraction, seed, groups)
+    return Subset(dataset, rest), Subset(dataset, part)
 
 
 def stratified_subset(dataset: LabeledDataset, size: float, seed: int) -> LabeledDataset:
-    """A seeded subset keeping class proportions: `size` is a fraction (0 < size < 1) of each class, or a number of
-    samples per class (a class with fewer keeps all of them)."""
-    by_class: dict[int, list[int]] = {}
-    for index, target in enumerate(dataset.targets):
-        by_class.setdefault(int(target), []).append(index)
-    rng = np.random.default_rng(seed)
-    chosen: list[int] = []
-    for label in sorted(by_class):
-        members = by_class[label]
-        count = max(1, round(len(members) * size)) if size < 1 else min(int(size), len(members))
-        chosen += rng.choice(members, size=count, replace=False).tolist()
-    return Subset(dataset, sorted(chosen))
+    """A seeded subset keeping class proportions (`splits.stratified_sample`)."""
+    return Subset(dataset, stratified_sample(dataset.targets, size, seed))
 
 
 class Concat(LabeledDataset):
@@ -252,6 +250,12 @@ class Concat(LabeledDataset):
         self.parts = list(parts)
         self.targets = [t for part in self.parts for t in part.targets]
 
+    @override
+    def files(self) -> list[str] | None:
+        """The parts' files one after another, when every part is files."""
+        parts = [part.files() for part in self.parts]
+        return None if any(p is None for p in parts) else [f for p in parts for f in p or []]
+
     def __getitem__(self, index: int) -> Any:
         for part in self.parts:
             if index < len(part):
@@ -260,16 +264,12 @@ class Concat(LabeledDataset):
         raise IndexError(index)
 
 
-def kfold_split(pool: LabeledDataset, num_folds: int, fold: int, seed: int) -> tuple[LabeledDataset, LabeledDataset]:
-    """(train, val) of fold `fold` of a seeded stratified k-fold of `pool`: fold i is the val part."""
-    from sklearn.model_selection import StratifiedKFold
-
-    folds = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
-    try:
-        train, val = list(folds.split(np.zeros(len(pool)), list(pool.targets)))[fold]
-    except ValueError as err:  # more folds than samples of every class
-        raise ConfigError(f"data.init_args.num_folds {num_folds}: {err}") from None
-    return Subset(pool, train.tolist()), Subset(pool, val.tolist())
+def kfold_split(
+    pool: LabeledDataset, num_folds: int, fold: int, seed: int, groups: Sequence[str] | None = None
+) -> tuple[LabeledDataset, LabeledDataset]:
+    """(train, val) of fold `fold` of a seeded stratified k-fold of `pool` (`splits.kfold`): fold i is the val part."""
+    train, val = kfold(pool.targets, num_folds, fold, seed, groups)
+    return Subset(pool, train), Subset(pool, val)
 
 
 def epoch_starting(trainer: Any) -> int:
@@ -317,6 +317,11 @@ class ImageClassificationDataModule(LightningDataModule):
         num_folds: stratified k-fold cross-validation: train + val (never test) are pooled and cut into this many
             folds, seeded by `split_seed`; `fold` is the val split, the others train. Default: no folds.
         fold: which fold (0 to num_folds - 1) is the val split.
+        group: how copies of one image are recognised, so that a carved split or a fold never holds a copy of a
+            training image: `auto` (the usual markers: `aug-<k>-<name>`, `name (1)`, `name - Copy`, `name_aug3`,
+            Roboflow's `.rf.<hash>`; `datamodules.splits.GROUP_PATTERN`), a regular expression of your own whose
+            matches are removed from a file's name to name its original, or `none`. Files of one class with the
+            same name once the markers are removed form a group, and a group is never cut by a split.
     """
 
     hparams_ignore: tuple[str, ...] = ()
@@ -337,6 +342,7 @@ class ImageClassificationDataModule(LightningDataModule):
         predict_root: str | None = None,
         num_folds: int | None = None,
         fold: int = 0,
+        group: str | None = "auto",
     ) -> None:
         super().__init__()
         if num_folds is not None and not (num_folds >= 2 and 0 <= fold < num_folds):
@@ -363,6 +369,10 @@ class ImageClassificationDataModule(LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.predict_root = predict_root
         self.num_folds, self.fold = num_folds, fold
+        self.group = None if group in (None, "none") else GROUP_PATTERN if group == "auto" else group
+        if self.group is not None:
+            group_names([], [], self.group)  # a bad pattern fails now, not at setup
+        self.grouping = ""  # the data summary's line on groups of copies (set at setup)
         self.predict_set: Transformed | None = None
         train_transform(self.data_config, augment, crop_scale)  # fail on a bad preset now, not at setup
         self.datasets: dict[str, Transformed] = {}
@@ -399,12 +409,12 @@ class ImageClassificationDataModule(LightningDataModule):
             self.skipped |= {(split, b.path, b.reason) for b in getattr(dataset, "rejected", [])}
         train = raw["train"]
         if "test" not in raw:
-            train, raw["test"] = stratified_split(train, self.test_fraction, self.split_seed)
+            train, raw["test"] = stratified_split(train, self.test_fraction, self.split_seed, self.groups(train))
         if self.num_folds:
             pool = Concat([train, raw["val"]]) if "val" in raw else train
-            train, raw["val"] = kfold_split(pool, self.num_folds, self.fold, self.split_seed)
+            train, raw["val"] = kfold_split(pool, self.num_folds, self.fold, self.split_seed, self.groups(pool))
         elif "val" not in raw:
-            train, raw["val"] = stratified_split(train, self.val_fraction, self.split_seed)
+            train, raw["val"] = stratified_split(train, self.val_fraction, self.split_seed, self.groups(train))
         if self.train_subset is not None:
             train = stratified_subset(train, self.train_subset, self.split_seed)
         evaluation = eval_transform(self.data_config)
@@ -415,12 +425,28 @@ class ImageClassificationDataModule(LightningDataModule):
         }
         rank_zero_info(self.describe(self._write_skipped()))
 
+    def groups(self, dataset: LabeledDataset) -> list[str] | None:
+        """The group of each sample of `dataset` (`data.init_args.group`); None when its samples are not files,
+        grouping is off, or no group holds more than one file. Notes the summary's line on groups."""
+        files = dataset.files() if self.group is not None else None
+        groups = None if files is None or self.group is None else group_names(files, dataset.targets, self.group)
+        if not has_copies(groups):
+            return None
+        assert groups is not None
+        self.grouping = self.grouping or (  # the first split's pool: the whole train split
+            f"copies grouped: {len(groups):,} files in {len(set(groups)):,} groups, each kept whole in one split "
+            "(data.init_args.group)"
+        )
+        return groups
+
     def describe(self, bad_images: Path | None = None) -> str:
         """The console's block at setup: the classes, the images per split, the files skipped and where."""
         names = self.class_names
         shown = ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
         sizes = ", ".join(f"{split} {n:,}" for split, n in self.split_sizes().items())
         lines = [f"Data: {len(names)} classes ({shown}); images: {sizes}"]
+        if self.grouping:
+            lines.append(f"Splits: {self.grouping}")
         count = max(len(self.skipped), self.skipped_total)
         if count:
             where = bad_images or "bad_images.csv in the run directory"
