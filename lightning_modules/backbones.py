@@ -76,15 +76,19 @@ class Backbone(nn.Module):
 
 
 def build_backbone(
-    name: str, weights: str = "pretrained", image_size: int | None = None, in_chans: int = 3
+    name: str, weights: str = "pretrained", image_size: int | None = None, in_chans: int = 3, drop_path_rate: float = 0
 ) -> Backbone:
-    """Build a backbone from its name and a weights spec; see the module docstring for both."""
+    """Build a backbone from its name and a weights spec (see the module docstring for both); `drop_path_rate`:
+    stochastic depth, timm backbones only."""
     family, _, arch = name.partition("/")
     builders = {"timm": _build_timm, "torchvision": _build_torchvision, "scratch": _build_scratch}
     if family not in builders or not arch:
         raise ConfigError(f"model.backbone {name!r} must be 'timm/<model>', 'torchvision/<model>' or 'scratch/<model>'")
+    if not 0 <= drop_path_rate < 1 or (drop_path_rate and family != "timm"):
+        raise ConfigError(f"model.drop_path_rate {drop_path_rate}: a rate in [0, 1), for timm backbones only")
     data_config = resolve_data_config(name, weights, image_size, in_chans)
-    body, stages = builders[family](arch, weights, data_config)
+    options: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    body, stages = builders[family](arch, weights, data_config, **options)
     return Backbone(name, body, stages, data_config)
 
 
@@ -241,7 +245,7 @@ def _timm_pretrained_cfg(arch: str) -> dict[str, Any] | None:
         ) from None
 
 
-def _build_timm(arch: str, weights: str, data_config: DataConfig) -> tuple[nn.Module, list[Stage]]:
+def _build_timm(arch: str, weights: str, data_config: DataConfig, **options: Any) -> tuple[nn.Module, list[Stage]]:
     import timm
     from timm.models import group_parameters
 
@@ -253,7 +257,9 @@ def _build_timm(arch: str, weights: str, data_config: DataConfig) -> tuple[nn.Mo
             raise ConfigError(f"timm has no model {arch!r}; close names: {close_names(arch, names)}")
     pretrained = weights == "pretrained"
     try:
-        model: Any = timm.create_model(arch, pretrained=pretrained, in_chans=data_config.input_size[0])
+        model: Any = timm.create_model(arch, pretrained=pretrained, in_chans=data_config.input_size[0], **options)
+    except TypeError as err:  # an option this model does not take
+        raise ConfigError(f"timm/{arch} does not take {sorted(options)} ({err}); leave them at 0") from None
     except OSError as err:  # offline, or the Hub unreachable
         raise ConfigError(
             f"could not download the pretrained weights of timm/{arch} ({type(err).__name__}). On a machine with "

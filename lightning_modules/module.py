@@ -24,6 +24,7 @@ from typing_extensions import override
 from datamodules.base import Batch
 from datamodules.common import ConfigError
 from lightning_modules.backbones import build_backbone
+from lightning_modules.batch_augment import TTA_MODES, BatchMixer, averaged_log_probabilities, tta_views
 from lightning_modules.engines import ENGINES, ONNX_DIR, Pass, frozen_pass
 
 STAGES = ("train", "val", "test")
@@ -110,6 +111,12 @@ class FineTuneModule(LightningModule):
         inference_engine: what runs the model in `ftlab test` and `ftlab predict`: `torch`, `onnxruntime` (CPU;
             exported once under `~/.cache/finetune-lab/onnx`, used only if it matches torch within 1e-4 on the
             first batch) or `auto` (onnxruntime on CPU when installed); see `lightning_modules/engines.py`.
+        drop_path_rate: stochastic depth of a timm backbone (the rate of its last block; timm scales the others).
+        mixup: MixUp's alpha on training image batches (soft targets; train metrics count the larger of the two
+            classes as the label); 0: off. Cached features (the frozen epochs' cache) are never mixed.
+        cutmix: CutMix's alpha, likewise; with both on, each batch gets one of the two.
+        tta: test-time augmentation in `ftlab test` and `predict`: `none`, `flip` (the mirror image too) or
+            `flip_crops` (and four corner crops); the views' class probabilities are averaged.
     """
 
     def __init__(
@@ -131,6 +138,10 @@ class FineTuneModule(LightningModule):
         channels_last: bool = True,
         compile: bool | str = False,
         inference_engine: str = "torch",
+        drop_path_rate: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        tta: str = "none",
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -142,9 +153,13 @@ class FineTuneModule(LightningModule):
             raise ConfigError(f"model.class_names has {len(class_names)} names for {num_classes} classes")
         if inference_engine not in ENGINES:
             raise ConfigError(f"model.inference_engine {inference_engine!r}: choose one of {list(ENGINES)}")
+        if tta not in TTA_MODES:
+            raise ConfigError(f"model.tta {tta!r}: choose one of {list(TTA_MODES)}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self._inference: Pass | None = None  # the test or predict engine, built at the first batch
-        self.backbone = build_backbone(backbone, weights, image_size, in_chans)
+        self.backbone = build_backbone(backbone, weights, image_size, in_chans, drop_path_rate)
+        self.mixer = BatchMixer(num_classes, mixup, cutmix)
+        self._run_seed = 0  # the run's seed (torch's at the start of the fit): mixing draws from it and the step
         self.head = build_head(self.backbone.num_features, num_classes, head_hidden or (), head_dropout)
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.lr = lr
@@ -180,13 +195,25 @@ class FineTuneModule(LightningModule):
         return self.head(batch.inputs) if batch.features else self(batch.inputs)
 
     def inference_logits(self, batch: Batch) -> torch.Tensor:
-        """`logits` for test and predict, by `inference_engine` (built at the first batch of the run)."""
+        """`logits` for test and predict, by `inference_engine` (built at the first batch of the run); with `tta`,
+        the log of the views' mean probabilities."""
         engine = self.hparams.get("inference_engine", "torch")
-        if engine == "torch" or batch.features:
+        if batch.features:
             return self.logits(batch)
-        if self._inference is None:
-            self._inference = frozen_pass(self, self.device, engine, batch.inputs, ONNX_DIR)
-        return self._inference(batch.inputs).to(self.device)
+        run: Any = self
+        if engine != "torch":
+            if self._inference is None:
+                self._inference = frozen_pass(self, self.device, engine, batch.inputs, ONNX_DIR)
+            run = lambda x: self._inference(x).to(self.device)  # noqa: E731
+        tta = self.hparams.get("tta", "none")
+        if tta == "none":
+            return run(batch.inputs)
+        return averaged_log_probabilities(run, tta_views(batch.inputs, tta))
+
+    @override
+    def on_fit_start(self) -> None:
+        """Note the run's seed for mixing (the same on resume: the CLI seeds before the fit)."""
+        self._run_seed = torch.initial_seed()
 
     @override
     def on_test_start(self) -> None:
@@ -198,14 +225,23 @@ class FineTuneModule(LightningModule):
         """A fresh engine for this run."""
         self._inference = None
 
-    def _shared_step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _shared_step(
+        self, batch: Batch, stage: str, mix_seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Loss and logits, with the stage's metrics updated and logged; None when no file of the batch could be
-        read (they are reported as bad images)."""
+        read (they are reported as bad images). With `mix_seed` (training, mixup or cutmix on, images not cached
+        features) the batch is mixed first: the loss reads the soft targets, the metrics their larger class."""
         if batch.size == 0:
             return None
-        logits = self.inference_logits(batch) if stage == "test" else self.logits(batch)
         y = batch.targets
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
+        target: torch.Tensor = y
+        if mix_seed is not None and self.mixer.active and not batch.features:
+            inputs, target = self.mixer(batch.inputs, y, mix_seed)
+            logits = self(inputs)
+            y = target.argmax(dim=1)
+        else:
+            logits = self.inference_logits(batch) if stage == "test" else self.logits(batch)
+        loss = F.cross_entropy(logits, target, label_smoothing=self.hparams["label_smoothing"])
         metrics: MetricCollection = self.metrics[f"{stage}_metrics"]  # type: ignore[assignment]
         metrics.update(logits, y)
         if stage in self.per_class:
@@ -221,7 +257,8 @@ class FineTuneModule(LightningModule):
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """Cross-entropy on one batch; updates train metrics."""
-        step = self._shared_step(batch, "train")
+        seed = hash((self._run_seed, self.current_epoch, batch_idx)) & 0x7FFF_FFFF_FFFF_FFFF
+        step = self._shared_step(batch, "train", mix_seed=seed)
         if step is None:  # a zero loss that still touches every trainable parameter: DDP's all-reduce matches
             return sum((p.sum() for p in self.parameters() if p.requires_grad), torch.zeros(())) * 0.0
         return step[0]
