@@ -24,6 +24,8 @@ NOISE: tuple[tuple[type[Warning], str], ...] = (
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # Lightning 2.6 on torch 2.14
     # ModelCheckpoint's state in a checkpoint read by test or predict from another run folder: nothing to act on
     (UserWarning, r"The dirpath has changed from"),
+    # EMAWeightAveraging on any module with configure_model (ours: channels-last, compile); nothing is sharded here
+    (UserWarning, r"You're using the WeightAveraging callback with a model that overrides the configure_model"),
 )
 NOISE_LOGS = ("litlogger",)  # Lightning's advertisement for its cloud logger, at every start
 

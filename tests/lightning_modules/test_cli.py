@@ -86,10 +86,28 @@ def test_every_dataset_config_runs_on_its_real_format(in_tmp: Path, data_config:
     assert type(run.datamodule).__name__.lower().startswith(Path(data_config).stem.replace("_", "")[:5])
 
 
-@pytest.mark.parametrize("trainer_config", TRAINER)
-def test_trainer_recipes_instantiate(in_tmp: Path, trainer_config: str) -> None:
+def _is_ddp_with_sync_batchnorm(run: Any) -> bool:
     from lightning.pytorch.strategies import DDPStrategy
 
+    return (
+        isinstance(run.trainer.strategy, DDPStrategy)
+        and run.config.model.sync_batchnorm is True
+        and run.config.trainer.sync_batchnorm is False
+    )
+
+
+def _averages_weights(run: Any) -> bool:
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    return any(isinstance(c, EMAWeightAveraging) for c in run.trainer.callbacks)
+
+
+# what each trainer layer must set up (a new layer needs its entry: the test below fails without one)
+TRAINER_CHECKS = {"ddp_gpus.yaml": _is_ddp_with_sync_batchnorm, "ema.yaml": _averages_weights}
+
+
+@pytest.mark.parametrize("trainer_config", TRAINER)
+def test_trainer_recipes_instantiate(in_tmp: Path, trainer_config: str) -> None:
     # on this CPU-only machine: the recipe's strategy and settings, on one CPU process
     args = [
         "--config",
@@ -102,8 +120,7 @@ def test_trainer_recipes_instantiate(in_tmp: Path, trainer_config: str) -> None:
         "--trainer.precision=32",
     ]
     run = cli_main(args, run=False)
-    assert isinstance(run.trainer.strategy, DDPStrategy)
-    assert run.config.model.sync_batchnorm is True and run.config.trainer.sync_batchnorm is False
+    assert TRAINER_CHECKS[Path(trainer_config).name](run)
 
 
 def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) -> None:
@@ -115,7 +132,7 @@ def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) 
     assert config.seed_everything == 42  # from defaults.yaml
     names = [c.class_path.rsplit(".", 1)[-1] for c in config.trainer.callbacks]
     assert names == [
-        "ModelCheckpoint",
+        "BestCheckpoint",
         "ModelCheckpoint",
         "TrainingStateLogger",
         "StopOnNonFiniteLoss",
@@ -328,5 +345,5 @@ def test_lr_find_applies_its_suggestion_with_a_strategy_in_place(
 
 def test_the_experiment_lists_are_found() -> None:
     # a parametrized test over an empty list passes silently: make sure every kind of config is present
-    assert len(RUNNABLE) >= 11 and len(DATA) == 5 and TRAINER
-    assert RECIPE_DATA == ["experiments/data/image_folder.yaml"]
+    assert len(RUNNABLE) >= 11 and len(DATA) == 6 and TRAINER
+    assert RECIPE_DATA == ["experiments/data/image_folder.yaml", "experiments/data/image_folder_accurate.yaml"]
