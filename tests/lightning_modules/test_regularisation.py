@@ -69,7 +69,7 @@ def test_training_loss_reads_the_soft_targets_and_metrics_their_larger_class() -
     expected = (logits.argmax(1) == soft.argmax(1)).float().mean()
     assert torch.allclose(acc.compute(), expected)
     # without a seed (validation), nothing is mixed
-    model.metrics["val_metrics"].reset()  # type: ignore[union-attr]
+    model.metrics["val_metrics"].reset()  # type: ignore[union-attr,operator]
     val = model._shared_step(batch._replace(split="val"), "val")
     assert val is not None and torch.allclose(val[1], model(batch.inputs), atol=1e-6)
 
@@ -94,7 +94,7 @@ def test_drop_path_rate_reaches_timm_and_only_timm() -> None:
     assert rates == sorted(rates) and 0.1 < max(rates) <= 0.2 and min(rates) < max(rates)  # timm: by depth
     plain = build_backbone("timm/test_efficientnet", "none", 32)
     assert not [m for m in plain.modules() if isinstance(m, DropPath) and m.drop_prob > 0]
-    with pytest.raises(ConfigError, match="model.drop_path_rate 0.1: a rate in \\[0, 1\\), for timm backbones only"):
+    with pytest.raises(ConfigError, match=r"model.drop_path_rate 0.1: a rate in \[0, 1\), for timm backbones only"):
         build_backbone("torchvision/resnet18", "none", 32, drop_path_rate=0.1)
 
 
