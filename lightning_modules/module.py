@@ -23,9 +23,9 @@ from typing_extensions import override
 
 from datamodules.base import Batch
 from datamodules.common import ConfigError
-from lightning_modules.backbones import build_backbone
-from lightning_modules.batch_augment import TTA_MODES, BatchMixer, averaged_log_probabilities, tta_views
-from lightning_modules.engines import ENGINES, ONNX_DIR, Pass, frozen_pass
+from lightning_modules.backbones.backbone import build_backbone
+from lightning_modules.finetuning.batch_augment import TTA_MODES, BatchMixer, averaged_log_probabilities, tta_views
+from lightning_modules.speed.engines import ENGINES, ONNX_DIR, Pass, frozen_pass
 
 STAGES = ("train", "val", "test")
 
@@ -110,7 +110,7 @@ class FineTuneModule(LightningModule):
             a mode such as `max-autotune`. The first steps pay the compilation.
         inference_engine: what runs the model in `ftlab test` and `ftlab predict`: `torch`, `onnxruntime` (CPU;
             exported once under `~/.cache/finetune-lab/onnx`, used only if it matches torch within 1e-4 on the
-            first batch) or `auto` (onnxruntime on CPU when installed); see `lightning_modules/engines.py`.
+            first batch) or `auto` (onnxruntime on CPU when installed); see `lightning_modules/speed/engines.py`.
         drop_path_rate: stochastic depth of a timm backbone (the rate of its last block; timm scales the others).
         mixup: MixUp's alpha on training image batches (soft targets; train metrics count the larger of the two
             classes as the label); 0: off. Cached features (the frozen epochs' cache) are never mixed.

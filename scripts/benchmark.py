@@ -51,13 +51,13 @@ from datamodules.common import DataConfig, write_generated
 from datamodules.images import load_image, read_rgb
 from datamodules.preresize import preresize
 from datamodules.transforms import eval_transform, train_transform
-from lightning_modules.backbones import build_backbone, data_config_dict
-from lightning_modules.callbacks import TrainingStateLogger
-from lightning_modules.engines import onnxruntime_pass, torch_pass
-from lightning_modules.feature_cache import FeatureCache, compute_features
-from lightning_modules.finetuning import Freeze
+from lightning_modules.backbones.backbone import build_backbone, data_config_dict
+from lightning_modules.finetuning.strategies import Freeze
 from lightning_modules.module import FineTuneModule
-from lightning_modules.reporting import PredictionWriter
+from lightning_modules.reporting.callbacks import TrainingStateLogger
+from lightning_modules.reporting.report import PredictionWriter
+from lightning_modules.speed.engines import onnxruntime_pass, torch_pass
+from lightning_modules.speed.feature_cache import FeatureCache, compute_features
 
 
 @dataclass(frozen=True)
@@ -444,7 +444,7 @@ def probe_rows(data: Path, root: Path) -> list[str]:
         for command in PROBE:
             start = time.perf_counter()
             done = subprocess.run(
-                [sys.executable, "-m", "lightning_modules.cli", *args[command]],
+                [sys.executable, "-m", "lightning_modules.cli.main", *args[command]],
                 env=env,
                 cwd=root,
                 capture_output=True,

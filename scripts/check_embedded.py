@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules.common import IMAGENET_MEAN, IMAGENET_STD
 from datamodules.images import list_images, read_rgb
 from datamodules.transforms import eval_transform
-from lightning_modules.backbones import EMBEDDED, build_backbone, embedded_weights
+from lightning_modules.backbones.backbone import build_backbone
+from lightning_modules.backbones.embedded import EMBEDDED, embedded_weights
 
 CATS, DOGS = list(range(281, 286)), list(range(151, 269))
 NORMS = {"ImageNet mean/std": (IMAGENET_MEAN, IMAGENET_STD), "mean = std = 0.5": ((0.5,) * 3, (0.5,) * 3)}

@@ -18,8 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_modules.results import run_cli
-from lightning_modules.sweeps import Launcher, Run, Sweep, slug, subprocess_launcher, sweep_parser
+from lightning_modules.sweeps.plan import Launcher, Run, Sweep, slug, subprocess_launcher, sweep_parser
+from lightning_modules.sweeps.summary import run_cli
 
 # The CIFAR-10 exercise's nine, then ResNet18 and a ViT.
 DEFAULT_BACKBONES = [

@@ -10,8 +10,8 @@ The grid file:
       model.optimizer.init_args.lr: [1.0e-3, 3.0e-3]
       data.init_args.batch_size: [64, 128]
       strategy:                             # a name without dots: labels of YAML layers
-        frozen: {trainer: {callbacks+: [{class_path: lightning_modules.finetuning.Freeze}]}}
-        full: {trainer: {callbacks+: [{class_path: lightning_modules.finetuning.NoFreeze}]}}
+        frozen: {trainer: {callbacks+: [{class_path: lightning_modules.Freeze}]}}
+        full: {trainer: {callbacks+: [{class_path: lightning_modules.NoFreeze}]}}
 
 Writes `<out>/results.csv`, `results.md`, `results.png` and `best.yaml`: the base merged with the winning values,
 ready for `ftlab fit --config <out>/best.yaml`.
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.common import ConfigError
-from lightning_modules.results import METRICS, pick_best, run_cli
-from lightning_modules.sweeps import Launcher, Sweep, load_grid, subprocess_launcher, sweep_parser
+from lightning_modules.sweeps.plan import Launcher, Sweep, load_grid, subprocess_launcher, sweep_parser
+from lightning_modules.sweeps.summary import METRICS, pick_best, run_cli
 
 
 def plan(args: argparse.Namespace, common: dict[str, Any]) -> Sweep:

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from datamodules.common import ConfigError
-from lightning_modules.results import run_cli
-from lightning_modules.sweeps import Launcher, Run, Sweep, subprocess_launcher, sweep_parser
+from lightning_modules.sweeps.plan import Launcher, Run, Sweep, subprocess_launcher, sweep_parser
+from lightning_modules.sweeps.summary import run_cli
 
 
 def plan(args: argparse.Namespace, common: dict[str, Any]) -> Sweep:

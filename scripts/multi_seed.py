@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_modules.results import run_cli
-from lightning_modules.sweeps import Launcher, Run, Sweep, subprocess_launcher, sweep_parser
+from lightning_modules.sweeps.plan import Launcher, Run, Sweep, subprocess_launcher, sweep_parser
+from lightning_modules.sweeps.summary import run_cli
 
 
 def plan(args: argparse.Namespace, common: dict[str, Any]) -> Sweep:

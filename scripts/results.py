@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from lightning_modules.recipe_table import main
+from lightning_modules.sweeps.recipes import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -49,7 +49,7 @@ def main() -> None:
     extra = [a for a in extra if a != "--"]
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    base = [sys.executable, "-m", "lightning_modules.cli", "fit", *(f"--config={c}" for c in args.config), *extra]
+    base = [sys.executable, "-m", "lightning_modules.cli.main", "fit", *(f"--config={c}" for c in args.config), *extra]
     base.append(f"--trainer.logger.init_args.save_dir={save_dir}")
     log = save_dir / "soak.log"
 

@@ -6,7 +6,7 @@ survives kills; the same table, plot and best.yaml as the grid. Needs the `sweep
     python scripts/tune.py scripts/searches/mnist_mlp.yaml --launcher submitit --jobs 8 --partition gpu
     python scripts/tune.py scripts/searches/mnist_mlp.yaml --collect-only   # the table and best.yaml so far
 
-The search file: see lightning_modules/tuning.py. The study is `<out>/study.journal`: run the same command again
+The search file: see lightning_modules/sweeps/tuning.py. The study is `<out>/study.journal`: run the same command again
 after a kill and it goes on (a trial cut short resumes from its last.ckpt; finished trials are not run again).
 Writes `<out>/results.csv`, `results.md`, `results.png` and `best.yaml` (the best complete trial's values merged
 into the base, ready for `ftlab fit --config <out>/best.yaml`).
@@ -21,10 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from datamodules.common import ConfigError
-from lightning_modules.launchers import LocalLauncher, Slot, executor, in_slots, slurm_options
-from lightning_modules.results import collect, pick_best, write_results
-from lightning_modules.sweeps import Launcher, Sweep, describe, overrides, subprocess_launcher, sweep_parser
-from lightning_modules.tuning import (
+from lightning_modules.sweeps.launchers import LocalLauncher, Slot, executor, in_slots, slurm_options
+from lightning_modules.sweeps.plan import Launcher, Sweep, describe, overrides, subprocess_launcher, sweep_parser
+from lightning_modules.sweeps.summary import collect, pick_best, write_results
+from lightning_modules.sweeps.tuning import (
     Search,
     TuneWorker,
     finished,

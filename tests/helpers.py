@@ -281,7 +281,7 @@ def in_process(args: list[str], log: Path) -> int:
     import contextlib
 
     from datamodules.common import ConfigError
-    from lightning_modules.cli import cli_main
+    from lightning_modules.cli.main import cli_main
 
     with log.open("a") as out, contextlib.redirect_stdout(out):
         try:

@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_modules import cli
+from lightning_modules.cli import main as cli
 from tests.helpers import FAST, REPO, image_exif, photo, write_cifar, write_class_folders, write_mnist
 
 TINY = ["--model.backbone=timm/test_resnet", "--model.weights=none", "--model.image_size=32"]
@@ -65,9 +65,9 @@ def _build_world(root: Path) -> dict[str, str]:
     (root / "base.yaml").write_text(BASE)
     (root / "a_file").write_text("not a folder")
     (root / "broken.yaml").write_text("model: {backbone: [timm/test_resnet\n")
-    stage = "trainer:\n  callbacks+:\n    - class_path: lightning_modules.finetuning.FreezeUnfreeze\n"
+    stage = "trainer:\n  callbacks+:\n    - class_path: lightning_modules.FreezeUnfreeze\n"
     (root / "stage.yaml").write_text(stage + "      init_args: {unfreeze_at_epoch: 5, stages: [layer9]}\n")
-    strategy = "trainer:\n  callbacks+:\n    - class_path: lightning_modules.finetuning.FreezeUnfreezee\n"
+    strategy = "trainer:\n  callbacks+:\n    - class_path: lightning_modules.FreezeUnfreezee\n"
     (root / "strategy.yaml").write_text(strategy)
     _folder(root / "ab", {"a": 4, "b": 4})
     (root / "empty_root").mkdir()

@@ -33,7 +33,11 @@ def test_setup_summary_names_the_classes_splits_and_the_empty_file(tmp_path: Pat
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80"}
     run = subprocess.run(
-        [sys.executable, "-m", "lightning_modules.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "lightning_modules.cli.main", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Data: 2 classes (cat, dog); images: train 17, val 2, test 5" in run.stderr

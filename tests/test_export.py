@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from datamodules.common import ConfigError
-from lightning_modules.backbones import build_backbone, resolve_data_config
-from lightning_modules.cli import cli_main
+from lightning_modules.backbones.backbone import build_backbone, resolve_data_config
+from lightning_modules.cli.main import cli_main
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow  # an export and a subprocess

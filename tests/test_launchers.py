@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_modules.launchers import slots
+from lightning_modules.sweeps.launchers import slots
 from tests.helpers import REPO
 
 TINY = """

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from datamodules.common import ConfigError
-from lightning_modules.recipe_table import load_plan, main
+from lightning_modules.sweeps.recipes import load_plan, main
 from tests.helpers import REPO, in_process, write_class_folders, write_mnist
 
 PLAN = REPO / "scripts" / "results.yaml"

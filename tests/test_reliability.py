@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_modules import cli
-from lightning_modules.cli import cli_main
+from lightning_modules.cli import main as cli
+from lightning_modules.cli.main import cli_main
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow  # every test shares one module fixture of six fits (the kill chain)
@@ -36,7 +36,7 @@ trainer:
   enable_progress_bar: false
   enable_model_summary: false
   callbacks+:
-    - class_path: lightning_modules.finetuning.FreezeUnfreeze
+    - class_path: lightning_modules.FreezeUnfreeze
       init_args: {unfreeze_at_epoch: 1, stages: 2, lr_factor: 0.1}
 model:
   backbone: timm/test_resnet
@@ -66,7 +66,7 @@ def _inject(root: Path, name: str, class_path: str, **init_args: Any) -> list[st
 def _ftlab(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`ftlab <args>` in a child process (a SIGKILL needs a process of its own): exit code -9 when killed."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "lightning_modules.cli", *args]
+    cmd = [sys.executable, "-m", "lightning_modules.cli.main", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

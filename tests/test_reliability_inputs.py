@@ -19,7 +19,7 @@ from PIL import Image
 
 from datamodules.base import LabeledDataset, Subset
 from datamodules.images import BadSample
-from lightning_modules.cli import cli_main
+from lightning_modules.cli.main import cli_main
 from tests.helpers import photo
 
 TINY = ["--model.backbone=timm/test_resnet", "--model.weights=none", "--model.image_size=32"]

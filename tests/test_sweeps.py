@@ -41,8 +41,8 @@ trainer:
       init_args: {monitor: val/acc, mode: max, filename: "best-{epoch}", save_top_k: 1}
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {filename: last, save_top_k: 1, enable_version_counter: false}
-    - class_path: lightning_modules.callbacks.TrainingStateLogger
-    - class_path: lightning_modules.reporting.TestReport
+    - class_path: lightning_modules.TrainingStateLogger
+    - class_path: lightning_modules.TestReport
       init_args: {grid_size: 0, layer_figures: false}
     - class_path: tests.helpers.FailAtEpoch
       init_args: {epoch: 1}
@@ -174,8 +174,8 @@ def test_grid_2x2_table_plot_and_best_yaml_that_runs(sweep_dir: Path, scripts: A
         "grid": {
             "model.optimizer.init_args.lr": [0.001, 0.01],
             "strategy": {
-                "frozen": {"trainer": {"callbacks+": [{"class_path": "lightning_modules.finetuning.Freeze"}]}},
-                "full": {"trainer": {"callbacks+": [{"class_path": "lightning_modules.finetuning.NoFreeze"}]}},
+                "frozen": {"trainer": {"callbacks+": [{"class_path": "lightning_modules.Freeze"}]}},
+                "full": {"trainer": {"callbacks+": [{"class_path": "lightning_modules.NoFreeze"}]}},
             },
         },
     }
@@ -202,7 +202,7 @@ def test_grid_2x2_table_plot_and_best_yaml_that_runs(sweep_dir: Path, scripts: A
     resolved = yaml.safe_load(printed.read_text())
     assert resolved["model"]["optimizer"]["init_args"]["lr"] == float(best["lr"])
     strategy = "Freeze" if best["strategy"] == "frozen" else "NoFreeze"
-    assert resolved["trainer"]["callbacks"][-1]["class_path"] == f"lightning_modules.finetuning.{strategy}"
+    assert resolved["trainer"]["callbacks"][-1]["class_path"] == f"lightning_modules.{strategy}"
     assert resolved["trainer"]["logger"]["init_args"]["save_dir"] == "runs"  # not into the grid's run folders
 
 

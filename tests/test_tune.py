@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from datamodules.common import ConfigError
-from lightning_modules.tuning import load_search, open_study, parse_space
+from lightning_modules.sweeps.tuning import load_search, open_study, parse_space
 from tests.helpers import REPO, in_process
 
 optuna = pytest.importorskip("optuna", reason="the sweep extra (pip install -e '.[sweep]') is not installed")
@@ -127,7 +127,7 @@ def test_a_study_prunes_survives_a_kill_and_ends_with_a_ready_best_yaml(in_tmp: 
 
     best = in_tmp / "study" / "best.yaml"
     printed = subprocess.run(
-        [sys.executable, "-m", "lightning_modules.cli", "fit", "--config", str(best), "--print_config"],
+        [sys.executable, "-m", "lightning_modules.cli.main", "fit", "--config", str(best), "--print_config"],
         cwd=in_tmp,
         env=env,
         capture_output=True,

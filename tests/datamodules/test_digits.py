@@ -13,7 +13,7 @@ import torch
 from datamodules import DigitsDataModule
 from datamodules.base import Concat, TensorImages, kfold_split
 from datamodules.common import ConfigError
-from lightning_modules.backbones import data_config_dict
+from lightning_modules.backbones.backbone import data_config_dict
 from lightning_modules.module import FineTuneModule
 from tests.helpers import quiet_trainer
 

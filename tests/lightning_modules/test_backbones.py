@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from datamodules.common import ConfigError
 from datamodules.transforms import eval_transform
-from lightning_modules.backbones import EMBEDDED, Backbone, build_backbone, embedded_weights, resolve_data_config
+from lightning_modules.backbones.backbone import Backbone, build_backbone, resolve_data_config
+from lightning_modules.backbones.embedded import EMBEDDED, embedded_weights
 
 FAMILIES = {
     "timm/test_resnet": ["stem", "layer1", "layer2", "layer3", "layer4"],
@@ -139,7 +140,7 @@ def test_weights_file_that_is_not_a_state_dict(tmp_path: Path) -> None:
     [
         ("timm/resnet_18", "none", "timm has no model 'resnet_18'; close names"),
         ("torchvision/resnet_18", "none", "torchvision has no classification model"),
-        ("keras/resnet18", "none", "must be 'timm/<model>'"),
+        ("keras/resnet18", "none", "must be <source>/<model>"),
         ("scratch/mlp", "pretrained", "has no pretrained weights"),
         ("timm/test_resnet", "embedded", "'embedded' exists only for timm/tf_efficientnet_lite0, timm/tf_eff"),
         ("timm/test_resnet", "missing/file.pth", "weights file missing/file.pth does not exist"),

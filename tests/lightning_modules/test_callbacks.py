@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.callbacks import BestCheckpoint
+from lightning_modules.reporting.callbacks import BestCheckpoint
 from tests.helpers import quiet_trainer
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from lightning_modules import cli
-from lightning_modules.cli import cli_main
+from lightning_modules.cli import main as cli
+from lightning_modules.cli.main import cli_main
 from tests.helpers import FAST, REPO, write_cifar, write_class_folders, write_mnist
 
 EXPERIMENTS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
@@ -220,7 +220,7 @@ def test_fit_saves_config_and_test_best_reuses_the_run_directory(in_tmp: Path) -
 
 @pytest.mark.slow
 def test_with_a_csv_logger_alone_shortcuts_report_and_tables_work(in_tmp: Path) -> None:
-    from lightning_modules.results import read_run, scalars
+    from lightning_modules.sweeps.summary import read_run, scalars
 
     quick = [
         "--config",
@@ -249,7 +249,7 @@ def test_with_a_csv_logger_alone_shortcuts_report_and_tables_work(in_tmp: Path) 
 def test_beside_tensorboard_a_csv_logger_writes_into_the_same_run_directory(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from lightning_modules.run_logs import with_run_csv
+    from lightning_modules.reporting.run_logs import with_run_csv
 
     tb = TensorBoardLogger(tmp_path / "runs", name="x", version=3)
     tb_then_csv = with_run_csv(tb, None)

@@ -11,11 +11,11 @@ import torch
 
 from datamodules import DigitsDataModule
 from datamodules.common import ConfigError
-from lightning_modules import engines
-from lightning_modules.backbones import build_backbone, data_config_dict
-from lightning_modules.engines import frozen_pass, onnx_key, torch_pass
-from lightning_modules.feature_cache import FeatureCache, compute_features
+from lightning_modules.backbones.backbone import build_backbone, data_config_dict
 from lightning_modules.module import FineTuneModule
+from lightning_modules.speed import engines
+from lightning_modules.speed.engines import frozen_pass, onnx_key, torch_pass
+from lightning_modules.speed.feature_cache import FeatureCache, compute_features
 from tests.helpers import quiet_trainer
 
 pytest.importorskip("onnxruntime")

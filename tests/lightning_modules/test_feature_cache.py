@@ -15,10 +15,10 @@ import torch
 
 from datamodules import DigitsDataModule, ImageFolderDataModule
 from datamodules.common import ConfigError
-from lightning_modules.backbones import data_config_dict
-from lightning_modules.feature_cache import FeatureCache, cache_key
-from lightning_modules.finetuning import Freeze, FreezeUnfreeze
+from lightning_modules.backbones.backbone import data_config_dict
+from lightning_modules.finetuning.strategies import Freeze, FreezeUnfreeze
 from lightning_modules.module import FineTuneModule
+from lightning_modules.speed.feature_cache import FeatureCache, cache_key
 from tests.helpers import photo, quiet_trainer, tiny_loader, write_class_folders
 
 BACKBONE = "timm/test_resnet"

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
 from datamodules.common import ConfigError
-from lightning_modules.finetuning import FreezeUnfreeze, check_strategy
+from lightning_modules.finetuning.strategies import FreezeUnfreeze, check_strategy
 from lightning_modules.module import FineTuneModule
 from tests.helpers import Recorder, bn_stats, quiet_trainer, tiny_loader, tiny_model
 

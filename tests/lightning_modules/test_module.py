@@ -54,7 +54,7 @@ def test_hparams_are_primitive_for_weights_only_loading() -> None:
 
 
 def test_sync_batchnorm_keeps_timm_fused_activations() -> None:
-    from lightning_modules.backbones import build_backbone
+    from lightning_modules.backbones.backbone import build_backbone
     from lightning_modules.module import sync_batchnorm
 
     backbone = build_backbone("timm/tf_efficientnet_lite0", weights="embedded", image_size=32).eval()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_modules.cli import main
+from lightning_modules.cli.main import main
 
 FILES = {
     "syntax.yaml": "trainer:\n  max_epochs: 3\n   bad: [\n",

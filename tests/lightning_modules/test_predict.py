@@ -13,7 +13,7 @@ import torch
 
 from datamodules.common import ConfigError
 from datamodules.images import load_image
-from lightning_modules.cli import cli_main
+from lightning_modules.cli.main import cli_main
 from lightning_modules.module import FineTuneModule
 from tests.helpers import folder_args, write_class_folders
 

@@ -16,10 +16,10 @@ from timm.layers import DropPath
 
 from datamodules.base import Batch
 from datamodules.common import ConfigError
-from lightning_modules.backbones import build_backbone
-from lightning_modules.batch_augment import BatchMixer, tta_views
-from lightning_modules.callbacks import BestCheckpoint
+from lightning_modules.backbones.backbone import build_backbone
+from lightning_modules.finetuning.batch_augment import BatchMixer, tta_views
 from lightning_modules.module import FineTuneModule
+from lightning_modules.reporting.callbacks import BestCheckpoint
 from tests.helpers import quiet_trainer, tiny_loader, tiny_model
 
 
@@ -94,7 +94,10 @@ def test_drop_path_rate_reaches_timm_and_only_timm() -> None:
     assert rates == sorted(rates) and 0.1 < max(rates) <= 0.2 and min(rates) < max(rates)  # timm: by depth
     plain = build_backbone("timm/test_efficientnet", "none", 32)
     assert not [m for m in plain.modules() if isinstance(m, DropPath) and m.drop_prob > 0]
-    with pytest.raises(ConfigError, match=r"model.drop_path_rate 0.1: a rate in \[0, 1\), for timm backbones only"):
+    with pytest.raises(
+        ConfigError,
+        match=r"drop_path_rate 0.1: a rate in \[0, 1\), .* source that takes it \(timm\)",
+    ):
         build_backbone("torchvision/resnet18", "none", 32, drop_path_rate=0.1)
 
 

@@ -20,7 +20,7 @@ from sklearn.metrics import (
 )
 
 from datamodules.images import load_image
-from lightning_modules.cli import cli_main
+from lightning_modules.cli.main import cli_main
 from lightning_modules.module import PresentClassesAUROC
 from tests.helpers import folder_args, write_class_folders
 
@@ -133,7 +133,7 @@ def test_predict_folder_writes_csv_with_an_error_row(in_tmp: Path) -> None:
 
 
 def test_report_metrics_with_an_absent_class_follow_sklearn() -> None:
-    from lightning_modules.report_metrics import classification_report
+    from lightning_modules.reporting.metrics import classification_report
 
     rng = np.random.default_rng(0)
     targets = np.array([0, 0, 2, 2, 2, 0, 2, 2])  # class 1 never occurs; 3 and 5 samples of the others
@@ -160,7 +160,7 @@ def test_report_metrics_with_an_absent_class_follow_sklearn() -> None:
 
 def test_predictions_on_a_carved_test_split_name_the_files(tmp_path: Path) -> None:
     from datamodules import ImageFolderDataModule
-    from lightning_modules.backbones import data_config_dict
+    from lightning_modules.backbones.backbone import data_config_dict
 
     write_class_folders(tmp_path / "imgs", {"a": 5, "b": 5})
     dm = ImageFolderDataModule(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from datamodules.common import ConfigError
-from lightning_modules.finetuning import Freeze, Milestones, NoFreeze, select_stages
+from lightning_modules.finetuning.strategies import Freeze, Milestones, NoFreeze, select_stages
 from lightning_modules.module import FineTuneModule
 from tests.helpers import Recorder, quiet_trainer, tiny_loader, tiny_model
 
@@ -94,7 +94,7 @@ SCHEDULERS = {
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_schedulers_keep_working_across_an_unfreeze(tmp_path: Path, name: str) -> None:
-    from lightning_modules.finetuning import FreezeUnfreeze
+    from lightning_modules.finetuning.strategies import FreezeUnfreeze
 
     model = FineTuneModule(
         backbone="timm/test_resnet",
@@ -116,7 +116,7 @@ def test_schedulers_keep_working_across_an_unfreeze(tmp_path: Path, name: str) -
 
 
 def test_the_supported_schedulers_are_the_tested_ones() -> None:
-    from lightning_modules.finetuning import SUPPORTED_SCHEDULERS
+    from lightning_modules.finetuning.schedulers import SUPPORTED_SCHEDULERS
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     tested = set()
@@ -139,7 +139,7 @@ def _with_scheduler(factory: Any, **kwargs: Any) -> FineTuneModule:
 
 
 def test_a_new_group_gets_the_plateau_floor_of_the_head_times_its_ratio(tmp_path: Path) -> None:
-    from lightning_modules.finetuning import FreezeUnfreeze
+    from lightning_modules.finetuning.strategies import FreezeUnfreeze
 
     # mode "max" with threshold 1 on a positive loss: only the first epoch counts as an improvement, so every
     # later epoch halves the rates, down to min_lr 0.004 for the head
@@ -153,7 +153,7 @@ def test_a_new_group_gets_the_plateau_floor_of_the_head_times_its_ratio(tmp_path
 
 
 def test_an_untested_scheduler_is_refused_when_a_stage_will_unfreeze(tmp_path: Path) -> None:
-    from lightning_modules.finetuning import FreezeUnfreeze
+    from lightning_modules.finetuning.strategies import FreezeUnfreeze
 
     exponential = partial(torch.optim.lr_scheduler.ExponentialLR, gamma=0.5)
     restarts = partial(torch.optim.lr_scheduler.CosineAnnealingWarmRestarts, T_0=2)
@@ -168,7 +168,7 @@ def test_frozen_stages_are_fixed_feature_extractors(tmp_path: Path) -> None:
     """Stochastic depth and dropout inside a frozen stage are off too, not only BatchNorm."""
     from torchvision.ops import StochasticDepth
 
-    from lightning_modules.finetuning import FreezeUnfreeze
+    from lightning_modules.finetuning.strategies import FreezeUnfreeze
 
     model = FineTuneModule(backbone="torchvision/efficientnet_b0", weights="none", image_size=32, num_classes=3)
     seen: dict[int, dict[str, bool]] = {}
@@ -209,7 +209,7 @@ class StepSpy(Recorder):
 
 
 def test_warmup_ramps_a_new_stage_over_steps_and_schedulers_see_the_full_rate(tmp_path: Path) -> None:
-    from lightning_modules.finetuning import FreezeUnfreeze
+    from lightning_modules.finetuning.strategies import FreezeUnfreeze
 
     model = FineTuneModule(
         backbone="timm/test_resnet",
@@ -234,7 +234,7 @@ def test_warmup_ramps_a_new_stage_over_steps_and_schedulers_see_the_full_rate(tm
 
 
 def test_warmup_progress_survives_a_checkpoint() -> None:
-    from lightning_modules.finetuning import FreezeUnfreeze
+    from lightning_modules.finetuning.strategies import FreezeUnfreeze
 
     strategy = FreezeUnfreeze(warmup_steps=5)
     strategy.warming = {"layer4": 2}

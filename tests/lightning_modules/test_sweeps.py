@@ -1,4 +1,4 @@
-"""lightning_modules/sweeps.py without training: grids, overrides, config layers and clear errors."""
+"""lightning_modules/sweeps/plan.py without training: grids, overrides, config layers and clear errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from datamodules.common import ConfigError
-from lightning_modules.sweeps import Run, Sweep, grid_runs, load_grid, merge, overrides, run_one, select
+from lightning_modules.sweeps.plan import Run, Sweep, grid_runs, load_grid, merge, overrides, run_one, select
 from tests.helpers import REPO
 
 
@@ -122,7 +122,7 @@ def test_the_example_grid_reads() -> None:
 def test_scalars_come_from_metrics_csv_and_older_fits_from_their_events(tmp_path: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_modules.results import scalars
+    from lightning_modules.sweeps.summary import scalars
 
     writer = SummaryWriter(str(tmp_path))  # a fit from before ftlab kept metrics.csv
     for step, value in ((10, 0.5), (20, 0.7)):

@@ -15,8 +15,8 @@ A search file (scripts/searches/*.yaml):
       data.init_args.batch_size: {low: 32, high: 256, step: 32}              # int: low and high are ints
       model.head_hidden: [[], [64], [128]]                                   # categorical: any YAML values
       strategy:                                                              # a name without dots: YAML layers
-        frozen: {trainer: {callbacks+: [{class_path: lightning_modules.finetuning.Freeze}]}}
-        full: {trainer: {callbacks+: [{class_path: lightning_modules.finetuning.NoFreeze}]}}
+        frozen: {trainer: {callbacks+: [{class_path: lightning_modules.Freeze}]}}
+        full: {trainer: {callbacks+: [{class_path: lightning_modules.NoFreeze}]}}
 
 Each trial is a sweep run (`<out>/runs/trial-<digest of its values>/`, fit then test, resumable), so the table,
 the plot and `best.yaml` are the grid's. A trial whose process died (a kill, a preempted job) is asked again with
@@ -33,14 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import yaml
-from typing_extensions import override
 
 from datamodules.base import digest
-from datamodules.common import ConfigError, atomic_write
-from lightning_modules.results import read_run
-from lightning_modules.sweeps import (
+from datamodules.common import ConfigError
+from lightning_modules.reporting.callbacks import median_pruner, optuna_module
+from lightning_modules.sweeps.plan import (
     Launcher,
     Run,
     Sweep,
@@ -51,19 +49,9 @@ from lightning_modules.sweeps import (
     subprocess_launcher,
     write_labels,
 )
+from lightning_modules.sweeps.summary import read_run
 
 SEARCH_KEYS = {"base", "metric", "trials", "seed", "pruner", "space"}
-EXTRA = "the search needs Optuna: pip install -e '.[sweep]'"
-
-
-def optuna_module() -> Any:
-    """Optuna, or a ConfigError saying how to install it."""
-    try:
-        import optuna
-    except ImportError as err:
-        raise ConfigError(EXTRA) from err
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna
 
 
 @dataclass(frozen=True)
@@ -199,11 +187,6 @@ def open_study(out: Path, search: Search, worker: int = 0) -> Any:
     )
 
 
-def median_pruner(startup_trials: int, warmup_epochs: int) -> Any:
-    """The search's pruner (Optuna keeps it out of the study's storage: each process that reports builds it)."""
-    return optuna_module().pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
-
-
 def trial_run(search: Search, trial: Any, out: Path) -> Run:
     """The sweep run of a trial: its sampled values (the table's labels), its config layer, and the pruning
     callback (plumbing: not part of best.yaml)."""
@@ -216,7 +199,7 @@ def trial_run(search: Search, trial: Any, out: Path) -> Run:
     name = f"trial-{digest(sorted(trial.params.items()))[:10]}"
     pruning: dict[str, Any] = {"journal": str(storage_path(out).resolve()), "run": name}
     pruning |= {"startup_trials": search.startup_trials, "warmup_epochs": search.warmup_epochs}
-    prune = {"class_path": "lightning_modules.tuning.PruneTrial", "init_args": pruning}
+    prune = {"class_path": "lightning_modules.PruneTrial", "init_args": pruning}
     return Run(name, values, config, plumbing={"trainer": {"callbacks+": [prune]}})
 
 
@@ -329,61 +312,3 @@ class TuneWorker:
 
         requeue_dead(open_study(sweep.out, search), owned_by=owner())
         return DelayedSubmission(self, sweep, search, worker)
-
-
-# ------------------------------------------------------------------------------------------ the callback
-
-
-class PruneTrial(pl.Callback):
-    """Inside a trial's `ftlab` run: report the monitored metric to the study after every validation, and stop the
-    fit (the median pruner's call) with `pruned.json` beside the run, which the search reads back.
-
-    Args:
-        journal: the study's journal file.
-        run: the trial's run name (its folder); the running trial of that name is the one reported.
-        startup_trials, warmup_epochs: the median pruner's (see `median_pruner`).
-        monitor: the logged metric (default `val/acc`).
-    """
-
-    def __init__(
-        self, journal: str, run: str, startup_trials: int, warmup_epochs: int, monitor: str = "val/acc"
-    ) -> None:
-        self.journal, self.run, self.monitor = journal, run, monitor
-        self.pruner = (startup_trials, warmup_epochs)
-        self._trial: Any = None
-
-    def _find(self) -> Any:
-        optuna = optuna_module()
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        storage = JournalStorage(JournalFileBackend(self.journal))
-        study = optuna.load_study(study_name="search", storage=storage, pruner=median_pruner(*self.pruner))
-        running = [
-            t
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-            if t.user_attrs.get("run") == self.run
-        ]
-        if not running:
-            return None  # run by hand outside its study: nothing to report to
-        # Optuna has no public way to reattach to a trial from another process; its own Lightning callback under
-        # DDP uses the same private id.
-        return optuna.trial.Trial(study, max(running, key=lambda t: t.number)._trial_id)
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
-            return
-        prune = False
-        if trainer.is_global_zero:  # one process reports; every process learns the verdict
-            self._trial = self._trial or self._find()
-            if self._trial is not None:
-                value = float(trainer.callback_metrics[self.monitor])
-                self._trial.report(value, trainer.current_epoch)
-                prune = bool(self._trial.should_prune())
-                if prune:
-                    root = Path(trainer.log_dir or ".").parent
-                    marker = {"epoch": trainer.current_epoch, self.monitor: value}
-                    atomic_write(root / "pruned.json", lambda p: p.write_text(json.dumps(marker)))
-        if trainer.strategy.broadcast(prune, src=0):
-            trainer.should_stop = True

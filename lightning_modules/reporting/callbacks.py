@@ -1,5 +1,5 @@
 """Small callbacks: what trains, at which rate and how long an epoch takes; a stop on a NaN loss; a notice when a
-resume redoes steps."""
+resume redoes steps; the best checkpoint with a tie-breaker; an Optuna trial's pruning inside its run."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from datamodules.common import atomic_write
+from datamodules.common import ConfigError, atomic_write
 from lightning_modules.console import notice
 
 PROGRESS_FILE = "progress.json"
+OPTUNA_EXTRA = "the search needs Optuna: pip install -e '.[sweep]'"
 
 
 class TrainingStopped(RuntimeError):
@@ -198,3 +199,73 @@ class ResumeNotice(pl.Callback):
             return
         progress = json.dumps({"epoch": trainer.current_epoch, "step": trainer.global_step})
         atomic_write(self.path, lambda p: p.write_text(progress), durable=False)  # every step: no fsync
+
+
+def optuna_module() -> Any:
+    """Optuna, or a ConfigError saying how to install it."""
+    try:
+        import optuna
+    except ImportError as err:
+        raise ConfigError(OPTUNA_EXTRA) from err
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def median_pruner(startup_trials: int, warmup_epochs: int) -> Any:
+    """The search's pruner (Optuna keeps it out of the study's storage: each process that reports builds it)."""
+    return optuna_module().pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
+
+
+class PruneTrial(pl.Callback):
+    """Inside a trial's `ftlab` run: report the monitored metric to the study after every validation, and stop the
+    fit (the median pruner's call) with `pruned.json` beside the run, which the search reads back.
+
+    Args:
+        journal: the study's journal file.
+        run: the trial's run name (its folder); the running trial of that name is the one reported.
+        startup_trials, warmup_epochs: the median pruner's (see `median_pruner`).
+        monitor: the logged metric (default `val/acc`).
+    """
+
+    def __init__(
+        self, journal: str, run: str, startup_trials: int, warmup_epochs: int, monitor: str = "val/acc"
+    ) -> None:
+        self.journal, self.run, self.monitor = journal, run, monitor
+        self.pruner = (startup_trials, warmup_epochs)
+        self._trial: Any = None
+
+    def _find(self) -> Any:
+        optuna = optuna_module()
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        storage = JournalStorage(JournalFileBackend(self.journal))
+        study = optuna.load_study(study_name="search", storage=storage, pruner=median_pruner(*self.pruner))
+        running = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if t.user_attrs.get("run") == self.run
+        ]
+        if not running:
+            return None  # run by hand outside its study: nothing to report to
+        # Optuna has no public way to reattach to a trial from another process; its own Lightning callback under
+        # DDP uses the same private id.
+        return optuna.trial.Trial(study, max(running, key=lambda t: t.number)._trial_id)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        prune = False
+        if trainer.is_global_zero:  # one process reports; every process learns the verdict
+            self._trial = self._trial or self._find()
+            if self._trial is not None:
+                value = float(trainer.callback_metrics[self.monitor])
+                self._trial.report(value, trainer.current_epoch)
+                prune = bool(self._trial.should_prune())
+                if prune:
+                    root = Path(trainer.log_dir or ".").parent
+                    marker = {"epoch": trainer.current_epoch, self.monitor: value}
+                    atomic_write(root / "pruned.json", lambda p: p.write_text(json.dumps(marker)))
+        if trainer.strategy.broadcast(prune, src=0):
+            trainer.should_stop = True

@@ -7,7 +7,7 @@ A sweep lives in one folder:
     <out>/runs/<run>/fit.log, test.log, fit.done
     <out>/runs/<run>/timing.json     wall seconds of each command (`fit_s`, `test_s`), summed over resumes
     <out>/runs/<run>/version_0/      the run itself: TensorBoard events, checkpoints, config.yaml, metrics.json
-    <out>/results.csv, results.md, results.png (lightning_modules/results.py)
+    <out>/results.csv, results.md, results.png (lightning_modules/sweeps/summary.py)
 
 Each run is `ftlab fit --config <base>... --config run.yaml`, then `ftlab test ... --ckpt_path best`, as
 subprocesses. A run whose `version_0/metrics.json` exists is finished and never run again; a fit that was cut
@@ -211,11 +211,11 @@ def write_best(path: Path, sweep: Sweep, run: Run, note: str) -> None:
 def subprocess_launcher(args: list[str], log: Path, extra_env: Mapping[str, str] | None = None) -> int:
     """Run `ftlab <args>` as a child process with this checkout importable (and `extra_env`); its output goes to
     `log`."""
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     env.update(extra_env or {})
     with log.open("a") as out:
-        cmd = [sys.executable, "-m", "lightning_modules.cli", *args]
+        cmd = [sys.executable, "-m", "lightning_modules.cli.main", *args]
         return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
 
 

@@ -18,9 +18,9 @@ from typing_extensions import override
 from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError, atomic_write, gather_lists
 from datamodules.images import PATH_ERRORS
-from lightning_modules.backbones import Backbone
-from lightning_modules.report_figures import confusion_figure, denormalize, first_layer_figures, grid_figure
-from lightning_modules.report_metrics import classification_report
+from lightning_modules.backbones.backbone import Backbone
+from lightning_modules.reporting.figures import confusion_figure, denormalize, first_layer_figures, grid_figure
+from lightning_modules.reporting.metrics import classification_report
 
 GRID = 16  # images per grid
 

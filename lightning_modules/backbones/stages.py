@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
@@ -15,34 +14,6 @@ class Stage:
 
     name: str
     params: tuple[str, ...]
-
-
-def torchvision_stages(model: Any) -> list[Stage]:
-    """Family rules: ResNet `layerN`; `features.N` (EfficientNet, MobileNet, ConvNeXt; VGG split at pooling);
-    ViT encoder layers; otherwise the top-level children. Parameters outside those blocks form their own stages
-    (`stem` before the first block, e.g. `classifier` after it)."""
-    import torchvision
-
-    children = dict(model.named_children())
-    if all(f"layer{i}" in children for i in range(1, 5)):
-        blocks = [f"layer{i}" for i in range(1, 5)]
-    elif isinstance(children.get("features"), nn.Sequential):
-        feats = children["features"]
-        if isinstance(model, torchvision.models.VGG):  # one stage per conv block, split at pooling
-            conv_blocks: list[list[str]] = []
-            group: list[str] = []
-            for n, m in feats.named_children():
-                group.append(f"features.{n}")
-                if isinstance(m, nn.MaxPool2d):
-                    conv_blocks.append(group)
-                    group = []
-            return stages_from_blocks(model, conv_blocks + ([group] if group else []))
-        blocks = [f"features.{n}" for n, m in feats.named_children() if has_params(m)]
-    elif hasattr(model, "encoder") and hasattr(model.encoder, "layers"):
-        blocks = [f"encoder.layers.{n}" for n, _ in model.encoder.layers.named_children()]
-    else:
-        blocks = [n for n, m in children.items() if has_params(m)]
-    return stages_from_blocks(model, blocks)
 
 
 def stages_from_blocks(model: nn.Module, blocks: Sequence[str | Sequence[str]]) -> list[Stage]:

@@ -3,7 +3,7 @@ of an experiment on a real dataset, through the sweep machinery (resumable: a fi
 the results table (`results.md`, `results.csv`) is rebuilt from the run folders alone.
 
     <out>/data/cifar10/                 the CIFAR-10 JPEG archive, extracted once
-    <out>/runs/<row>/...                each row's run folder (see lightning_modules/sweeps.py)
+    <out>/runs/<row>/...                each row's run folder (see lightning_modules/sweeps/plan.py)
     <out>/results.md, results.csv       the table
 """
 
@@ -26,9 +26,9 @@ from typing import Any
 import yaml
 
 from datamodules.common import ConfigError, atomic_write, write_generated
-from lightning_modules.backbones import resolve_data_config
-from lightning_modules.results import read_run
-from lightning_modules.sweeps import VERSION, Launcher, Run, Sweep, merge, overrides, run_one, subprocess_launcher
+from lightning_modules.backbones.backbone import resolve_data_config
+from lightning_modules.sweeps.plan import VERSION, Launcher, Run, Sweep, merge, overrides, run_one, subprocess_launcher
+from lightning_modules.sweeps.summary import read_run
 
 STAND_IN = {"backbone": "timm/tf_efficientnet_lite0", "weights": "embedded"}
 # Quick mode: every row for one epoch of two batches at 32 px, no workers: checks the plan and the data, no figures.

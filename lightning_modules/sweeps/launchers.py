@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from datamodules.common import ConfigError, atomic_write, cores
-from lightning_modules.sweeps import Launcher, Run, Sweep, run_one, subprocess_launcher
+from lightning_modules.sweeps.plan import Launcher, Run, Sweep, run_one, subprocess_launcher
 
 SWEEP_EXTRA = "pip install -e '.[sweep]' (Optuna and submitit)"
 

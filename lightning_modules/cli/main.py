@@ -17,21 +17,22 @@ from typing_extensions import override
 
 from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
-from lightning_modules.backbones import data_config_dict, is_weights_file
-from lightning_modules.callbacks import TrainingStopped
-from lightning_modules.checkpoint_io import read_checkpoint
+from lightning_modules.backbones.backbone import data_config_dict
+from lightning_modules.backbones.weights import is_weights_file
+from lightning_modules.cli.parse_errors import OneLineErrorParser, check_config_files
 from lightning_modules.console import CompactProgressBar, notice, setup_console
-from lightning_modules.feature_cache import FeatureCache
-from lightning_modules.finetuning import FinetuningStrategy
+from lightning_modules.finetuning.strategies import FinetuningStrategy
 from lightning_modules.module import FineTuneModule
-from lightning_modules.parse_errors import OneLineErrorParser, check_config_files
-from lightning_modules.run_logs import with_run_csv
+from lightning_modules.reporting.callbacks import TrainingStopped
+from lightning_modules.reporting.checkpoint_io import read_checkpoint
+from lightning_modules.reporting.run_logs import with_run_csv
+from lightning_modules.speed.feature_cache import FeatureCache
 
 CKPT_SHORTCUTS = ("best", "last")
 # the model hyperparameters that shape the weights: a checkpoint's own replace the config's (the rest, such as
 # label_smoothing or compile, stay as configured)
 ARCHITECTURE = ("backbone", "weights", "image_size", "in_chans", "head_hidden", "head_dropout")
-DEFAULTS = Path(__file__).with_name("defaults.yaml")  # package data: an installed ftlab reads the same file
+DEFAULTS = Path(__file__).parents[1] / "defaults.yaml"  # package data: an installed ftlab reads the same file
 
 
 def defaults_file() -> list[str]:

@@ -22,19 +22,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BaseFinetuning
-from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim import Optimizer, lr_scheduler
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from datamodules.common import ConfigError
-from lightning_modules.backbones import Backbone
-from lightning_modules.stages import Stage
-
-# Param-group keys that schedulers set per group and that scale with the learning rate (OneCycleLR and others).
-SCALED_KEYS = ("initial_lr", "max_lr", "min_lr")
-COPIED_KEYS = ("max_momentum", "base_momentum")
+from lightning_modules.backbones.backbone import Backbone
+from lightning_modules.backbones.stages import Stage
+from lightning_modules.finetuning.ddp import check_strategy, rewrap_ddp
+from lightning_modules.finetuning.schedulers import check_schedulers, register_new_groups
 
 
 class FinetuningStrategy(BaseFinetuning):
@@ -313,93 +309,6 @@ def select_stages(backbone: Backbone, stages: int | list[str]) -> list[Stage]:
         return list(reversed(chosen))
     order = {s.name: i for i, s in enumerate(backbone.stages)}
     return sorted((backbone.stage(name) for name in stages), key=lambda s: -order[s.name])
-
-
-# The schedulers whose per-group state `register_new_groups` extends when a stage starts training, each tested
-# across an unfreeze (tests/lightning_modules/test_strategies.py, SCHEDULERS); any other is refused at the start
-# of a fit that will unfreeze, rather than patched blind.
-SUPPORTED_SCHEDULERS = (
-    lr_scheduler.CosineAnnealingLR,
-    lr_scheduler.LambdaLR,
-    lr_scheduler.LinearLR,
-    lr_scheduler.OneCycleLR,
-    lr_scheduler.ReduceLROnPlateau,
-    lr_scheduler.SequentialLR,
-    lr_scheduler.StepLR,
-)
-
-
-def check_schedulers(trainer: pl.Trainer) -> None:
-    """A ConfigError naming the scheduler when one of the fit's is not in `SUPPORTED_SCHEDULERS`."""
-    for config in trainer.lr_scheduler_configs:
-        for scheduler in [config.scheduler, *getattr(config.scheduler, "_schedulers", [])]:
-            if type(scheduler) not in SUPPORTED_SCHEDULERS:
-                names = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
-                raise ConfigError(
-                    f"model.lr_scheduler {type(scheduler).__name__}: the finetuning strategy adds a param group when "
-                    f"a stage unfreezes, and only these schedulers are known to carry it: {names}. Use one of "
-                    "them, or a strategy that never unfreezes (Freeze)"
-                )
-
-
-def register_new_groups(trainer: pl.Trainer, optimizer: Optimizer, groups: list[dict[str, Any]]) -> None:
-    """Tell the optimizer's schedulers about groups added after they were built.
-
-    A new group keeps the ratio to the head group's learning rate at which it started: its scheduler-specific
-    keys (initial, max and min lr) and the schedulers' per-group lists are the head's, times that ratio.
-    """
-    head = optimizer.param_groups[0]
-    for group in groups:
-        ratio = group["lr"] / head["lr"] if head["lr"] else 1.0
-        for key in SCALED_KEYS:
-            if key in head:
-                group[key] = head[key] * ratio
-        for key in COPIED_KEYS:
-            if key in head:
-                group[key] = head[key]
-        for config in trainer.lr_scheduler_configs:
-            for scheduler in [config.scheduler, *getattr(config.scheduler, "_schedulers", [])]:
-                if getattr(scheduler, "optimizer", None) is not optimizer:
-                    continue
-                for attr in ("base_lrs", "min_lrs", "_last_lr", "max_lrs"):
-                    values = getattr(scheduler, attr, None)
-                    if isinstance(values, list) and values:
-                        values.append(values[0] * ratio)
-                lambdas = getattr(scheduler, "lr_lambdas", None)  # LambdaLR, MultiplicativeLR: the head's rule
-                if isinstance(lambdas, list) and lambdas:
-                    lambdas.append(lambdas[0])
-
-
-def check_strategy(trainer: pl.Trainer) -> None:
-    """A ConfigError naming the strategy when it runs several processes and is not DDP: `rewrap_ddp` is what
-    keeps replicas in step after an unfreeze, and only DDP has it."""
-    strategy = trainer.strategy
-    if isinstance(strategy, ParallelStrategy) and not isinstance(strategy, DDPStrategy):
-        raise ConfigError(
-            f"trainer.strategy {type(strategy).__name__}: a finetuning strategy that unfreezes during the fit is "
-            "supported on one device and on DDP (`ddp`, `ddp_spawn`, ...); use one of them, or Freeze/NoFreeze"
-        )
-
-
-def rewrap_ddp(trainer: pl.Trainer) -> None:
-    """Re-create the DDP wrapper so parameters unfrozen after it was built are synchronised too: the one seam
-    between the finetuning strategies and the distributed strategy.
-
-    DDP registers only the parameters that require grad when it is built; without this, each process would train
-    newly unfrozen parameters on its own gradients and the replicas would silently drift apart. The seam is
-    Lightning's own `DDPStrategy.configure_ddp`, which wraps `strategy.model`: it is handed the unwrapped module
-    and builds a new wrapper (new gradient buckets; parameters broadcast from rank 0, which holds the same
-    values). Parameters stay the same objects, so the optimizer and its state carry on. It runs after any change
-    to the trainable set: at an unfreeze (`on_train_epoch_start`) and when a resumed fit restores unfrozen stages
-    (`on_fit_start`). Single-device strategies need nothing; other multi-process ones are refused by
-    `check_strategy`. `tests/test_reliability.py` trains across an unfreeze on two processes and checks that the
-    replicas stay identical.
-    """
-    strategy = trainer.strategy
-    if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.model, DistributedDataParallel):
-        return
-    strategy.model = strategy.model.module
-    strategy.configure_ddp()
 
 
 def _submodule(body: nn.Module, name: str) -> nn.Module | None:

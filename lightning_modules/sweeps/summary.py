@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.common import ConfigError, atomic_write
-from lightning_modules.launchers import launch
-from lightning_modules.sweeps import (
+from lightning_modules.sweeps.launchers import launch
+from lightning_modules.sweeps.plan import (
     VERSION,
     Launcher,
     Sweep,

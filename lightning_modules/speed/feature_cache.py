@@ -24,8 +24,8 @@ from typing_extensions import override
 from datamodules.base import Draw, ImageClassificationDataModule, Sample, digest, epoch_starting
 from datamodules.common import ConfigError, atomic_write
 from lightning_modules.console import notice
-from lightning_modules.engines import ENGINES, frozen_pass
-from lightning_modules.finetuning import FinetuningStrategy, backbone_of
+from lightning_modules.finetuning.strategies import FinetuningStrategy, backbone_of
+from lightning_modules.speed.engines import ENGINES, frozen_pass
 
 SPLITS = ("train", "val")
 DEFAULT_DIR = Path.home() / ".cache" / "finetune-lab" / "features"

@@ -1,0 +1,1 @@
+"""`ftlab`: LightningCLI with the links, checkpoint shortcuts and one-line errors (`cli/main.py`)."""
