@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 from typing_extensions import override
 
-from datamodules.common import ConfigError, DataConfig, cores, gather_lists
+from datamodules.common import ConfigError, DataConfig, Preprocessed, cores, gather_lists
 from datamodules.images import BadSample, bad_reason, check_header, list_images, load_image, write_bad_images
 from datamodules.splits import GROUP_PATTERN, carve, group_names, has_copies, kfold, stratified_sample
 from datamodules.transforms import CROP_SCALE, eval_transform, train_transform
@@ -311,7 +311,8 @@ class ImageClassificationDataModule(LightningDataModule):
             `trivialaugment`); torchvision's default 0.08 suits training from scratch on ImageNet.
         train_subset: train on part of the train split (after val and test are carved, so they do not change):
             a fraction (`0.1`) or a number of images per class (`500`), stratified and seeded by `split_seed`.
-        data_config: the backbone's preprocessing, linked from the model by the CLI.
+        data_config: the backbone's preprocessing, linked from the model by the CLI; left out, taken at setup
+            from the trainer's model. Given and different from the model's, it is a ConfigError.
         pin_memory: default: on when CUDA is available.
         predict_root: a folder of images for `ftlab predict` (any layout); default: the test split.
         num_folds: stratified k-fold cross-validation: train + val (never test) are pooled and cut into this many
@@ -366,6 +367,7 @@ class ImageClassificationDataModule(LightningDataModule):
             )
         self.train_subset = train_subset
         self.data_config = DataConfig.from_dict(data_config) if data_config else DataConfig()
+        self.data_config_given = bool(data_config)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.predict_root = predict_root
         self.num_folds, self.fold = num_folds, fold
@@ -401,7 +403,10 @@ class ImageClassificationDataModule(LightningDataModule):
     @override
     def setup(self, stage: str | None = None) -> None:
         """Build the three splits once and attach transforms; predicting a `predict_root` needs none of them (nor
-        the training data)."""
+        the training data). The preprocessing is the trainer's model's (`link_preprocessing`)."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if isinstance(model, Preprocessed):
+            self.link_preprocessing(model.data_config)
         if self.datasets or (stage == "predict" and self.predict_root is not None):
             return
         raw = self.build_splits()
@@ -424,6 +429,19 @@ class ImageClassificationDataModule(LightningDataModule):
             "test": Transformed(raw["test"], evaluation),
         }
         rank_zero_info(self.describe(self._write_skipped()))
+
+    def link_preprocessing(self, model_config: DataConfig) -> None:
+        """Take the model's preprocessing (what the CLI's link does at parse time); a ConfigError when this
+        DataModule was given another, or already built its splits with another."""
+        if model_config == self.data_config:
+            return
+        if self.data_config_given or self.datasets:
+            raise ConfigError(
+                f"data_config of the DataModule ({self.data_config.describe()}) differs from the model's backbone "
+                f"({model_config.describe()}): leave data_config out (the DataModule takes the model's at setup) or "
+                "pass the model's (`data_config=model.data_config.to_dict()`)"
+            )
+        self.data_config = model_config
 
     def groups(self, dataset: LabeledDataset) -> list[str] | None:
         """The group of each sample of `dataset` (`data.init_args.group`); None when its samples are not files,

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,6 +69,22 @@ class DataConfig:
             mean = (sum(mean) / len(mean),) * in_chans
             std = (sum(std) / len(std),) * in_chans
         return DataConfig((in_chans, size, size), mean, std, self.interpolation, self.crop_pct, self.crop_mode)
+
+    def describe(self) -> str:
+        """One line: `3x224x224, bicubic, mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5), crop 0.875 center`."""
+        size = "x".join(map(str, self.input_size))
+        mean, std = (tuple(round(v, 3) for v in x) for x in (self.mean, self.std))
+        return f"{size}, {self.interpolation}, mean {mean}, std {std}, crop {self.crop_pct:.3g} {self.crop_mode}"
+
+
+@runtime_checkable
+class Preprocessed(Protocol):
+    """A model that says what preprocessing its inputs need (the FineTuneModule): a DataModule on its trainer
+    takes it (`ImageClassificationDataModule.setup`)."""
+
+    @property
+    def data_config(self) -> DataConfig:
+        """The backbone's preprocessing."""
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any], durable: bool = True, shared: bool = False) -> None:

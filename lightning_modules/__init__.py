@@ -1,11 +1,14 @@
 """finetune-lab's models: the FineTuneModule, its finetuning strategies and the callbacks a run uses.
 
-The names below are the public API (docs/python-api.md); `ftlab` (`lightning_modules.cli`) is built from them.
+The names below are the public API (docs/python-api.md): the module, the finetuning strategies, the callbacks a
+run uses, `trainer_defaults` (a plain `lightning.Trainer` with `ftlab`'s defaults) and the `Predictor`.
 """
 
 from lightning_modules.backbones import Backbone, build_backbone
+from lightning_modules.defaults import default_callbacks, default_loggers, trainer_defaults
 from lightning_modules.finetuning import FinetuningStrategy, Freeze, FreezeUnfreeze, Milestones, NoFreeze
 from lightning_modules.module import FineTuneModule
+from lightning_modules.predictor import Prediction, Predictor
 from lightning_modules.reporting.callbacks import (
     BestCheckpoint,
     PruneTrial,
@@ -28,11 +31,16 @@ __all__ = [
     "FreezeUnfreeze",
     "Milestones",
     "NoFreeze",
+    "Prediction",
     "PredictionWriter",
+    "Predictor",
     "PruneTrial",
     "ResumeNotice",
     "StopOnNonFiniteLoss",
     "TestReport",
     "TrainingStateLogger",
     "build_backbone",
+    "default_callbacks",
+    "default_loggers",
+    "trainer_defaults",
 ]

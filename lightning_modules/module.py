@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -21,10 +23,11 @@ from torchmetrics.classification import (
 from torchmetrics.utilities import dim_zero_cat
 from typing_extensions import override
 
-from datamodules.base import Batch
-from datamodules.common import ConfigError
+from datamodules.base import Batch, ImageClassificationDataModule
+from datamodules.common import ConfigError, DataConfig
 from lightning_modules.backbones.backbone import build_backbone
 from lightning_modules.finetuning.batch_augment import TTA_MODES, BatchMixer, averaged_log_probabilities, tta_views
+from lightning_modules.finetuning.strategies import FinetuningStrategy
 from lightning_modules.speed.engines import ENGINES, ONNX_DIR, Pass, frozen_pass
 
 STAGES = ("train", "val", "test")
@@ -125,7 +128,7 @@ class FineTuneModule(LightningModule):
         weights: str = "pretrained",
         image_size: int | None = None,
         in_chans: int = 3,
-        num_classes: int = 2,
+        num_classes: int | None = None,
         class_names: list[str] | None = None,
         head_hidden: list[int] | None = None,
         head_dropout: float = 0.0,
@@ -142,8 +145,28 @@ class FineTuneModule(LightningModule):
         mixup: float = 0.0,
         cutmix: float = 0.0,
         tta: str = "none",
+        load_weights: bool = True,
     ) -> None:
         super().__init__()
+        if inference_engine not in ENGINES:
+            raise ConfigError(f"model.inference_engine {inference_engine!r}: choose one of {list(ENGINES)}")
+        if tta not in TTA_MODES:
+            raise ConfigError(f"model.tta {tta!r}: choose one of {list(TTA_MODES)}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "load_weights"])
+        self._inference: Pass | None = None  # the test or predict engine, built at the first batch
+        self.backbone = build_backbone(backbone, weights, image_size, in_chans, drop_path_rate, load_weights)
+        self._run_seed = 0  # the run's seed (torch's at the start of the fit): mixing draws from it and the step
+        self.lr = lr
+        self.optimizer_factory: Any = optimizer or torch.optim.AdamW
+        self.scheduler_factory: Any = lr_scheduler
+        self.class_names: list[str] = []
+        if num_classes is not None:
+            self._build_classes(num_classes, class_names)
+        elif class_names is not None:
+            self._build_classes(len(class_names), class_names)
+
+    def _build_classes(self, num_classes: int, class_names: list[str] | None) -> None:
+        """The head, the mixer and the metrics for `num_classes` classes (at init, or at setup from the data)."""
         if num_classes < 2:
             raise ConfigError(
                 f"model.num_classes is {num_classes} (classes {class_names}): a classifier needs at least two; "
@@ -151,24 +174,52 @@ class FineTuneModule(LightningModule):
             )
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"model.class_names has {len(class_names)} names for {num_classes} classes")
-        if inference_engine not in ENGINES:
-            raise ConfigError(f"model.inference_engine {inference_engine!r}: choose one of {list(ENGINES)}")
-        if tta not in TTA_MODES:
-            raise ConfigError(f"model.tta {tta!r}: choose one of {list(TTA_MODES)}")
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self._inference: Pass | None = None  # the test or predict engine, built at the first batch
-        self.backbone = build_backbone(backbone, weights, image_size, in_chans, drop_path_rate)
-        self.mixer = BatchMixer(num_classes, mixup, cutmix)
-        self._run_seed = 0  # the run's seed (torch's at the start of the fit): mixing draws from it and the step
-        self.head = build_head(self.backbone.num_features, num_classes, head_hidden or (), head_dropout)
+        self.hparams["num_classes"], self.hparams["class_names"] = num_classes, class_names
         self.class_names = class_names or [str(i) for i in range(num_classes)]
-        self.lr = lr
-        self.optimizer_factory: Any = optimizer or torch.optim.AdamW
-        self.scheduler_factory: Any = lr_scheduler
+        self.mixer = BatchMixer(num_classes, self.hparams["mixup"], self.hparams["cutmix"])
+        hidden, dropout = self.hparams["head_hidden"] or (), self.hparams["head_dropout"]
+        self.head = build_head(self.backbone.num_features, num_classes, hidden, dropout)
         self.metrics = nn.ModuleDict(
             {f"{s}_metrics": classification_metrics(num_classes, f"{s}/", auroc=s != "train") for s in STAGES}
         )
         self.per_class = nn.ModuleDict({s: MulticlassAccuracy(num_classes, average=None) for s in ("val", "test")})
+
+    @property
+    def data_config(self) -> DataConfig:
+        """The preprocessing the backbone expects (a DataModule built without one takes it at setup)."""
+        return self.backbone.data_config
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Take the classes from the trainer's DataModule when the model was built without them; a ConfigError
+        when they differ (count or names) from those it was built for."""
+        data = getattr(self.trainer, "datamodule", None)  # Lightning sets it at fit/test/predict (untyped)
+        data_names = list(data.class_names) if isinstance(data, ImageClassificationDataModule) else None
+        if not self.class_names:
+            if data_names is None:
+                raise ConfigError(
+                    "FineTuneModule(num_classes=...) is needed without a DataModule that names its classes"
+                )
+            self._build_classes(len(data_names), data_names)
+            self.head.to(self.device)
+            self.metrics.to(self.device)
+            self.per_class.to(self.device)
+            return
+        if data_names is None or stage == "predict":
+            return
+        if len(data_names) != len(self.class_names):
+            raise ConfigError(
+                f"the model has {len(self.class_names)} classes ({_shown(self.class_names)}) and the data "
+                f"{len(data_names)} ({_shown(data_names)}): build FineTuneModule without num_classes and "
+                "class_names (it takes them from the data), or with the data's"
+            )
+        if self.hparams["class_names"] is None:
+            self.hparams["class_names"], self.class_names = data_names, data_names
+        elif self.class_names != data_names:
+            raise ConfigError(
+                f"the model's class names {_shown(self.class_names)} differ from the data's {_shown(data_names)} "
+                "(same count, another order or spelling): a label would mean another class"
+            )
 
     @override
     def configure_model(self) -> None:
@@ -212,8 +263,18 @@ class FineTuneModule(LightningModule):
 
     @override
     def on_fit_start(self) -> None:
-        """Note the run's seed for mixing (the same on resume: the CLI seeds before the fit)."""
+        """Note the run's seed for mixing (the same on resume: the CLI seeds before the fit); warn when no
+        finetuning strategy says what a pretrained backbone does."""
         self._run_seed = torch.initial_seed()
+        pretrained = self.hparams["weights"] != "none"
+        if pretrained and not any(isinstance(c, FinetuningStrategy) for c in self.trainer.callbacks):  # type: ignore[attr-defined]
+            trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
+            rank_zero_warn(
+                f"no finetuning strategy among the trainer's callbacks: all {trainable:,} parameters of the pretrained "
+                "backbone train "
+                "from the first step. Add one to say what the backbone does: Freeze(), FreezeUnfreeze(...), "
+                "Milestones(...), or NoFreeze() to train it all (and silence this)"
+            )
 
     @override
     def on_test_start(self) -> None:
@@ -330,3 +391,22 @@ class FineTuneModule(LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.hparams["scheduler_monitor"]
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    @classmethod
+    @override
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> FineTuneModule:
+        """Lightning's loader, without fetching the backbone's weights: the checkpoint holds every weight, so the
+        network is built empty (`load_weights=False`: no download, no file read; works offline)."""
+        kwargs.setdefault("load_weights", False)
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
+
+
+def _shown(names: Sequence[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")

@@ -39,7 +39,7 @@ def load_model(ckpt: Path) -> FineTuneModule:
     """The model of a checkpoint, in eval mode, loaded with `weights_only=True` and no weight download."""
     if not ckpt.is_file():
         raise ConfigError(f"checkpoint {ckpt} does not exist")
-    model = FineTuneModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, weights="none")
+    model = FineTuneModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     return model.eval()
 
 

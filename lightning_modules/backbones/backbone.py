@@ -81,10 +81,16 @@ def source(name: str) -> tuple[ModuleType, str]:
 
 
 def build_backbone(
-    name: str, weights: str = "pretrained", image_size: int | None = None, in_chans: int = 3, drop_path_rate: float = 0
+    name: str,
+    weights: str = "pretrained",
+    image_size: int | None = None,
+    in_chans: int = 3,
+    drop_path_rate: float = 0,
+    load_weights: bool = True,
 ) -> Backbone:
     """Build a backbone from its name and a weights spec (see the module docstring for both); `drop_path_rate`:
-    stochastic depth, for the sources that take it (timm)."""
+    stochastic depth, for the sources that take it (timm). `load_weights=False`: the network without its weights
+    (they come from a checkpoint), its preprocessing still that of `weights`."""
     module, arch = source(name)
     if not 0 <= drop_path_rate < 1 or (drop_path_rate and "drop_path_rate" not in module.OPTIONS):
         raise ConfigError(
@@ -93,7 +99,7 @@ def build_backbone(
         )
     data_config = resolve_data_config(name, weights, image_size, in_chans)
     options: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-    body, stages = module.build(arch, weights, data_config, **options)
+    body, stages = module.build(arch, weights if load_weights else "none", data_config, **options)
     return Backbone(name, body, stages, data_config)
 
 

@@ -13,6 +13,7 @@ from datamodules.common import ConfigError
 from datamodules.transforms import eval_transform
 from lightning_modules.backbones.backbone import Backbone, build_backbone, resolve_data_config
 from lightning_modules.backbones.embedded import EMBEDDED, embedded_weights
+from lightning_modules.module import FineTuneModule
 
 FAMILIES = {
     "timm/test_resnet": ["stem", "layer1", "layer2", "layer3", "layer4"],
@@ -188,3 +189,19 @@ def test_offline_pretrained_download_says_where_to_put_the_file(monkeypatch: pyt
     monkeypatch.setattr("torch.hub.get_dir", lambda: "/nonexistent/hub")
     with pytest.raises(ConfigError, match=r"resnet18-f37072fd\.pth .* into /nonexistent/hub/checkpoints"):
         build_backbone("torchvision/resnet18", weights="IMAGENET1K_V1", image_size=32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(EMBEDDED))
+def test_each_embedded_backbone_fine_tunes_one_step(arch: str) -> None:
+    """A FineTuneModule on each embedded backbone (at 64 px: the step, not the resolution, is under test) takes one
+    optimizer step on two images: a finite loss, and every trainable tensor that had a gradient moved."""
+    torch.manual_seed(0)
+    model = FineTuneModule(backbone=f"timm/{arch}", weights="embedded", image_size=64, num_classes=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.tensor([0, 1]))
+    loss.backward()
+    optimizer.step()
+    moved = [k for k, v in model.named_parameters() if v.grad is not None and not torch.equal(v, before[k])]
+    assert torch.isfinite(loss) and len(moved) == sum(1 for v in model.parameters() if v.grad is not None) > 100

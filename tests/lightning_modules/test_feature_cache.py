@@ -64,9 +64,16 @@ def _data(augment: str = "none", **kw: Any) -> DigitsDataModule:
     return DigitsDataModule(batch_size=64, num_workers=0, augment=augment, data_config=config, **kw)
 
 
-def _fit(strategy: pl.Callback, epochs: int, cache: FeatureCache | None, data: Any = None, **kw: Any) -> Any:
+def _fit(
+    strategy: pl.Callback,
+    epochs: int,
+    cache: FeatureCache | None,
+    data: Any = None,
+    classes: int | None = None,
+    **kw: Any,
+) -> Any:
     pl.seed_everything(0)
-    model = FineTuneModule(backbone=BACKBONE, weights="none", image_size=32, num_classes=10)
+    model = FineTuneModule(backbone=BACKBONE, weights="none", image_size=32, num_classes=classes)  # None: the data's
     spy = InputSpy()
     callbacks = [strategy, spy] + ([cache] if cache else [])
     trainer = quiet_trainer(Path("."), max_epochs=epochs, limit_train_batches=6, callbacks=callbacks, **kw)
@@ -199,8 +206,8 @@ def test_data_that_cannot_serve_features_is_a_loud_error() -> None:
             return tiny_loader()
 
     with pytest.raises(ConfigError, match=r"feature_cache needs an ImageClassificationDataModule \(got Plain\); set"):
-        _fit(Freeze(), 1, FeatureCache(), data=Plain())
-    _, spy, _ = _fit(Freeze(), 1, FeatureCache(store="off"), data=Plain(), limit_val_batches=0)
+        _fit(Freeze(), 1, FeatureCache(), data=Plain(), classes=10)
+    _, spy, _ = _fit(Freeze(), 1, FeatureCache(store="off"), data=Plain(), classes=10, limit_val_batches=0)
     assert spy.ranks[(0, "train")] == {4}
 
 

@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 
 from datamodules.common import ConfigError
 from datamodules.images import load_image
 from lightning_modules.cli.main import cli_main
 from lightning_modules.module import FineTuneModule
+from lightning_modules.predictor import Predictor
 from tests.helpers import folder_args, write_class_folders
 
 CLASSES = ["cat", "Dog", "fox"]
@@ -97,3 +99,30 @@ def test_an_existing_predictions_file_is_never_overwritten(trained: dict[str, An
     assert second == first
     assert (first / "predictions.csv").read_bytes() == before
     assert len(_rows(first / "predictions_2.csv")) == 3
+
+
+def test_the_python_predictor_matches_ftlab_predict(trained: dict[str, Any], monkeypatch: Any) -> None:
+    """`Predictor.from_checkpoint` on the same folder gives `ftlab predict`'s rows to 1e-6 (the CSV's 6 decimals),
+    the unreadable file as an error too; a PIL image gives what its file gives."""
+    inbox = trained["root"] / "inbox_with_a_bad_file"
+    shutil.copytree(trained["inbox"], inbox)
+    Image.open(next(inbox.rglob("*.jpg"))).save(inbox / "any" / "lossless.png")
+    (inbox / "any" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    monkeypatch.chdir(trained["root"])
+    run = cli_main(["predict", "--ckpt_path", str(trained["ckpt"]), f"--data.init_args.predict_root={inbox}"])
+    written = max(Path(str(run.trainer.log_dir)).glob("predictions*.csv"), key=lambda p: p.stat().st_mtime_ns)
+    rows = {row["path"]: row for row in _rows(written)}
+    predictor = Predictor.from_checkpoint(trained["ckpt"])
+    predictions = predictor(inbox)
+    assert [p.source for p in predictions] == sorted(rows) and len(rows) == 5
+    for p in predictions:
+        row = rows[p.source]
+        if p.error is not None:
+            assert row["error"] == p.error and p.source.endswith("broken.jpg") and p.label is None
+            continue
+        assert row["predicted"] == p.label and row["error"] == ""
+        assert [float(row[f"prob_{n}"]) for n in CLASSES] == pytest.approx(list(p.probabilities.values()), abs=1e-6)
+    png = inbox / "any" / "lossless.png"
+    (from_pil,) = predictor(Image.open(png))
+    (from_file,) = predictor(png)
+    assert from_pil.source == "image 0" and from_pil.probabilities == pytest.approx(from_file.probabilities, abs=1e-6)
