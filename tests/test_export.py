@@ -12,10 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from datamodules.common import ConfigError
 from lightning_modules.backbones.backbone import build_backbone, resolve_data_config
 from lightning_modules.cli.main import cli_main
+from lightning_modules.predictor import Predictor
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow  # an export and a subprocess
@@ -75,6 +77,13 @@ def test_export_parity_from_a_checkpoint(in_tmp: Path) -> None:
     assert tuple(folder.pretrained_cfg["input_size"]) == (3, 32, 32)
     again = resolve_data_config(f"timm/local-dir:{in_tmp / 'out' / 'timm'}", "pretrained")
     assert again == resolve_data_config("timm/tf_efficientnet_lite0", "embedded", 32)
+
+    # the Python API reads the timm folder as it reads the checkpoint: same classes, same probabilities
+    photos = [Image.fromarray(np.uint8(np.random.default_rng(k).integers(0, 256, (40, 48, 3)))) for k in range(3)]
+    from_folder = Predictor.from_timm_folder(in_tmp / "out" / "timm")(photos)
+    from_checkpoint = Predictor.from_checkpoint(ckpt)(photos)
+    for a, b in zip(from_folder, from_checkpoint, strict=True):
+        assert a.label == b.label and a.probabilities == pytest.approx(b.probabilities, abs=1e-5)
 
     export(ckpt, in_tmp / "soft", softmax=True)
     session = ort.InferenceSession(str(in_tmp / "soft" / "model.onnx"))
