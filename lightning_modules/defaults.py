@@ -41,13 +41,22 @@ def instantiate(spec: dict[str, Any], **overrides: Any) -> Any:
     return cls(**{**(spec.get("init_args") or {}), **overrides})
 
 
-def default_callbacks(strategy: FinetuningStrategy | None = None, progress_bar: bool = True) -> list[Callback]:
+def default_callbacks(
+    strategy: FinetuningStrategy | None = None,
+    progress_bar: bool = True,
+    early_stopping: dict[str, Any] | None = None,
+    feature_cache: dict[str, Any] | None = None,
+) -> list[Callback]:
     """The CLI's callbacks (checkpoints, progress log, non-finite loss stop, resume notice, test report,
-    prediction writer), early stopping and the feature cache as `defaults.yaml` sets them, the compact progress
-    bar, and `strategy` (which backbone stages train when) if given."""
+    prediction writer), early stopping and the feature cache as `defaults.yaml` sets them (`early_stopping` and
+    `feature_cache` change some of their arguments, as the YAML keys of those names do), the compact progress bar,
+    and `strategy` (which backbone stages train when) if given."""
     defaults = read_defaults()
     callbacks = [instantiate(spec) for spec in defaults["trainer"]["callbacks"]]
-    callbacks += [EarlyStopping(**defaults["early_stopping"]), FeatureCache(**defaults["feature_cache"])]
+    callbacks += [
+        EarlyStopping(**{**defaults["early_stopping"], **(early_stopping or {})}),
+        FeatureCache(**{**defaults["feature_cache"], **(feature_cache or {})}),
+    ]
     callbacks += [CompactProgressBar()] if progress_bar else []
     return callbacks + ([strategy] if strategy is not None else [])
 
@@ -67,6 +76,8 @@ def trainer_defaults(
     save_dir: str = "runs",
     name: str | None = None,
     callbacks: Sequence[Callback] = (),
+    early_stopping: dict[str, Any] | None = None,
+    feature_cache: dict[str, Any] | None = None,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     """Keyword arguments for `lightning.Trainer` with `ftlab fit`'s defaults: `defaults.yaml`'s trainer settings
@@ -77,5 +88,5 @@ def trainer_defaults(
     settings["plugins"] = [instantiate(spec) for spec in settings.get("plugins") or []]
     settings["logger"] = default_loggers(save_dir, name)
     progress_bar = trainer_kwargs.get("enable_progress_bar") is not False
-    settings["callbacks"] = [*default_callbacks(strategy, progress_bar), *callbacks]
+    settings["callbacks"] = [*default_callbacks(strategy, progress_bar, early_stopping, feature_cache), *callbacks]
     return {**settings, **trainer_kwargs}
