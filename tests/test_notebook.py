@@ -21,8 +21,12 @@ def test_the_python_api_notebook_runs_in_a_kernel(tmp_path: Path) -> None:
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     (parameters,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
     assert "DATA =" in parameters.source and "EPOCHS" in parameters.source
-    parameters.source = (  # papermill's way: the parameters cell replaced, every other cell as written
-        'DATA = "pets"\nBACKBONE, WEIGHTS, IMAGE_SIZE = "timm/test_resnet", "none", 32\nEPOCHS, WORKERS, RUNS = 2, 0, "runs"'
+    parameters.source = "\n".join(  # papermill's way: the parameters cell replaced, every other cell as written
+        [
+            'DATA = "pets"',
+            'BACKBONE, WEIGHTS, IMAGE_SIZE = "timm/test_resnet", "none", 32',
+            'EPOCHS, WORKERS, RUNS = 2, 0, "runs"',
+        ]
     )
     NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
