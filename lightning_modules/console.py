@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import sys
 import warnings
 from typing import Any
 
+import lightning
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
@@ -78,12 +81,6 @@ def notice(message: str) -> None:
     log.warning(message)
 
 
-@rank_zero_only
-def info(message: str) -> None:
-    """An informational line (process zero only)."""
-    log.info(message)
-
-
 class CompactProgressBar(TQDMProgressBar):
     """TQDM's bar with two numbers: the step's training loss and the monitored metric (the rest goes to the
     loggers), so that a bar fits 80 columns; no `v_num`."""
@@ -102,3 +99,13 @@ class CompactProgressBar(TQDMProgressBar):
         if watched and watched in metrics:
             shown[watched] = metrics[watched]
         return shown
+
+
+def machine() -> str:
+    """Where this runs, in one line (the results and benchmark pages' header): CPU, cores, GPU, Python, torch and
+    Lightning."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}; Python "
+        f"{platform.python_version()}, torch {torch.__version__}, Lightning {lightning.__version__}"
+    )

@@ -27,7 +27,6 @@ import datetime
 import itertools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from datamodules.images import load_image, read_rgb
 from datamodules.preresize import preresize
 from datamodules.transforms import eval_transform, train_transform
 from lightning_modules.backbones.backbone import build_backbone, data_config_dict
+from lightning_modules.console import machine
 from lightning_modules.finetuning.strategies import Freeze
 from lightning_modules.module import FineTuneModule
 from lightning_modules.reporting.callbacks import TrainingStateLogger
@@ -472,15 +472,6 @@ def probe_rows(data: Path, root: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ report
-
-
-def machine() -> str:
-    """One line about where this ran."""
-    gpu = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "no GPU"
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}; Python "
-        f"{platform.python_version()}, torch {torch.__version__}, lightning {pl.__version__}"
-    )
 
 
 def run(setup: Setup, parts: list[str], data: Path) -> str:

@@ -3,6 +3,7 @@ measurements in one place (the results and benchmark pages)."""
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -65,3 +66,28 @@ def test_every_test_the_docs_name_exists() -> None:
         if not (REPO / path).is_file() or (test and f"def {test}(" not in (REPO / path).read_text())
     ]
     assert missing == []
+
+
+def test_every_class_path_in_recipes_docs_and_defaults_resolves() -> None:
+    """A `class_path` the project writes (experiments, defaults.yaml, scripts' YAML, the docs) names a class that
+    imports: moving a module without updating a recipe fails here, not in a user's run."""
+    sources = [
+        *REPO.glob("experiments/**/*.yaml"),
+        *REPO.glob("scripts/**/*.yaml"),
+        REPO / "lightning_modules" / "defaults.yaml",
+        *PAGES,
+    ]
+    paths = {
+        (source.relative_to(REPO), path)
+        for source in sources
+        for path in re.findall(r"class_path[\"']?:\s*[\"']?([A-Za-z_][\w.]*\.[A-Z]\w*)", source.read_text())
+    }
+    assert len(paths) > 30
+    broken = []
+    for source, path in sorted(paths):
+        module, _, name = path.rpartition(".")
+        try:
+            getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as err:
+            broken.append(f"{source}: {path} ({err})")
+    assert broken == []

@@ -151,7 +151,7 @@ class TestReport(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, probs: torch.Tensor, targets: torch.Tensor
     ) -> dict[str, Any]:
         """metrics.json: the classification report, the checkpoint, the model's size, speed and split sizes."""
-        report = classification_report(probs.numpy(), targets.numpy(), reported(pl_module).class_names)
+        report = classification_report(probs, targets, reported(pl_module).class_names)
         ckpt = trainer.ckpt_path
         report["checkpoint"] = str(ckpt) if ckpt else None
         report["params_total"] = sum(p.numel() for p in pl_module.parameters())

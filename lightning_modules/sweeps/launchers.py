@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from datamodules.common import ConfigError, atomic_write, cores
-from lightning_modules.sweeps.plan import Launcher, Run, Sweep, run_one, subprocess_launcher
+from lightning_modules.sweeps.plan import Launcher, Run, Sweep, process_alive, run_one, subprocess_launcher
 
 SWEEP_EXTRA = "pip install -e '.[sweep]' (Optuna and submitit)"
 
@@ -208,16 +208,7 @@ def job_alive(folder: Path, job_id: str, cluster: str) -> bool:
         from submitit import SlurmJob
 
         return SlurmJob(folder, job_id).state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING")
-    host, _, pid = job_id.rpartition("@")
-    if host and host != socket.gethostname():
-        return True  # another host's process: assume it runs
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_alive(job_id)
 
 
 def submit_members(sweep: Sweep, runs: list[Run], options: SlurmOptions, wait: bool) -> list[str]:
@@ -232,7 +223,7 @@ def submit_members(sweep: Sweep, runs: list[Run], options: SlurmOptions, wait: b
     todo = [r for r in runs if r not in running and not (sweep.root(r) / "version_0" / "metrics.json").is_file()]
     jobs = ex.map_array(Member(), [sweep] * len(todo), todo) if todo else []
     for run, job in zip(todo, jobs, strict=True):
-        known[run.name] = job.job_id if ex.cluster == "slurm" else f"{socket.gethostname()}@{job.job_id}"
+        known[run.name] = job.job_id if ex.cluster == "slurm" else f"{socket.gethostname()}:{job.job_id}"
         print(f"[{run.name}] submitted as job {job.job_id}", flush=True)
     atomic_write(folder / "jobs.json", lambda p: p.write_text(json.dumps(known, indent=2)))
     if not wait:
@@ -258,7 +249,7 @@ def slurm_options(args: argparse.Namespace) -> SlurmOptions:
     options = SlurmOptions(**{k: v for k, v in found.items() if k in known})
     options.extra = {k: v for k, v in found.items() if k not in known}
     flags = {"partition": args.partition, "time_min": args.time_min, "cpus_per_job": args.cpus_per_job}
-    flags |= {"mem_gb": args.mem_gb, "cluster": args.cluster, "parallel": args.jobs if args.jobs > 1 else None}
+    flags |= {"mem_gb": args.mem_gb, "parallel": args.jobs if args.jobs > 1 else None}
     if args.gpus_per_job != 1 or "gpus_per_job" not in found:
         flags["gpus_per_job"] = args.gpus_per_job
     return replace(options, **{k: v for k, v in flags.items() if v is not None})

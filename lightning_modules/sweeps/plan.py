@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -219,6 +220,26 @@ def subprocess_launcher(args: list[str], log: Path, extra_env: Mapping[str, str]
         return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
 
 
+def owner() -> str:
+    """This process as `host:pid`: who runs a trial or a local job, for `process_alive`."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_alive(who: str) -> bool:
+    """Whether the process `host:pid` (an `owner()`) still runs. A process of another host, or a pid that cannot be
+    read or signalled, counts as alive: only its host can tell, and work that may still run is never started twice."""
+    host, _, pid = who.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
 def write_labels(sweep: Sweep, run: Run) -> None:
     """The run's labels in the table (`params.json`)."""
     text = json.dumps({"name": run.name, "params": run.params}, indent=2)
@@ -338,7 +359,6 @@ def sweep_parser(description: str | None, default_out: str) -> argparse.Argument
     where.add_argument("--time-min", type=int, help="SLURM time limit of each job, in minutes (default 240)")
     where.add_argument("--cpus-per-job", type=int, help="CPUs of each job")
     where.add_argument("--mem-gb", type=float, help="memory of each job, in GB")
-    where.add_argument("--cluster", choices=("slurm", "local", "debug"), help=argparse.SUPPRESS)  # tests: local
     return parser
 
 

@@ -14,8 +14,6 @@ import csv
 import datetime
 import io
 import json
-import os
-import platform
 import shutil
 import tarfile
 from collections.abc import Callable, Sequence
@@ -27,6 +25,7 @@ import yaml
 
 from datamodules.common import ConfigError, atomic_write, write_generated
 from lightning_modules.backbones.backbone import resolve_data_config
+from lightning_modules.console import machine
 from lightning_modules.sweeps.plan import VERSION, Launcher, Run, Sweep, merge, overrides, run_one, subprocess_launcher
 from lightning_modules.sweeps.summary import read_run
 
@@ -193,17 +192,6 @@ def _recipe_model(recipe: Sequence[str]) -> dict[str, Any]:
 
 def _minutes(seconds: float | None) -> str:
     return "" if seconds is None else f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
-
-
-def machine() -> str:
-    """This machine in one line: CPU, cores, GPU, Python and torch."""
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}"
-    )
 
 
 def markdown(table: list[dict[str, Any]], missing: list[Row], not_run: dict[str, str], data: Path) -> str:

@@ -27,8 +27,6 @@ never run again.
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,8 @@ from lightning_modules.sweeps.plan import (
     check_key,
     dotted,
     merge,
+    owner,
+    process_alive,
     run_one,
     subprocess_launcher,
     write_labels,
@@ -203,24 +203,6 @@ def trial_run(search: Search, trial: Any, out: Path) -> Run:
     return Run(name, values, config, plumbing={"trainer": {"callbacks+": [prune]}})
 
 
-def owner() -> str:
-    """Who runs a trial: host and process."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _dead(who: str) -> bool:
-    host, _, pid = who.rpartition(":")
-    if host != socket.gethostname():
-        return False  # another host's process: only that host can tell
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
-
-
 def requeue_dead(study: Any, every: bool = False, owned_by: str | None = None) -> list[int]:
     """Trials left running by a process of this host that is gone (or `every` running trial, or those of
     `owned_by`): failed, and their values asked again, so their fits resume from `last.ckpt`."""
@@ -228,7 +210,7 @@ def requeue_dead(study: Any, every: bool = False, owned_by: str | None = None) -
     found = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         who = trial.user_attrs.get("owner", "")
-        if every or who == owned_by or (owned_by is None and _dead(who)):
+        if every or who == owned_by or (owned_by is None and not process_alive(who)):
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             found.append(trial.number)

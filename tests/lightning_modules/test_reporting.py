@@ -56,7 +56,7 @@ def assert_per_class_follows_sklearn(report: dict, probs: np.ndarray, targets: n
     columns = precision_recall_fscore_support(targets, preds, labels=labels, average=None, zero_division=0)
     for i, figures in enumerate(report["per_class"].values()):
         for key, column in zip(("precision", "recall", "f1", "support"), columns, strict=True):
-            assert figures[key] == pytest.approx(column[i], abs=1e-12), (i, key)
+            assert figures[key] == pytest.approx(column[i], abs=1e-6), (i, key)  # float32 tensors
 
 
 @pytest.mark.slow
@@ -132,13 +132,13 @@ def test_predict_folder_writes_csv_with_an_error_row(in_tmp: Path) -> None:
         assert probs == pytest.approx(expected.tolist(), abs=1e-5)  # the same numbers as the model by hand
 
 
-def test_report_metrics_with_an_absent_class_follow_sklearn() -> None:
+def test_report_metrics_with_an_absent_class_follow_sklearns_definitions() -> None:
     from lightning_modules.reporting.metrics import classification_report
 
     rng = np.random.default_rng(0)
     targets = np.array([0, 0, 2, 2, 2, 0, 2, 2])  # class 1 never occurs; 3 and 5 samples of the others
     probs = rng.dirichlet(np.ones(3), size=len(targets))
-    report = classification_report(probs, targets, ["a", "b", "c"])
+    report = classification_report(torch.from_numpy(probs).float(), torch.from_numpy(targets), ["a", "b", "c"])
     preds = probs.argmax(1)
     assert report["recall"] == pytest.approx(recall_score(targets, preds, average="macro", zero_division=0))
     assert report["f1"] == pytest.approx(f1_score(targets, preds, average="macro", zero_division=0))
@@ -148,7 +148,7 @@ def test_report_metrics_with_an_absent_class_follow_sklearn() -> None:
         np.mean([(p > n) + 0.5 * (p == n) for p in probs[targets == c, c] for n in probs[targets != c, c]])
         for c in (0, 2)
     ]
-    assert report["auroc"] == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert report["auroc"] == pytest.approx(np.mean(pairs), abs=1e-6)
     logged = PresentClassesAUROC(3)  # what the console and TensorBoard show as test/auroc
     logged.update(torch.from_numpy(probs).float(), torch.from_numpy(targets))
     assert float(logged.compute()) == pytest.approx(report["auroc"], abs=1e-6)
