@@ -77,11 +77,13 @@ def _interpolation(name: str) -> InterpolationMode:
         raise ConfigError(f"unknown interpolation {name!r}; use bilinear, bicubic or nearest") from None
 
 
-def _head(cfg: DataConfig) -> list[Any]:
+def _to_image(cfg: DataConfig) -> list[Any]:
+    """First in every pipeline: a PIL image or a decoded tensor to an image tensor of the model's channel count."""
     return [v2.ToImage(), ToChannels(cfg.input_size[0])]
 
 
-def _tail(cfg: DataConfig) -> list[Any]:
+def _normalize(cfg: DataConfig) -> list[Any]:
+    """Last in every pipeline: to float in [0, 1], then the backbone's mean and std."""
     return [Normalize(cfg.mean, cfg.std)]
 
 
@@ -143,7 +145,7 @@ class RandomCrop(torch.nn.Module):
 
 def eval_transform(data_config: DataConfig) -> v2.Compose:
     """timm's eval pipeline: resize and crop by `crop_mode` and `crop_pct`, scale to [0, 1] and normalise."""
-    return v2.Compose(_head(data_config) + _resize_crop(data_config) + _tail(data_config))
+    return v2.Compose(_to_image(data_config) + _resize_crop(data_config) + _normalize(data_config))
 
 
 def train_transform(data_config: DataConfig, augment: str = "basic", crop_scale: float = CROP_SCALE[0]) -> v2.Compose:
@@ -176,4 +178,4 @@ def train_transform(data_config: DataConfig, augment: str = "basic", crop_scale:
     }
     if augment not in presets:
         raise ConfigError(f"data.augment {augment!r} is not a preset; choose one of {list(AUGMENT_PRESETS)}")
-    return v2.Compose(_head(data_config) + presets[augment] + _tail(data_config))
+    return v2.Compose(_to_image(data_config) + presets[augment] + _normalize(data_config))

@@ -28,7 +28,7 @@ from datamodules.common import ConfigError, DataConfig
 from lightning_modules.backbones.backbone import build_backbone
 from lightning_modules.finetuning.batch_augment import TTA_MODES, BatchMixer, averaged_log_probabilities, tta_views
 from lightning_modules.finetuning.strategies import FinetuningStrategy
-from lightning_modules.speed.engines import ENGINES, ONNX_DIR, Pass, frozen_pass
+from lightning_modules.speed.engines import ENGINES, ONNX_DIR, BatchRunner, frozen_pass
 
 STAGES = ("train", "val", "test")
 
@@ -153,7 +153,7 @@ class FineTuneModule(LightningModule):
         if tta not in TTA_MODES:
             raise ConfigError(f"model.tta {tta!r}: choose one of {list(TTA_MODES)}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "load_weights"])
-        self._inference: Pass | None = None  # the test or predict engine, built at the first batch
+        self._inference: BatchRunner | None = None  # the test or predict engine, built at the first batch
         self.backbone = build_backbone(backbone, weights, image_size, in_chans, drop_path_rate, load_weights)
         self._run_seed = 0  # the run's seed (torch's at the start of the fit): mixing draws from it and the step
         self.lr = lr

@@ -137,7 +137,7 @@ def test_a_study_prunes_survives_a_kill_and_ends_with_a_ready_best_yaml(in_tmp: 
     config = yaml.safe_load(printed)
     assert config["model"]["optimizer"]["init_args"]["lr"] == best_trial.params["model.optimizer.init_args.lr"]
     assert config["model"]["head_dropout"] == pytest.approx(best_trial.params["model.head_dropout"])
-    assert "PruneTrial" not in best.read_text()  # the study's plumbing stays out of the experiment
+    assert "PruneTrial" not in best.read_text()  # the study's callback stays out of the experiment
 
 
 def test_the_search_file_is_checked(tmp_path: Path) -> None:

@@ -23,10 +23,10 @@ ENGINES = ("torch", "onnxruntime", "auto")
 ONNX_DIR = Path.home() / ".cache" / "finetune-lab" / "onnx"  # exports of whole models (test and predict)
 TOLERANCE = 1e-4  # max |difference| from torch on the check images
 CHECK_IMAGES = 8  # the first images of the first real batch: the check costs a torch pass over these alone
-Pass = Callable[[torch.Tensor], torch.Tensor]
+BatchRunner = Callable[[torch.Tensor], torch.Tensor]  # a batch of inputs -> the outputs, by one engine
 
 
-def torch_pass(module: nn.Module, device: torch.device) -> Pass:
+def torch_pass(module: nn.Module, device: torch.device) -> BatchRunner:
     """`module` in eval mode under inference_mode, on `device`; outputs on the CPU as float32."""
 
     def run(images: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def onnx_key(module: nn.Module, example: torch.Tensor) -> str:
     )
 
 
-def onnxruntime_pass(module: nn.Module, example: torch.Tensor, cache_dir: Path) -> Pass:
+def onnxruntime_pass(module: nn.Module, example: torch.Tensor, cache_dir: Path) -> BatchRunner:
     """`module` (eval mode) exported to ONNX (cached under `cache_dir`) and run by ONNX Runtime's CPU provider with
     one intra-op thread per available core. Raises on any failure; the caller falls back."""
     import onnxruntime as ort
@@ -84,7 +84,9 @@ def onnxruntime_pass(module: nn.Module, example: torch.Tensor, cache_dir: Path) 
     return run
 
 
-def frozen_pass(module: nn.Module, device: torch.device, engine: str, example: torch.Tensor, cache_dir: Path) -> Pass:
+def frozen_pass(
+    module: nn.Module, device: torch.device, engine: str, example: torch.Tensor, cache_dir: Path
+) -> BatchRunner:
     """The forward pass of `module` (eval mode, no gradient) by `engine`: `torch`, `onnxruntime` (checked
     against torch on `example`), or `auto` (the same on CPU when onnxruntime is installed, torch otherwise and on
     GPU; the choice depends on the machine only, not on a timing, so a resumed run makes the same one).

@@ -47,7 +47,7 @@ class Run:
     name: str
     params: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
-    plumbing: dict[str, Any] = field(default_factory=dict)  # what the run needs but best.yaml does not (a callback)
+    run_only: dict[str, Any] = field(default_factory=dict)  # what the run needs but best.yaml does not (a callback)
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Sweep:
     def layer(self, run: Run) -> dict[str, Any]:
         """The run's `run.yaml`: common overrides, then the run's own, then its fixed log location."""
         logger = {"init_args": {"save_dir": str(self.out / "runs"), "name": run.name, "version": 0}}
-        return merge(merge(merge(self.common, run.config), run.plumbing), {"trainer": {"logger": logger}})
+        return merge(merge(merge(self.common, run.config), run.run_only), {"trainer": {"logger": logger}})
 
 
 # ------------------------------------------------------------------------------------------ config layers
@@ -251,7 +251,7 @@ def is_finished(sweep: Sweep, run: Run) -> bool:
     return (sweep.root(run) / VERSION / "metrics.json").is_file()
 
 
-def _tail(log: Path) -> str:
+def _last_lines(log: Path) -> str:
     lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
     return lines[-1] if lines else "(no output)"
 
@@ -295,9 +295,11 @@ def run_one(sweep: Sweep, run: Run, launcher: Launcher = subprocess_launcher) ->
         status = launcher([command, *configs, *extra], log)
         add_time(root / "timing.json", f"{command}_s", time.perf_counter() - started)
         if status == 2:
-            raise ConfigError(f"run {run.name}: ftlab {command} rejected the config ({log}): {_tail(log)}")
+            raise ConfigError(f"run {run.name}: ftlab {command} rejected the config ({log}): {_last_lines(log)}")
         if status != 0:
-            print(f"[{run.name}] ftlab {command} failed with status {status}; see {log}: {_tail(log)}", flush=True)
+            print(
+                f"[{run.name}] ftlab {command} failed with status {status}; see {log}: {_last_lines(log)}", flush=True
+            )
             return False
         if command == "fit":
             (root / "fit.done").touch()

@@ -189,7 +189,7 @@ def open_study(out: Path, search: Search, worker: int = 0) -> Any:
 
 def trial_run(search: Search, trial: Any, out: Path) -> Run:
     """The sweep run of a trial: its sampled values (the table's labels), its config layer, and the pruning
-    callback (plumbing: not part of best.yaml)."""
+    callback (run_only: not part of best.yaml)."""
     values: dict[str, Any] = {}
     config: dict[str, Any] = {}
     for param in search.params:
@@ -200,7 +200,7 @@ def trial_run(search: Search, trial: Any, out: Path) -> Run:
     pruning: dict[str, Any] = {"journal": str(storage_path(out).resolve()), "run": name}
     pruning |= {"startup_trials": search.startup_trials, "warmup_epochs": search.warmup_epochs}
     prune = {"class_path": "lightning_modules.PruneTrial", "init_args": pruning}
-    return Run(name, values, config, plumbing={"trainer": {"callbacks+": [prune]}})
+    return Run(name, values, config, run_only={"trainer": {"callbacks+": [prune]}})
 
 
 def requeue_dead(study: Any, every: bool = False, owned_by: str | None = None) -> list[int]:
