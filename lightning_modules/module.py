@@ -46,6 +46,15 @@ def build_head(in_features: int, num_classes: int, hidden: Sequence[int] = (), d
     return nn.Sequential(*layers)
 
 
+def world_size(module: LightningModule) -> int:
+    """The number of processes of the module's Trainer; 1 without one (scripts/benchmark.py calls `configure_model`
+    itself)."""
+    try:
+        return module.trainer.world_size
+    except RuntimeError:  # "not attached to a `Trainer`"
+        return 1
+
+
 class PresentClassesAUROC(MulticlassAUROC):
     """Macro one-vs-rest AUROC over the classes that occur in the targets, as the test report computes it:
     torchmetrics' macro counts a class without samples (no ROC curve) as 0 and pulls the mean down."""
@@ -224,7 +233,7 @@ class FineTuneModule(LightningModule):
     @override
     def configure_model(self) -> None:
         """SyncBatchNorm when asked and running on more than one process; channels-last and compilation."""
-        if self.hparams["sync_batchnorm"] and self._trainer is not None and self.trainer.world_size > 1:
+        if self.hparams["sync_batchnorm"] and world_size(self) > 1:
             self.backbone.body = sync_batchnorm(self.backbone.body)
         if self.hparams["channels_last"]:
             self.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

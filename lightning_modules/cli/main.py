@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from typing_extensions import override
 
 from datamodules.base import ImageClassificationDataModule
@@ -32,6 +33,9 @@ CKPT_SHORTCUTS = ("best", "last")
 # the model hyperparameters that shape the weights: a checkpoint's own replace the config's (the rest, such as
 # label_smoothing or compile, stay as configured)
 ARCHITECTURE = ("backbone", "weights", "image_size", "in_chans", "head_hidden", "head_dropout")
+# callbacks configured at the top level (`early_stopping.patience: 3`), not in trainer.callbacks: Lightning's
+# `instantiate_trainer` adds them to the trainer's list itself
+EXTRA_CALLBACKS = {"early_stopping": EarlyStopping, "feature_cache": FeatureCache}
 DEFAULTS = Path(__file__).parents[1] / "defaults.yaml"  # package data: an installed ftlab reads the same file
 
 
@@ -65,8 +69,8 @@ class FinetuneCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link data -> model (classes) at instantiation and model -> data (preprocessing) at parse time."""
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")  # `early_stopping.patience: 3` in YAML
-        parser.add_lightning_class_args(FeatureCache, "feature_cache")  # `feature_cache: {store: disk}`
+        for key, callback in EXTRA_CALLBACKS.items():  # `early_stopping.patience: 3`, `feature_cache: {store: disk}`
+            parser.add_lightning_class_args(callback, key)
         parser.add_argument(
             "--lr_find",
             type=Literal["off", "print", "apply"],
@@ -89,12 +93,17 @@ class FinetuneCLI(LightningCLI):
         )
 
     @override
-    def _parse_ckpt_path(self) -> None:
-        """Replaces Lightning's hook of the same name (which loads the checkpoint unchecked, after parsing, to apply
-        its hyperparameters): resolve `--ckpt_path best|last`, reuse its run directory, read the checkpoint safely,
-        and build the model it was trained as. For predict, the data class and the class names come from it too
-        when the config does not give them: `ftlab predict --ckpt_path X --data.init_args.predict_root DIR`
-        needs nothing else."""
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, then resolve `--ckpt_path best|last`, reuse its run directory, read the checkpoint safely, and
+        build the model it was trained as (its ARCHITECTURE keys; every other hyperparameter stays as configured).
+        For predict, the data class and the class names come from it too when the config does not give them:
+        `ftlab predict --ckpt_path X --data.init_args.predict_root DIR` needs nothing else.
+
+        Lightning then hands the path to its own (private) `_parse_ckpt_path`, which would `torch.load` the whole
+        checkpoint again and re-apply every saved hyperparameter over the user's config, `lr` and
+        `label_smoothing` included (upstream issues #20801 and #21455, PR #21116). So it is shown no path: the
+        resolved one waits on `self` and `before_instantiate_classes` puts it back before anything is built."""
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -112,7 +121,6 @@ class FinetuneCLI(LightningCLI):
         ckpt_path = resolve_checkpoint(ckpt, runs) if ckpt in CKPT_SHORTCUTS else Path(ckpt)
         if not ckpt_path.is_file():
             raise ConfigError(f"checkpoint {ckpt_path} does not exist; pass --ckpt_path best, last or a .ckpt file")
-        config.ckpt_path = str(ckpt_path)
         run_dir = ckpt_path.parent.parent
         if (  # no run named, a checkpoint of a run folder: test, validate and predict write there
             subcommand != "fit"
@@ -143,12 +151,17 @@ class FinetuneCLI(LightningCLI):
             init_args = updates["data"]["init_args"]
             if names and accepts(updates["data"]["class_path"], "class_names") and not init_args.get("class_names"):
                 init_args["class_names"] = names  # a folder's classes: the checkpoint's, not its own folders'
-        self.config = self.parser.parse_object({subcommand: updates}, self.config)
+        self.config = parser.parse_object({subcommand: updates}, self.config)
+        self._ckpt_path = str(ckpt_path)
+        self.config[subcommand].ckpt_path = None  # Lightning's `_parse_ckpt_path` runs next: show it no path
 
     @override
     def before_instantiate_classes(self) -> None:
-        """One finetuning strategy at most; skip pretrained downloads that a checkpoint overrides."""
+        """Put back the checkpoint path `parse_arguments` held aside; one finetuning strategy at most; skip
+        pretrained downloads that a checkpoint overrides."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if getattr(self, "_ckpt_path", None):
+            config.ckpt_path = self._ckpt_path  # what trainer.fit/test/predict and the saved config.yaml read
         check_one_strategy(config.trainer.get("callbacks") or [])
         weights = config.model.weights
         if config.get("ckpt_path") and weights not in ("none", "embedded") and not is_weights_file(weights):
@@ -156,15 +169,18 @@ class FinetuneCLI(LightningCLI):
             self._restore_weights = (config, weights)  # put back after instantiation, for config.yaml
 
     @override
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with a CSVLogger in the run directory beside whatever logger is configured, and the
-        compact progress bar unless the config names one."""
-        version = getattr(self, "_run_version", None)
-        config["logger"] = with_run_csv(config.get("logger"), config.get("default_root_dir"), version)
-        configured = [*(config.get("callbacks") or []), *callbacks]
+        compact progress bar unless the config names one (Lightning adds the `EXTRA_CALLBACKS` itself)."""
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        config = {**init["trainer"], **kwargs}
+        logger = with_run_csv(config.get("logger"), config.get("default_root_dir"), getattr(self, "_run_version", None))
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        configured = [*callbacks, *(init.get(key) for key in EXTRA_CALLBACKS)]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
-            callbacks = [*callbacks, CompactProgressBar()]
-        return super()._instantiate_trainer(config, callbacks)
+            callbacks.append(CompactProgressBar())
+        return super().instantiate_trainer(**{**kwargs, "logger": logger, "callbacks": callbacks})
 
     @override
     def after_instantiate_classes(self) -> None:

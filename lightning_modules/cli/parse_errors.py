@@ -58,14 +58,14 @@ def check_config_files(args: Sequence[str]) -> None:
 
 
 def parser_keys(parser: Any) -> list[str]:
-    """Every option key a parser (or its subcommand parsers) accepts, e.g. `trainer.max_epochs`."""
-    keys = []
-    for action in parser._actions:
-        for sub in getattr(action, "_name_parser_map", {}).values():
-            keys += parser_keys(sub)
-        if action.dest and action.dest not in ("help", "config"):
-            keys.append(action.dest)
-    return keys
+    """Every option key a parser accepts, e.g. `trainer.max_epochs`: the keys of its defaults (jsonargparse's public
+    `get_defaults`; argparse lists its options only in the private `_actions`). None when the defaults cannot be
+    read either: the error is still reported, without close names."""
+    try:
+        defaults = parser.get_defaults(skip_validation=True)
+    except Exception:  # reporting an error: a second one must not replace it
+        return []
+    return [key for key, _ in defaults.items() if key != "config" and not key.startswith("__")]
 
 
 def _public_classes(module: str) -> list[str]:

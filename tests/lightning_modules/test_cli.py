@@ -219,6 +219,28 @@ def test_fit_saves_config_and_test_best_reuses_the_run_directory(in_tmp: Path) -
 
 
 @pytest.mark.slow
+def test_a_checkpoint_gives_its_architecture_but_not_its_learning_rate(in_tmp: Path) -> None:
+    """`ftlab test --ckpt_path <file>` builds the model as trained (head_hidden here) and keeps the config's `lr`
+    and `label_smoothing`; Lightning's own ckpt_path parsing would re-apply every saved hyperparameter."""
+    digits = [*TINY_MODEL, "--data=datamodules.DigitsDataModule", "--data.init_args.num_workers=0"]
+    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    short = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
+    trained_as = ["--model.lr=0.5", "--model.label_smoothing=0.3", "--model.head_hidden=[16]"]
+    fit = cli_main(["fit", *digits, *quiet, *short, *trained_as])
+    ckpt = Path(str(fit.trainer.checkpoint_callback.best_model_path))  # type: ignore[union-attr]
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert (saved["lr"], saved["label_smoothing"], saved["head_hidden"]) == (0.5, 0.3, [16])
+    run = cli_main(
+        ["test", *digits, *quiet, "--model.lr=0.002", "--trainer.limit_test_batches=1", "--ckpt_path", str(ckpt)]
+    )
+    assert run.model.lr == 0.002 and run.model.hparams["lr"] == 0.002
+    assert run.model.hparams["label_smoothing"] == 0.0
+    assert run.model.hparams["head_hidden"] == [16]  # an ARCHITECTURE key: the checkpoint's
+    tested = yaml.safe_load((Path(str(run.trainer.log_dir)) / "config_test.yaml").read_text())
+    assert tested["ckpt_path"] == str(ckpt) and tested["model"]["lr"] == 0.002
+
+
+@pytest.mark.slow
 def test_with_a_csv_logger_alone_shortcuts_report_and_tables_work(in_tmp: Path) -> None:
     from lightning_modules.sweeps.summary import read_run, scalars
 

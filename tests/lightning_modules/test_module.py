@@ -65,6 +65,17 @@ def test_sync_batchnorm_keeps_timm_fused_activations() -> None:
     assert torch.allclose(converted(x).flatten(1), expected, atol=1e-6)  # the ReLU6 after each BatchNorm survives
 
 
+def test_without_a_trainer_a_module_is_one_process_and_keeps_its_batchnorm() -> None:
+    from lightning_modules.module import world_size
+
+    model = FineTuneModule(
+        backbone="timm/test_resnet", weights="none", image_size=32, num_classes=2, sync_batchnorm=True
+    )
+    assert world_size(model) == 1
+    model.configure_model()  # as scripts/benchmark.py calls it: nothing to synchronise
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+
+
 def test_channels_last_keeps_outputs_and_compile_keeps_checkpoint_keys() -> None:
     torch.manual_seed(0)
     plain = FineTuneModule(backbone="timm/test_resnet", weights="none", image_size=32, num_classes=3).eval()
