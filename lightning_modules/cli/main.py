@@ -19,9 +19,9 @@ from typing_extensions import override
 from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
 from lightning_modules.backbones.backbone import data_config_dict
-from lightning_modules.backbones.weights import is_weights_file
 from lightning_modules.cli.parse_errors import OneLineErrorParser, check_config_files
 from lightning_modules.console import CompactProgressBar, notice, setup_console
+from lightning_modules.defaults import DEFAULTS, read_defaults
 from lightning_modules.finetuning.strategies import FinetuningStrategy
 from lightning_modules.module import FineTuneModule
 from lightning_modules.reporting.callbacks import TrainingStopped
@@ -36,13 +36,11 @@ ARCHITECTURE = ("backbone", "weights", "image_size", "in_chans", "head_hidden", 
 # callbacks configured at the top level (`early_stopping.patience: 3`), not in trainer.callbacks: Lightning's
 # `instantiate_trainer` adds them to the trainer's list itself
 EXTRA_CALLBACKS = {"early_stopping": EarlyStopping, "feature_cache": FeatureCache}
-DEFAULTS = Path(__file__).parents[1] / "defaults.yaml"  # package data: an installed ftlab reads the same file
 
 
 def defaults_file() -> list[str]:
     """The shared defaults (`lightning_modules/defaults.yaml`), read before any --config."""
-    if not DEFAULTS.is_file():
-        raise ConfigError(f"{DEFAULTS} is missing from the installed package; reinstall finetune-lab")
+    read_defaults()  # a ConfigError when the installed package lacks it
     return [str(DEFAULTS)]
 
 
@@ -163,10 +161,8 @@ class FinetuneCLI(LightningCLI):
         if getattr(self, "_ckpt_path", None):
             config.ckpt_path = self._ckpt_path  # what trainer.fit/test/predict and the saved config.yaml read
         check_one_strategy(config.trainer.get("callbacks") or [])
-        weights = config.model.weights
-        if config.get("ckpt_path") and weights not in ("none", "embedded") and not is_weights_file(weights):
-            config.model.weights = "none"  # the checkpoint holds every weight: download nothing
-            self._restore_weights = (config, weights)  # put back after instantiation, for config.yaml
+        if config.get("ckpt_path"):  # the checkpoint holds every weight: build the backbone empty, download nothing
+            config.model.load_weights = False  # (the preprocessing still follows model.weights)
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -184,16 +180,14 @@ class FinetuneCLI(LightningCLI):
 
     @override
     def after_instantiate_classes(self) -> None:
-        """Undo the instantiation-only `weights: none` of `before_instantiate_classes` in the saved config."""
+        """Check the checkpoint against the data and the model built; undo the instantiation-only
+        `load_weights: false` of `before_instantiate_classes` in the saved config (a later fit from it loads them)."""
         super().after_instantiate_classes()
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("ckpt_path"):
             check_checkpoint_classes(config.ckpt_path, *self._trained_classes, self.datamodule.class_names)
             check_checkpoint_fits(config.ckpt_path, self._trained_weights, self.model)
-        restore = getattr(self, "_restore_weights", None)
-        if restore is not None:
-            config, weights = restore
-            config.model.weights = weights
+            config.model.load_weights = True
 
     def before_fit(self) -> None:
         """`--lr_find print|apply`: run the learning-rate finder with the finetuning strategy in place."""
