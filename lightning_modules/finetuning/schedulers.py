@@ -14,8 +14,8 @@ SCALED_KEYS = ("initial_lr", "max_lr", "min_lr")
 COPIED_KEYS = ("max_momentum", "base_momentum")
 
 # The schedulers whose per-group state `register_new_groups` extends when a stage starts training, each tested
-# across an unfreeze (tests/lightning_modules/test_strategies.py, SCHEDULERS); any other is refused at the start
-# of a fit that will unfreeze, rather than patched blind.
+# across an unfreeze (tests/lightning_modules/finetuning/test_strategies.py, SCHEDULERS); any other is refused at
+# the start of a fit that will unfreeze, rather than patched blind.
 SUPPORTED_SCHEDULERS = (
     lr_scheduler.CosineAnnealingLR,
     lr_scheduler.LambdaLR,

@@ -17,7 +17,7 @@ from datamodules.images import load_image
 from lightning_modules.cli.main import cli_main
 from lightning_modules.module import FineTuneModule
 from lightning_modules.predictor import Predictor
-from tests.helpers import folder_args, write_class_folders
+from tests.helpers import REPO, folder_args, write_class_folders
 
 CLASSES = ["cat", "Dog", "fox"]
 
@@ -27,7 +27,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A 3-class folder model (28 px), its best checkpoint, and a folder of new images; the training folder is then
     moved away, so nothing can come from it."""
     root = tmp_path_factory.mktemp("predict")
-    (root / "experiments").symlink_to(Path(__file__).resolve().parents[2] / "experiments")
+    (root / "experiments").symlink_to(REPO / "experiments")
     write_class_folders(root / "imgs", dict.fromkeys(CLASSES, 5))
     write_class_folders(root / "inbox" / "any", {"new": 3}, start=100)
     with pytest.MonkeyPatch.context() as mp:

@@ -28,7 +28,7 @@ trainer:
   enable_progress_bar: false
   enable_model_summary: false
   callbacks+:
-    - class_path: tests.test_launchers.Stamp
+    - class_path: tests.lightning_modules.sweeps.test_launchers.Stamp
 model: {backbone: scratch/mlp, weights: none, image_size: 8, in_chans: 1}
 data:
   class_path: datamodules.DigitsDataModule
