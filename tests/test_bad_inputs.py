@@ -24,7 +24,9 @@ import torch
 from PIL import Image
 
 from lightning_modules.cli import main as cli
-from tests.helpers import FAST, REPO, image_exif, photo, write_cifar, write_class_folders, write_mnist
+from tests.helpers import REPO
+from tests.helpers.data import image_exif, photo, write_cifar, write_class_folders, write_mnist
+from tests.helpers.runs import FAST
 
 TINY = ["--model.backbone=timm/test_resnet", "--model.weights=none", "--model.image_size=32"]
 SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, write_class_folders
+from tests.helpers import REPO
+from tests.helpers.data import write_class_folders
 
 pytestmark = pytest.mark.slow  # a wheel built and installed
 

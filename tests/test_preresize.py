@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO, photo
+from tests.helpers import REPO
+from tests.helpers.data import photo
 
 
 def _run(src: Path, dst: Path) -> str:

@@ -125,17 +125,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         ckpts = root / "runs" / "chain" / "version_0" / "checkpoints"
         resume = ["--ckpt_path", "last", *CHAIN]
         # process 1: killed at the start of epoch 2 (the unfreeze was at epoch 1)
-        out["k1"] = _ftlab(root, *_fit_args("chain", *CHAIN, *_inject(root, "k1", "tests.helpers.KillAt", epoch=2)))
+        out["k1"] = _ftlab(
+            root, *_fit_args("chain", *CHAIN, *_inject(root, "k1", "tests.helpers.faults.KillAt", epoch=2))
+        )
         out["after_k1"] = _ckpt(ckpts / "last.ckpt")
         # process 2 resumes from process 1's epoch-1 checkpoint, writes epoch 2's, killed at the start of epoch 3
-        out["k2"] = _ftlab(root, *_fit_args("chain", *resume, *_inject(root, "k2", "tests.helpers.KillAt", epoch=3)))
+        out["k2"] = _ftlab(
+            root, *_fit_args("chain", *resume, *_inject(root, "k2", "tests.helpers.faults.KillAt", epoch=3))
+        )
         out["after_k2"] = _ckpt(ckpts / "last.ckpt")
         # process 3 resumes from process 2's checkpoint, killed before batch 2 of epoch 3
-        kill_mid = _inject(root, "k3", "tests.helpers.KillAt", epoch=3, batch=2)
+        kill_mid = _inject(root, "k3", "tests.helpers.faults.KillAt", epoch=3, batch=2)
         out["k3"] = _ftlab(root, *_fit_args("chain", *resume, *kill_mid))
         # process 4 resumes from process 2's checkpoint again, redoes epoch 3, writes its checkpoint, and is killed
         # halfway through writing epoch 4's last.ckpt
-        kill_save = _inject(root, "k4", "tests.helpers.KillDuringSave", epoch=4, only="last")
+        kill_save = _inject(root, "k4", "tests.helpers.faults.KillDuringSave", epoch=4, only="last")
         out["k4"] = _ftlab(root, *_fit_args("chain", *resume, *kill_save))
         out["partials"] = [(p.name, p.stat().st_size, _loads(p)) for p in ckpts.glob(".*.partial")]
         out["last_size"] = (ckpts / "last.ckpt").stat().st_size
@@ -234,7 +238,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_the_last_good_checkpoint_is_inta
 ) -> None:
     root = runs["root"]
     monkeypatch.chdir(root)
-    poison = _inject(root, "nan", "tests.helpers.PoisonBatch", step=6)  # epoch 1, batch 2
+    poison = _inject(root, "nan", "tests.helpers.faults.PoisonBatch", step=6)  # epoch 1, batch 2
     monkeypatch.setattr("sys.argv", ["ftlab", *_fit_args("nan", *poison)])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
@@ -269,7 +273,7 @@ def test_ddp_two_processes_agree_with_one_and_the_checkpoint_resumes_on_one(
     # augmentation and BatchNorm frozen (train_bn: false): the only difference left is float summation order.
     config = EXPERIMENT.replace("augment: basic", "augment: none").replace("0.1}", "0.1, train_bn: false}")
     (root / "same.yaml").write_text(config)
-    dump = _inject(root, "dump", "tests.helpers.DumpState", path="ddp")
+    dump = _inject(root, "dump", "tests.helpers.faults.DumpState", path="ddp")
     ddp = _ftlab(root, "fit", "--config=same.yaml", "--trainer.logger.init_args.name=ddp", *DDP, *dump)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "unused" not in ddp.stderr.lower()
@@ -325,7 +329,7 @@ def test_ddp_two_processes_agree_with_one_and_the_checkpoint_resumes_on_one(
 def test_ddp_a_nan_loss_on_one_process_stops_both_with_the_last_good_checkpoint(runs: dict[str, Any]) -> None:
     root = runs["root"]
     (root / "nan_ddp.yaml").write_text(EXPERIMENT.replace("augment: basic", "augment: none"))
-    poison = _inject(root, "nan_rank1", "tests.helpers.PoisonBatch", step=6, rank=1)  # epoch 1, batch 2; rank 1
+    poison = _inject(root, "nan_rank1", "tests.helpers.faults.PoisonBatch", step=6, rank=1)  # epoch 1, batch 2; rank 1
     stopped = _ftlab(root, "fit", "--config=nan_ddp.yaml", "--trainer.logger.init_args.name=nan_ddp", *DDP, *poison)
     assert stopped.returncode == 1, stopped.stderr[-3000:]  # both processes ended (no hang in a collective)
     err = " ".join(stopped.stderr.split())

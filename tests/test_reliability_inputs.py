@@ -20,7 +20,7 @@ from PIL import Image
 from datamodules.base import LabeledDataset, Subset
 from datamodules.images import BadSample
 from lightning_modules.cli.main import cli_main
-from tests.helpers import photo
+from tests.helpers.data import photo
 
 TINY = ["--model.backbone=timm/test_resnet", "--model.weights=none", "--model.image_size=32"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

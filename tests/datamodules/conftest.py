@@ -1,4 +1,4 @@
-"""Fixtures of the data tests: an image folder with planted faults (the writers are in tests/helpers.py)."""
+"""Fixtures of the data tests: an image folder with planted faults (the writers are in tests/helpers/data.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import photo, write_class_folders
+from tests.helpers.data import photo, write_class_folders
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from datamodules.base import Subset
 from datamodules.common import ConfigError, DataConfig
 from datamodules.transforms import AUGMENT_PRESETS, RandomCrop, train_transform
 from lightning_modules.backbones.backbone import resolve_data_config
-from tests.helpers import photo, write_class_folders
+from tests.helpers.data import photo, write_class_folders
 
 SCRATCH_32 = resolve_data_config("scratch/simple_cnn", "none", 32)  # mean 0.5, std 0.5, crop_pct 1
 LITE0 = resolve_data_config("timm/tf_efficientnet_lite0", "embedded")  # 224 px, bicubic, crop_pct 0.875

@@ -21,7 +21,8 @@ from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
 from lightning_modules.backbones.backbone import data_config_dict
 from lightning_modules.module import FineTuneModule
-from tests.helpers import image_exif, photo, quiet_trainer, write_cifar, write_class_folders, write_mnist
+from tests.helpers.data import image_exif, photo, write_cifar, write_class_folders, write_mnist
+from tests.helpers.models import quiet_trainer
 
 SIZE = 32
 

@@ -15,7 +15,7 @@ from datamodules.base import Concat, TensorImages, kfold_split
 from datamodules.common import ConfigError
 from lightning_modules.backbones.backbone import data_config_dict
 from lightning_modules.module import FineTuneModule
-from tests.helpers import quiet_trainer
+from tests.helpers.models import quiet_trainer
 
 
 def _dm(**kwargs: object) -> DigitsDataModule:

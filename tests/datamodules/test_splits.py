@@ -11,7 +11,7 @@ from datamodules import ImageFolderDataModule
 from datamodules.base import Transformed
 from datamodules.common import ConfigError
 from datamodules.splits import GROUP_PATTERN, group_names
-from tests.helpers import photo
+from tests.helpers.data import photo
 
 
 def write_folder_with_copies(root: Path, originals: int = 12) -> dict[str, set[str]]:

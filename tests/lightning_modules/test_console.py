@@ -13,7 +13,8 @@ import pytest
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from lightning_modules.console import CompactProgressBar
-from tests.helpers import REPO, write_class_folders
+from tests.helpers import REPO
+from tests.helpers.data import write_class_folders
 
 
 @pytest.mark.slow

@@ -17,7 +17,9 @@ from datamodules.images import load_image
 from lightning_modules.cli.main import cli_main
 from lightning_modules.module import FineTuneModule
 from lightning_modules.predictor import Predictor
-from tests.helpers import REPO, folder_args, write_class_folders
+from tests.helpers import REPO
+from tests.helpers.data import write_class_folders
+from tests.helpers.runs import folder_args
 
 CLASSES = ["cat", "Dog", "fox"]
 

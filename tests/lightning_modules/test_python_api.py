@@ -19,7 +19,7 @@ from datamodules import ImageFolderDataModule
 from datamodules.common import ConfigError
 from lightning_modules import BestCheckpoint, FeatureCache, FineTuneModule, Freeze, NoFreeze, TestReport
 from lightning_modules.backbones.backbone import SOURCES, build_backbone, source
-from tests.helpers import write_class_folders
+from tests.helpers.data import write_class_folders
 
 SMALL: dict[str, Any] = {"backbone": "timm/test_resnet", "weights": "none", "image_size": 32}
 

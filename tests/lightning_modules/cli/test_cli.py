@@ -13,7 +13,9 @@ import yaml
 
 from lightning_modules.cli import main as cli
 from lightning_modules.cli.main import cli_main
-from tests.helpers import FAST, REPO, write_cifar, write_class_folders, write_mnist
+from tests.helpers import REPO
+from tests.helpers.data import write_cifar, write_class_folders, write_mnist
+from tests.helpers.runs import FAST
 
 EXPERIMENTS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
 DATA = [e for e in EXPERIMENTS if e.startswith("experiments/data/")]

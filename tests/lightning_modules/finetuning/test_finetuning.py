@@ -13,7 +13,8 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from datamodules.common import ConfigError
 from lightning_modules.finetuning.strategies import FreezeUnfreeze, check_strategy
 from lightning_modules.module import FineTuneModule
-from tests.helpers import Recorder, bn_stats, quiet_trainer, tiny_loader, tiny_model
+from tests.helpers.data import tiny_loader
+from tests.helpers.models import Recorder, bn_stats, quiet_trainer, tiny_model
 
 
 def _fit(tmp_path: Path, callback: pl.Callback, epochs: int, model: FineTuneModule | None = None) -> tuple:

@@ -20,7 +20,8 @@ from lightning_modules.backbones.backbone import build_backbone
 from lightning_modules.finetuning.batch_augment import BatchMixer, tta_views
 from lightning_modules.module import FineTuneModule
 from lightning_modules.reporting.callbacks import BestCheckpoint
-from tests.helpers import quiet_trainer, tiny_loader, tiny_model
+from tests.helpers.data import tiny_loader
+from tests.helpers.models import quiet_trainer, tiny_model
 
 
 def known_batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,8 @@ import torch
 from datamodules.common import ConfigError
 from lightning_modules.finetuning.strategies import Freeze, Milestones, NoFreeze, select_stages
 from lightning_modules.module import FineTuneModule
-from tests.helpers import Recorder, quiet_trainer, tiny_loader, tiny_model
+from tests.helpers.data import tiny_loader
+from tests.helpers.models import Recorder, quiet_trainer, tiny_model
 
 
 def _run(tmp_path: Path, strategy: Any, epochs: int, model: FineTuneModule | None = None) -> Recorder:

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_modules.reporting.callbacks import BestCheckpoint
-from tests.helpers import quiet_trainer
+from tests.helpers.models import quiet_trainer
 
 
 class Scripted(pl.LightningModule):

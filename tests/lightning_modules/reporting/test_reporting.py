@@ -22,7 +22,8 @@ from sklearn.metrics import (
 from datamodules.images import load_image
 from lightning_modules.cli.main import cli_main
 from lightning_modules.module import PresentClassesAUROC
-from tests.helpers import folder_args, write_class_folders
+from tests.helpers.data import write_class_folders
+from tests.helpers.runs import folder_args
 
 FIGURES = ("confusion_matrix", "correct", "misclassified", "top_losses", "first_layer_kernels", "feature_maps")
 

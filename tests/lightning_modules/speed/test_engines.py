@@ -16,7 +16,7 @@ from lightning_modules.module import FineTuneModule
 from lightning_modules.speed import engines
 from lightning_modules.speed.engines import frozen_pass, onnx_key, torch_pass
 from lightning_modules.speed.feature_cache import FeatureCache, compute_features
-from tests.helpers import quiet_trainer
+from tests.helpers.models import quiet_trainer
 
 pytest.importorskip("onnxruntime")
 BACKBONE = "timm/test_resnet"

@@ -19,7 +19,8 @@ from lightning_modules.backbones.backbone import data_config_dict
 from lightning_modules.finetuning.strategies import Freeze, FreezeUnfreeze
 from lightning_modules.module import FineTuneModule
 from lightning_modules.speed.feature_cache import FeatureCache, cache_key
-from tests.helpers import photo, quiet_trainer, tiny_loader, write_class_folders
+from tests.helpers.data import photo, tiny_loader, write_class_folders
+from tests.helpers.models import quiet_trainer
 
 BACKBONE = "timm/test_resnet"
 

@@ -12,7 +12,9 @@ import pytest
 
 from datamodules.common import ConfigError
 from lightning_modules.sweeps.recipes import load_plan, main
-from tests.helpers import REPO, in_process, write_class_folders, write_mnist
+from tests.helpers import REPO
+from tests.helpers.data import write_class_folders, write_mnist
+from tests.helpers.runs import in_process
 
 PLAN = REPO / "scripts" / "results.yaml"
 ROWS = ["mnist-mlp", "cifar10-simple_cnn", "cats_vs_dogs-own_images"]

@@ -1,6 +1,6 @@
 """scripts/compare_backbones.py, grid_search.py, kfold.py, multi_seed.py on tiny models and digits.
 
-The sweeps run `ftlab` in this process (tests.helpers.in_process) to save an interpreter start-up per run; one
+The sweeps run `ftlab` in this process (tests.helpers.runs.in_process) to save an interpreter start-up per run; one
 test runs the real script with its real subprocesses. Every table number is checked against the run's own files.
 """
 
@@ -23,7 +23,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import REPO, in_process
+from tests.helpers import REPO
+from tests.helpers.runs import in_process
 
 pytestmark = pytest.mark.slow  # sweeps of several fits each
 
@@ -44,7 +45,7 @@ trainer:
     - class_path: lightning_modules.TrainingStateLogger
     - class_path: lightning_modules.TestReport
       init_args: {grid_size: 0, layer_figures: false}
-    - class_path: tests.helpers.FailAtEpoch
+    - class_path: tests.helpers.faults.FailAtEpoch
       init_args: {epoch: 1}
 model:
   backbone: scratch/mlp

@@ -16,7 +16,8 @@ import yaml
 
 from datamodules.common import ConfigError
 from lightning_modules.sweeps.tuning import load_search, open_study, parse_space
-from tests.helpers import REPO, in_process
+from tests.helpers import REPO
+from tests.helpers.runs import in_process
 
 optuna = pytest.importorskip("optuna", reason="the sweep extra (pip install -e '.[sweep]') is not installed")
 

@@ -1,0 +1,111 @@
+"""Fault injection: callbacks that tests load into `ftlab` runs (by class path, through PYTHONPATH in subprocesses)
+to kill a run, poison a batch, fail an epoch or dump its state."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+
+def _sigkill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillAt(pl.Callback):
+    """SIGKILL this process at the start of `epoch` (right after the previous epoch's checkpoints were written),
+    or just before batch `batch` of that epoch (a kill in the middle of an epoch)."""
+
+    def __init__(self, epoch: int, batch: int | None = None) -> None:
+        self.epoch = epoch
+        self.batch = batch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch and self.batch is None:
+            _sigkill()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            _sigkill()
+
+
+class KillDuringSave(pl.Callback):
+    """From `epoch` on, the next checkpoint write to a file whose name contains `only` is cut short: half its bytes
+    reach the file, then SIGKILL. Other writes go through."""
+
+    def __init__(self, epoch: int, only: str = "") -> None:
+        self.epoch = epoch
+        self.only = only
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        real_save = torch.save
+
+        def cut_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            if self.only not in str(getattr(f, "name", f)):
+                return real_save(obj, f, *args, **kwargs)
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            with open(f, "wb") if isinstance(f, str | Path) else f as out:  # a path (atomic_write) or a file
+                out.write(data[: len(data) // 2])
+                out.flush()
+                os.fsync(out.fileno())
+            _sigkill()
+
+        torch.save = cut_save
+
+
+class PoisonBatch(pl.Callback):
+    """Fill the images of the batch at global step `step` with NaN (a corrupt batch that makes the loss NaN), on
+    every process or only on process `rank`."""
+
+    def __init__(self, step: int, rank: int | None = None) -> None:
+        self.step = step
+        self.rank = rank
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
+            batch.inputs.fill_(float("nan"))
+
+
+class DumpState(pl.Callback):
+    """At the end of fit, write each process's trainable count, param groups and a weights checksum to JSON, and
+    its state dict beside it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state: dict[str, Any] = {
+            "trainable": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+            "groups": [[g.get("name"), g["lr"], len(g["params"])] for g in trainer.optimizers[0].param_groups],
+            "checksum": float(sum(p.detach().double().sum() for p in pl_module.parameters())),
+            "val_acc": float(trainer.callback_metrics.get("val/acc", torch.tensor(-1.0))),
+            "val_loss": float(trainer.callback_metrics.get("val/loss", torch.tensor(-1.0))),
+            "epoch": trainer.current_epoch,
+        }
+        Path(f"{self.path}.rank{trainer.global_rank}.json").write_text(json.dumps(state))
+        torch.save(pl_module.state_dict(), f"{self.path}.rank{trainer.global_rank}.pt")  # every tensor, to compare
+
+
+class FailAtEpoch(pl.Callback):
+    """Raise when `epoch` starts if the environment variable `FTLAB_TEST_FAIL` is set: a crash after checkpoints."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch and os.environ.get("FTLAB_TEST_FAIL"):
+            raise RuntimeError("FailAtEpoch: the injected crash")

@@ -1,0 +1,47 @@
+"""Running `ftlab` from a test: the overrides that make any experiment tiny, the own-images recipe on a tiny
+backbone, `ftlab` in this process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Overrides that make any experiment tiny: fast_dev_run, no workers, no progress bar.
+FAST = [
+    "--trainer.fast_dev_run=true",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.init_args.num_workers=0",
+]
+
+
+def folder_args(root: Path, batch_size: int) -> list[str]:
+    """The own-images recipe with a tiny stand-in backbone."""
+    return [
+        "--config",
+        "experiments/data/image_folder.yaml",
+        "--model.backbone=timm/test_resnet",
+        "--model.weights=none",
+        "--model.image_size=32",
+        f"--data.init_args.root={root}",
+        f"--data.init_args.batch_size={batch_size}",
+        "--data.init_args.num_workers=0",
+        "--trainer.enable_progress_bar=false",
+    ]
+
+
+def in_process(args: list[str], log: Path) -> int:
+    """A sweep launcher that runs `ftlab <args>` inside the test process (no interpreter start-up per run)."""
+    import contextlib
+
+    from datamodules.common import ConfigError
+    from lightning_modules.cli.main import cli_main
+
+    with log.open("a") as out, contextlib.redirect_stdout(out):
+        try:
+            cli_main(args)
+        except ConfigError as err:
+            print(f"ftlab: error: {err}")
+            return 2
+        except SystemExit as err:
+            return err.code if isinstance(err.code, int) else 1
+    return 0
