@@ -21,7 +21,7 @@ from torchmetrics.classification import (
 from torchmetrics.utilities import dim_zero_cat
 from typing_extensions import override
 
-from datamodules.base import Batch
+from datamodules.batches import Batch
 from datamodules.common import ConfigError
 from lightning_modules.backbones.backbone import build_backbone
 from lightning_modules.finetuning.batch_augment import TTA_MODES, BatchMixer, averaged_log_probabilities, tta_views

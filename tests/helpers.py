@@ -22,7 +22,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from datamodules.base import TensorImages, Transformed, collate
+from datamodules.batches import Transformed, collate
+from datamodules.datasets import TensorImages
 from lightning_modules.module import FineTuneModule
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from datamodules.base import digest
-from datamodules.common import ConfigError, atomic_write, cores
+from datamodules.common import ConfigError, atomic_write, cores, digest
 from lightning_modules.console import notice
 
 ENGINES = ("torch", "onnxruntime", "auto")

@@ -21,13 +21,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from datamodules.base import Draw, ImageClassificationDataModule, Sample, digest, epoch_starting
-from datamodules.common import ConfigError, atomic_write
+from datamodules.base import ImageClassificationDataModule, epoch_starting
+from datamodules.batches import Sample, SeededIndex
+from datamodules.common import ConfigError, atomic_write, digest
 from lightning_modules.console import notice
 from lightning_modules.finetuning.strategies import FinetuningStrategy, backbone_of
 from lightning_modules.speed.engines import ENGINES, frozen_pass
 
-SPLITS = ("train", "val")
 DEFAULT_DIR = Path.home() / ".cache" / "finetune-lab" / "features"
 
 
@@ -42,9 +42,9 @@ class FeatureSet(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, key: int | Draw) -> Sample:
-        """A position, or a `Draw` from `EpochShuffle` (features are not augmented: its seed is not needed)."""
-        position = key.position if isinstance(key, Draw) else key
+    def __getitem__(self, key: int | SeededIndex) -> Sample:
+        """A position, or a `SeededIndex` from `EpochShuffle` (features are not augmented: its seed is not needed)."""
+        position = key.position if isinstance(key, SeededIndex) else key
         return Sample(self.features[position], int(self.targets[position]), position)
 
     def state(self) -> dict[str, Any]:
