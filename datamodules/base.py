@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -12,26 +12,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from datamodules.batches import Batch, EpochShuffle, Transformed, collate
+from datamodules.batches import Batch, EpochShuffle, Transformed
 from datamodules.common import ConfigError, DataConfig, cores, gather_lists
 from datamodules.datasets import Concat, ImageFiles, LabeledDataset
 from datamodules.images import list_images, write_bad_images
+from datamodules.loaders import FeatureRequest, FeatureSource, SplitLoader
 from datamodules.splits import GROUP_PATTERN, group_names, has_copies, kfold_split, stratified_split, stratified_subset
 from datamodules.transforms import CROP_SCALE, eval_transform, train_transform
-
-
-def epoch_starting(trainer: Any) -> int:
-    """The epoch whose loaders the trainer asks for now (during its validation too), restored from the checkpoint
-    on resume: Lightning restores the loop state before it asks for any loader."""
-    progress: Any = trainer.fit_loop.epoch_progress.current  # typed as the base tracker; it counts these
-    return int(progress.processed)
-
-
-class FeatureSource(Protocol):
-    """What the DataModule asks for cached features: `ImageClassificationDataModule.feature_source`."""
-
-    def features_for(self, split: str) -> Dataset | None:
-        """Features to serve for `split` (train or val) in the epoch about to start, or None: the images."""
 
 
 class ImageClassificationDataModule(LightningDataModule):
@@ -124,7 +111,6 @@ class ImageClassificationDataModule(LightningDataModule):
         self.predict_set: Transformed | None = None
         train_transform(self.data_config, augment, crop_scale)  # fail on a bad preset now, not at setup
         self.datasets: dict[str, Transformed] = {}
-        self.feature_source: FeatureSource | None = None  # cached backbone features (the FeatureCache callback)
         self.skipped: set[tuple[str, str, str]] = set()  # (split, path, reason) of files that could not be read
         self.skipped_total = 0  # the files skipped on every process, as last written to bad_images.csv
 
@@ -217,54 +203,61 @@ class ImageClassificationDataModule(LightningDataModule):
         """Images per split (after setup): what the run trained, validated and tested on."""
         return {split: len(dataset) for split, dataset in self.datasets.items()}
 
-    def report_unreadable(self, split: str, files: list[tuple[str, str]]) -> None:
-        """Add (path, reason) pairs of `split` that another reader (the feature cache) found unreadable to the
-        run's `bad_images.csv`."""
-        self.skipped |= {(split, path, reason) for path, reason in files}
-
-    def deterministic_view(self, split: str, force: bool = False) -> Transformed | None:
-        """The split with inputs that are the same every epoch (what a feature cache may store): val and test
-        always; train when its augmentation is `none`, or, with `force`, train under evaluation transforms."""
-        dataset = self.datasets[split]
-        if split != "train" or self.augment == "none":
-            return dataset
-        return Transformed(dataset.dataset, eval_transform(self.data_config)) if force else None
-
     def loader(
         self, split: str, dataset: Dataset | None = None, shuffle: bool = False, one_pass: bool = False
-    ) -> DataLoader:
-        """Batches of `dataset`, or of `split`: its transformed images, or the backbone features `feature_source`
-        serves for it in the epoch about to start; shuffled by `EpochShuffle` for training. `one_pass`: worker
-        processes end with the pass instead of persisting (a loader read once, such as the feature cache's)."""
-        cached = None
-        if dataset is None and self.feature_source is not None and split in ("train", "val"):
-            cached = self.feature_source.features_for(split)
-        features = cached is not None  # in memory, no decoding: no worker processes
-        dataset = dataset if dataset is not None else cached if cached is not None else self.datasets[split]
-        workers = 0 if features else self.num_workers
+    ) -> SplitLoader:
+        """Batches of `dataset`, or of `split`'s transformed images, shuffled by `EpochShuffle` for training. A train
+        or val loader of the split's own images asks, at the start of every pass, for the features a `FeatureSource`
+        serves in its place (`cached_features`). `one_pass`: worker processes end with the pass instead of
+        persisting (a loader read once, such as the one the features are computed from)."""
+        features = partial(self.cached_features, split) if dataset is None and split in ("train", "val") else None
+        dataset = self.datasets[split] if dataset is None else dataset
         sampler = None
         if shuffle:
             sampler = EpochShuffle(dataset, torch.initial_seed())
             sampler.set_epoch(self._epoch_starting())
-        return DataLoader(
+        return SplitLoader(
             dataset,
+            split,
+            features,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
             sampler=sampler,
-            num_workers=workers,
+            num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=workers > 0 and not one_pass,
-            collate_fn=partial(collate, split=split, features=features),
+            persistent_workers=self.num_workers > 0 and not one_pass,
             # a last training batch of one image breaks BatchNorm (one value per channel): it is left out
             drop_last=shuffle and len(dataset) % self.batch_size == 1,  # type: ignore[arg-type]
         )
 
-    def _epoch_starting(self) -> int:
-        """The epoch the trainer's next training loader serves (`epoch_starting`), 0 without a trainer.
+    def cached_features(self, split: str) -> Dataset | None:
+        """What the trainer's `FeatureSource` callback (the feature cache) serves in place of `split`'s images in the
+        pass about to start, or None (no source, or it says: images). It is told the epoch, the split under
+        transforms that are the same every epoch (evaluation transforms when training augments), and the
+        augmentation that features would leave out."""
+        callbacks = self.trainer.callbacks if self.trainer else []  # type: ignore[attr-defined]
+        sources = [c for c in callbacks if isinstance(c, FeatureSource)]
+        if not sources:
+            return None
+        if len(sources) > 1:
+            raise ConfigError(f"one feature source at most, got {[type(s).__name__ for s in sources]}")
+        images = self.datasets[split]
+        augment = self.augment if split == "train" and self.augment != "none" else None
+        if augment is not None:
+            images = Transformed(images.dataset, eval_transform(self.data_config))
+        batches = self.loader(split, images, one_pass=True)
+        return sources[0].features_for(FeatureRequest(split, self._epoch_starting(), images, batches, augment))
 
-        Lightning (2.6, issue #21938) creates the training iterator before it calls `set_epoch` on the sampler,
-        and a loader with worker processes draws its first indices at once: a resumed run would replay epoch 0's
-        order and augmentation. The sampler is therefore built at the right epoch."""
-        return epoch_starting(self.trainer) if self.trainer is not None else 0
+    def _epoch_starting(self) -> int:
+        """The epoch whose loaders the trainer asks for or iterates now (during its validation too), 0 without a
+        trainer; on a resume, the epoch restored from the checkpoint (Lightning restores the loop first).
+
+        Lightning (2.6, issue #21938) creates the first training iterator before it calls `set_epoch` on the
+        sampler, and a loader with worker processes draws its first indices at once: a resumed run would replay
+        epoch 0's order and augmentation. The sampler is therefore built at this epoch."""
+        if self.trainer is None:
+            return 0
+        progress: Any = self.trainer.fit_loop.epoch_progress.current  # typed as the base tracker; it counts these
+        return int(progress.processed)
 
     @override
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:

@@ -25,6 +25,14 @@ CHECK_IMAGES = 8  # the first images of the first real batch: the check costs a 
 Pass = Callable[[torch.Tensor], torch.Tensor]
 
 
+def check_engine(name: str, key: str) -> str:
+    """`name` when it is one of `ENGINES`; else a ConfigError naming the config key (`feature_cache.engine`,
+    `model.inference_engine`) and the choices."""
+    if name not in ENGINES:
+        raise ConfigError(f"{key} {name!r}: choose one of {list(ENGINES)}")
+    return name
+
+
 def torch_pass(module: nn.Module, device: torch.device) -> Pass:
     """`module` in eval mode under inference_mode, on `device`; outputs on the CPU as float32."""
 
@@ -88,8 +96,7 @@ def frozen_pass(module: nn.Module, device: torch.device, engine: str, example: t
     against torch on `example`), or `auto` (the same on CPU when onnxruntime is installed, torch otherwise and on
     GPU; the choice depends on the machine only, not on a timing, so a resumed run makes the same one).
     Whatever cannot be used falls back to torch, with one line naming why."""
-    if engine not in ENGINES:
-        raise ConfigError(f"feature_cache.engine {engine!r}: choose one of {list(ENGINES)}")
+    check_engine(engine, "engine")
     module.eval()
     reference = torch_pass(module, device)
     if engine == "torch" or (engine == "auto" and device.type != "cpu"):
