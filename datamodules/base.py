@@ -1,289 +1,24 @@
-"""The one base DataModule: loaders, splits and transforms. Subclasses only say how to build a split."""
+"""The one base DataModule: splits, transforms and loaders. Subclasses only say how to build a split."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from datamodules.batches import Batch, EpochShuffle, Transformed
 from datamodules.common import ConfigError, DataConfig, Preprocessed, cores, gather_lists
-from datamodules.images import BadSample, bad_reason, check_header, list_images, load_image, write_bad_images
-from datamodules.splits import GROUP_PATTERN, carve, group_names, has_copies, kfold, stratified_sample
+from datamodules.datasets import Concat, ImageFiles, LabeledDataset
+from datamodules.images import list_images, write_bad_images
+from datamodules.loaders import FeatureRequest, FeatureSource, SplitLoader
+from datamodules.splits import GROUP_PATTERN, group_names, has_copies, kfold_split, stratified_split, stratified_subset
 from datamodules.transforms import CROP_SCALE, eval_transform, train_transform
-
-SPLITS = ("train", "val", "test")
-
-
-class LabeledDataset(Dataset):
-    """Raw samples (PIL image or uint8 tensor, label) with their `targets` known without loading images."""
-
-    targets: Sequence[int]
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def fingerprint(self) -> str | None:
-        """A digest that changes when the samples or labels change (keys the feature cache on disk); None when
-        the data cannot say, and then the cache is not kept on disk."""
-        return None
-
-    def files(self) -> list[str] | None:
-        """Each sample's file, in order; None when the samples are not files."""
-        return None
-
-
-class TensorImages(LabeledDataset):
-    """Images held in memory as a uint8 tensor (N, C, H, W)."""
-
-    def __init__(self, images: torch.Tensor, targets: Sequence[int]) -> None:
-        self.images = images
-        self.targets = list(targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], self.targets[index]
-
-    @override
-    def fingerprint(self) -> str | None:
-        """Digest of the pixels and labels."""
-        return digest(self.images.contiguous().numpy().tobytes(), self.targets)
-
-
-class Subset(LabeledDataset):
-    """The samples of `dataset` at `indices`."""
-
-    def __init__(self, dataset: LabeledDataset, indices: Sequence[int]) -> None:
-        self.dataset = dataset
-        self.indices = list(indices)
-        self.targets = [dataset.targets[i] for i in self.indices]
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[self.indices[index]]
-
-    @override
-    def files(self) -> list[str] | None:
-        """The parent's files at the chosen indices."""
-        parent = self.dataset.files()
-        return None if parent is None else [parent[i] for i in self.indices]
-
-    @override
-    def fingerprint(self) -> str | None:
-        """The parent's digest and the chosen indices."""
-        parent = self.dataset.fingerprint()
-        return None if parent is None else digest(parent, self.indices)
-
-
-class ImageFiles(LabeledDataset):
-    """Image files with labels. Files failing the header check are left out at construction and listed in
-    `rejected`; a file that fails to decode later comes back as a `BadSample`, never as another image."""
-
-    def __init__(self, files: Sequence[tuple[Path, int]]) -> None:
-        self.rejected: list[BadSample] = []
-        self.paths: list[str] = []
-        self.targets: list[int] = []
-        for path, label in files:
-            reason = check_header(path)
-            if reason is None:
-                self.paths.append(str(path))
-                self.targets.append(label)
-            else:
-                self.rejected.append(BadSample(str(path), reason))
-
-    def __getitem__(self, index: int) -> tuple[Image.Image | torch.Tensor | BadSample, int]:
-        path = self.paths[index]
-        try:
-            return load_image(path), self.targets[index]
-        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            return BadSample(path, bad_reason(err)), self.targets[index]
-
-    @override
-    def files(self) -> list[str] | None:
-        """The files' paths."""
-        return list(self.paths)
-
-    @override
-    def fingerprint(self) -> str | None:
-        """Digest of each file's path, size and modification time, and the labels."""
-        stats = [(p, st.st_size, st.st_mtime_ns) for p in self.paths for st in [os.stat(p)]]
-        return digest(stats, self.targets)
-
-
-def digest(*parts: Any) -> str:
-    """A short hex digest of `parts` (bytes, or anything with a stable repr)."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else repr(part).encode())
-    return h.hexdigest()
-
-
-class Draw(NamedTuple):
-    """What `EpochShuffle` hands a dataset for one sample: its position, and the seed its augmentation draws from
-    (derived from the run's seed, the epoch and the position, so a resumed epoch draws the same)."""
-
-    position: int
-    seed: int
-
-
-class Sample(NamedTuple):
-    """One sample as a dataset of this package yields it: the image tensor (or backbone features), or the
-    `BadSample` that says why the file could not be read; the class index (-1: unknown); the position."""
-
-    image: Any
-    target: int
-    position: int
-
-
-class Batch(NamedTuple):
-    """What every loader of this package yields; made by `collate`, which knows its loader's split.
-
-    The model reads `inputs` and `targets`. `features` says the inputs are cached backbone features (N, F), not
-    images (N, C, H, W). `indices` are the samples' positions in their dataset (predictions name their files by
-    them); `skipped` are the files of the batch that could not be read, left out of `inputs` and reported by the
-    DataModule as the run's `bad_images.csv`.
-    """
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    indices: torch.Tensor
-    skipped: list[BadSample]
-    split: str
-    features: bool = False
-
-    @property
-    def size(self) -> int:
-        """The number of samples in `inputs` (0 when every file of the batch was unreadable)."""
-        return len(self.targets)
-
-
-def collate(samples: list[Sample], split: str, features: bool = False) -> Batch:
-    """A `Batch` of the readable samples; the unreadable ones ride along in `skipped`, never replaced."""
-    good = [s for s in samples if not isinstance(s.image, BadSample)]
-    skipped = [s.image for s in samples if isinstance(s.image, BadSample)]
-    inputs = default_collate([s.image for s in good]) if good else torch.empty(0)  # shared memory in workers
-    targets = torch.tensor([s.target for s in good], dtype=torch.long)
-    indices = torch.tensor([s.position for s in good], dtype=torch.long)
-    return Batch(inputs, targets, indices, skipped, split, features)
-
-
-class Transformed(Dataset):
-    """Applies an image transform to a labeled dataset: yields `Sample`s."""
-
-    def __init__(self, dataset: LabeledDataset, transform: Callable[[Any], torch.Tensor]) -> None:
-        self.dataset = dataset
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: int | Draw) -> Sample:
-        """A position, or a `Draw` from `EpochShuffle`: the transform then draws from its seed alone."""
-        index, seed = key if isinstance(key, Draw) else (key, None)
-        image, label = self.dataset[index]
-        if isinstance(image, BadSample):
-            return Sample(image, int(label), index)
-        if seed is None:
-            return Sample(self.transform(image), int(label), index)
-        with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
-            torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators are not touched
-            return Sample(self.transform(image), int(label), index)
-
-    def name(self, index: int) -> str:
-        """The file of a sample (through any Subset), or its position when the data is not files."""
-        dataset: Any = self.dataset
-        position = index
-        while isinstance(dataset, Subset):
-            position, dataset = dataset.indices[position], dataset.dataset
-        paths = getattr(dataset, "paths", None)
-        return str(paths[position]) if paths is not None else str(index)
-
-
-class EpochShuffle(RandomSampler):
-    """Shuffles by (seed, epoch) and gives each sample an augmentation seed from (seed, epoch, index): a run
-    resumed at epoch k sees the order and the augmented images an uninterrupted run sees at epoch k.
-
-    A RandomSampler, so under DDP Lightning swaps in its shuffling DistributedSampler as usual (same order
-    by epoch; augmentation then draws from the global generator).
-    """
-
-    def __init__(self, data_source: Dataset, seed: int) -> None:
-        super().__init__(data_source)  # type: ignore[arg-type]
-        self.seed = seed
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every epoch."""
-        self.epoch = epoch
-        self.generator = torch.Generator().manual_seed(self.seed + epoch)
-
-    @override
-    def __iter__(self) -> Iterator[Draw]:  # type: ignore[override]
-        for index in super().__iter__():
-            yield Draw(index, hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-
-
-def stratified_split(
-    dataset: LabeledDataset, fraction: float, seed: int, groups: Sequence[str] | None = None
-) -> tuple[LabeledDataset, LabeledDataset]:
-    """Split into (rest, fraction) keeping class proportions and every group whole (`splits.carve`)."""
-    rest, part = carve(dataset.targets, fraction, seed, groups)
-    return Subset(dataset, rest), Subset(dataset, part)
-
-
-def stratified_subset(dataset: LabeledDataset, size: float, seed: int) -> LabeledDataset:
-    """A seeded subset keeping class proportions (`splits.stratified_sample`)."""
-    return Subset(dataset, stratified_sample(dataset.targets, size, seed))
-
-
-class Concat(LabeledDataset):
-    """The samples of several labeled datasets, one after another."""
-
-    def __init__(self, parts: Sequence[LabeledDataset]) -> None:
-        self.parts = list(parts)
-        self.targets = [t for part in self.parts for t in part.targets]
-
-    @override
-    def files(self) -> list[str] | None:
-        """The parts' files one after another, when every part is files."""
-        parts = [part.files() for part in self.parts]
-        return None if any(p is None for p in parts) else [f for p in parts for f in p or []]
-
-    def __getitem__(self, index: int) -> Any:
-        for part in self.parts:
-            if index < len(part):
-                return part[index]
-            index -= len(part)
-        raise IndexError(index)
-
-
-def kfold_split(
-    pool: LabeledDataset, num_folds: int, fold: int, seed: int, groups: Sequence[str] | None = None
-) -> tuple[LabeledDataset, LabeledDataset]:
-    """(train, val) of fold `fold` of a seeded stratified k-fold of `pool` (`splits.kfold`): fold i is the val part."""
-    train, val = kfold(pool.targets, num_folds, fold, seed, groups)
-    return Subset(pool, train), Subset(pool, val)
-
-
-def epoch_starting(trainer: Any) -> int:
-    """The epoch whose loaders the trainer asks for now (during its validation too), restored from the checkpoint
-    on resume: Lightning restores the loop state before it asks for any loader."""
-    progress: Any = trainer.fit_loop.epoch_progress.current  # typed as the base tracker; it counts these
-    return int(progress.processed)
-
-
-class FeatureSource(Protocol):
-    """What the DataModule asks for cached features: `ImageClassificationDataModule.feature_source`."""
-
-    def features_for(self, split: str) -> Dataset | None:
-        """Features to serve for `split` (train or val) in the epoch about to start, or None: the images."""
 
 
 class ImageClassificationDataModule(LightningDataModule):
@@ -378,7 +113,6 @@ class ImageClassificationDataModule(LightningDataModule):
         self.predict_set: Transformed | None = None
         train_transform(self.data_config, augment, crop_scale)  # fail on a bad preset now, not at setup
         self.datasets: dict[str, Transformed] = {}
-        self.feature_source: FeatureSource | None = None  # cached backbone features (the FeatureCache callback)
         self.skipped: set[tuple[str, str, str]] = set()  # (split, path, reason) of files that could not be read
         self.skipped_total = 0  # the files skipped on every process, as last written to bad_images.csv
 
@@ -487,54 +221,61 @@ class ImageClassificationDataModule(LightningDataModule):
         """Images per split (after setup): what the run trained, validated and tested on."""
         return {split: len(dataset) for split, dataset in self.datasets.items()}
 
-    def report_unreadable(self, split: str, files: list[tuple[str, str]]) -> None:
-        """Add (path, reason) pairs of `split` that another reader (the feature cache) found unreadable to the
-        run's `bad_images.csv`."""
-        self.skipped |= {(split, path, reason) for path, reason in files}
-
-    def deterministic_view(self, split: str, force: bool = False) -> Transformed | None:
-        """The split with inputs that are the same every epoch (what a feature cache may store): val and test
-        always; train when its augmentation is `none`, or, with `force`, train under evaluation transforms."""
-        dataset = self.datasets[split]
-        if split != "train" or self.augment == "none":
-            return dataset
-        return Transformed(dataset.dataset, eval_transform(self.data_config)) if force else None
-
     def loader(
         self, split: str, dataset: Dataset | None = None, shuffle: bool = False, one_pass: bool = False
-    ) -> DataLoader:
-        """Batches of `dataset`, or of `split`: its transformed images, or the backbone features `feature_source`
-        serves for it in the epoch about to start; shuffled by `EpochShuffle` for training. `one_pass`: worker
-        processes end with the pass instead of persisting (a loader read once, such as the feature cache's)."""
-        cached = None
-        if dataset is None and self.feature_source is not None and split in ("train", "val"):
-            cached = self.feature_source.features_for(split)
-        features = cached is not None  # in memory, no decoding: no worker processes
-        dataset = dataset if dataset is not None else cached if cached is not None else self.datasets[split]
-        workers = 0 if features else self.num_workers
+    ) -> SplitLoader:
+        """Batches of `dataset`, or of `split`'s transformed images, shuffled by `EpochShuffle` for training. A train
+        or val loader of the split's own images asks, at the start of every pass, for the features a `FeatureSource`
+        serves in its place (`cached_features`). `one_pass`: worker processes end with the pass instead of
+        persisting (a loader read once, such as the one the features are computed from)."""
+        features = partial(self.cached_features, split) if dataset is None and split in ("train", "val") else None
+        dataset = self.datasets[split] if dataset is None else dataset
         sampler = None
         if shuffle:
             sampler = EpochShuffle(dataset, torch.initial_seed())
             sampler.set_epoch(self._epoch_starting())
-        return DataLoader(
+        return SplitLoader(
             dataset,
+            split,
+            features,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
             sampler=sampler,
-            num_workers=workers,
+            num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=workers > 0 and not one_pass,
-            collate_fn=partial(collate, split=split, features=features),
+            persistent_workers=self.num_workers > 0 and not one_pass,
             # a last training batch of one image breaks BatchNorm (one value per channel): it is left out
             drop_last=shuffle and len(dataset) % self.batch_size == 1,  # type: ignore[arg-type]
         )
 
-    def _epoch_starting(self) -> int:
-        """The epoch the trainer's next training loader serves (`epoch_starting`), 0 without a trainer.
+    def cached_features(self, split: str) -> Dataset | None:
+        """What the trainer's `FeatureSource` callback (the feature cache) serves in place of `split`'s images in the
+        pass about to start, or None (no source, or it says: images). It is told the epoch, the split under
+        transforms that are the same every epoch (evaluation transforms when training augments), and the
+        augmentation that features would leave out."""
+        callbacks = self.trainer.callbacks if self.trainer else []  # type: ignore[attr-defined]
+        sources = [c for c in callbacks if isinstance(c, FeatureSource)]
+        if not sources:
+            return None
+        if len(sources) > 1:
+            raise ConfigError(f"one feature source at most, got {[type(s).__name__ for s in sources]}")
+        images = self.datasets[split]
+        augment = self.augment if split == "train" and self.augment != "none" else None
+        if augment is not None:
+            images = Transformed(images.dataset, eval_transform(self.data_config))
+        batches = self.loader(split, images, one_pass=True)
+        return sources[0].features_for(FeatureRequest(split, self._epoch_starting(), images, batches, augment))
 
-        Lightning (2.6, issue #21938) creates the training iterator before it calls `set_epoch` on the sampler,
-        and a loader with worker processes draws its first indices at once: a resumed run would replay epoch 0's
-        order and augmentation. The sampler is therefore built at the right epoch."""
-        return epoch_starting(self.trainer) if self.trainer is not None else 0
+    def _epoch_starting(self) -> int:
+        """The epoch whose loaders the trainer asks for or iterates now (during its validation too), 0 without a
+        trainer; on a resume, the epoch restored from the checkpoint (Lightning restores the loop first).
+
+        Lightning (2.6, issue #21938) creates the first training iterator before it calls `set_epoch` on the
+        sampler, and a loader with worker processes draws its first indices at once: a resumed run would replay
+        epoch 0's order and augmentation. The sampler is therefore built at this epoch."""
+        if self.trainer is None:
+            return 0
+        progress: Any = self.trainer.fit_loop.epoch_progress.current  # typed as the base tracker; it counts these
+        return int(progress.processed)
 
     @override
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:

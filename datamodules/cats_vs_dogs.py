@@ -8,8 +8,9 @@ from typing import Any
 from PIL import Image
 from typing_extensions import override
 
-from datamodules.base import ImageClassificationDataModule, LabeledDataset, digest
-from datamodules.common import ConfigError
+from datamodules.base import ImageClassificationDataModule
+from datamodules.common import ConfigError, digest
+from datamodules.datasets import LabeledDataset
 from datamodules.folder import folder_files
 from datamodules.images import BadSample, bad_reason, to_rgb
 

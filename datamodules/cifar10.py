@@ -18,8 +18,9 @@ except ImportError:  # numpy 1
     from numpy.core import multiarray as np_multiarray  # type: ignore[no-redef]
     from numpy.core import numeric as np_numeric  # type: ignore[no-redef]
 
-from datamodules.base import ImageClassificationDataModule, LabeledDataset, TensorImages
+from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
+from datamodules.datasets import LabeledDataset, TensorImages
 
 FOLDER = "cifar-10-batches-py"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

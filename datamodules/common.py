@@ -1,11 +1,13 @@
 """What the data layer and every layer above it share: the error type for user mistakes, the preprocessing a
-backbone expects, writing a file so that no reader sees it half-written, and gathering lists across processes.
+backbone expects, writing a file so that no reader sees it half-written, a short digest of anything (cache keys),
+and gathering lists across processes.
 
 It imports nothing of the project (and neither torch nor Lightning at import), so anything may import it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -116,6 +118,14 @@ def atomic_write(path: Path, write: Callable[[Path], Any], durable: bool = True,
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def digest(*parts: Any) -> str:
+    """A short hex digest of `parts` (bytes, or anything with a stable repr)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+    return h.hexdigest()
 
 
 HAND_WRITTEN = "<!-- Written by hand below this line; the scripts that rewrite the part above keep it. -->"

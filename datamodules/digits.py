@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from datamodules.base import ImageClassificationDataModule, LabeledDataset, TensorImages
+from datamodules.base import ImageClassificationDataModule
+from datamodules.datasets import LabeledDataset, TensorImages
 
 
 class DigitsDataModule(ImageClassificationDataModule):

@@ -13,8 +13,9 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from datamodules.base import ImageClassificationDataModule, ImageFiles, LabeledDataset
+from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
+from datamodules.datasets import ImageFiles, LabeledDataset
 from datamodules.images import list_images
 
 SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}

@@ -1,8 +1,8 @@
 """Reading real image files: odd modes become RGB, EXIF orientation applies, bad files are reported, not hidden.
 
 A file that cannot be decoded never kills an epoch and is never replaced by another sample: the dataset
-returns a `BadSample` in its place, the loader's collate drops it from the batch, and the DataModule writes
-every skipped file with its reason to `bad_images.csv` in the run directory (see `datamodules.base`).
+returns a `BadSample` in its place, the loader's collate drops it from the batch (`datamodules.batches`), and the
+DataModule writes every skipped file with its reason to `bad_images.csv` in the run directory.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from typing_extensions import override
 
-from datamodules.base import ImageClassificationDataModule, LabeledDataset, TensorImages
+from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
+from datamodules.datasets import LabeledDataset, TensorImages
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

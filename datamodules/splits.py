@@ -1,4 +1,5 @@
-"""Seeded, stratified splits by index, with copies of one image kept together (groups).
+"""Seeded, stratified splits by index, with copies of one image kept together (groups), and the same splits of
+labeled datasets.
 
 A folder of photos often holds copies: `aug-3-012.jpg` beside `012.jpg` (the pet expressions set is 70% such
 copies), `photo (1).jpg`, `photo - Copy.jpg`, Roboflow's `img_jpg.rf.<hash>.jpg`. A carved val or test split that
@@ -18,6 +19,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from datamodules.common import ConfigError
+from datamodules.datasets import LabeledDataset, Subset
 
 # What a copy adds to a file's name (without its extension), removed to find the name of its original: a prefix
 # `aug-<k>-` or `aug_<k>_` (Kaggle sets such as the pet expressions), a browser's ` (1)`, Windows' ` - Copy (2)`,
@@ -105,3 +107,24 @@ def stratified_sample(targets: Sequence[int], size: float, seed: int) -> list[in
         count = max(1, round(len(members) * size)) if size < 1 else min(int(size), len(members))
         chosen += rng.choice(members, size=count, replace=False).tolist()
     return sorted(chosen)
+
+
+def stratified_split(
+    dataset: LabeledDataset, fraction: float, seed: int, groups: Sequence[str] | None = None
+) -> tuple[LabeledDataset, LabeledDataset]:
+    """Split into (rest, fraction) keeping class proportions and every group whole (`carve`)."""
+    rest, part = carve(dataset.targets, fraction, seed, groups)
+    return Subset(dataset, rest), Subset(dataset, part)
+
+
+def stratified_subset(dataset: LabeledDataset, size: float, seed: int) -> LabeledDataset:
+    """A seeded subset keeping class proportions (`stratified_sample`)."""
+    return Subset(dataset, stratified_sample(dataset.targets, size, seed))
+
+
+def kfold_split(
+    pool: LabeledDataset, num_folds: int, fold: int, seed: int, groups: Sequence[str] | None = None
+) -> tuple[LabeledDataset, LabeledDataset]:
+    """(train, val) of fold `fold` of a seeded stratified k-fold of `pool` (`kfold`): fold i is the val part."""
+    train, val = kfold(pool.targets, num_folds, fold, seed, groups)
+    return Subset(pool, train), Subset(pool, val)

@@ -23,12 +23,13 @@ from torchmetrics.classification import (
 from torchmetrics.utilities import dim_zero_cat
 from typing_extensions import override
 
-from datamodules.base import Batch, ImageClassificationDataModule
+from datamodules.base import ImageClassificationDataModule
+from datamodules.batches import Batch
 from datamodules.common import ConfigError, DataConfig
 from lightning_modules.backbones.backbone import build_backbone
 from lightning_modules.finetuning.batch_augment import TTA_MODES, BatchMixer, averaged_log_probabilities, tta_views
 from lightning_modules.finetuning.strategies import FinetuningStrategy
-from lightning_modules.speed.engines import ENGINES, ONNX_DIR, BatchRunner, frozen_pass
+from lightning_modules.speed.engines import ONNX_DIR, BatchRunner, check_engine, frozen_pass
 
 STAGES = ("train", "val", "test")
 
@@ -157,8 +158,7 @@ class FineTuneModule(LightningModule):
         load_weights: bool = True,
     ) -> None:
         super().__init__()
-        if inference_engine not in ENGINES:
-            raise ConfigError(f"model.inference_engine {inference_engine!r}: choose one of {list(ENGINES)}")
+        check_engine(inference_engine, "model.inference_engine")
         if tta not in TTA_MODES:
             raise ConfigError(f"model.tta {tta!r}: choose one of {list(TTA_MODES)}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "load_weights"])

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from datamodules.base import ImageFiles, Sample, Transformed, collate
+from datamodules.batches import Sample, Transformed, collate
 from datamodules.common import ConfigError
+from datamodules.datasets import ImageFiles
 from datamodules.images import list_images, to_rgb
 from datamodules.transforms import eval_transform
 from lightning_modules.backbones.weights import load_state_dict_file

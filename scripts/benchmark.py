@@ -45,7 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules import DigitsDataModule, ImageFolderDataModule
-from datamodules.base import Batch, Transformed
+from datamodules.batches import Batch, Transformed
 from datamodules.common import DataConfig, write_generated
 from datamodules.images import load_image, read_rgb
 from datamodules.preresize import preresize

@@ -283,6 +283,12 @@ def test_ddp_two_processes_agree_with_one_and_the_checkpoint_resumes_on_one(
     for key, value in replicas[0].items():  # replicas never drifted apart: every weight and buffer, bit for bit
         assert torch.equal(value, replicas[1][key]), key
     assert rank0["groups"] == rank1["groups"] and rank0["trainable"] == rank1["trainable"]
+    # epoch 0 (frozen) trained on cached features, epoch 1 (unfrozen) on images, from the same loaders: in both,
+    # each process read its own part of the samples (the DistributedSampler Lightning gave the loader)
+    for epoch, kind, other in (("0", "features", "images"), ("1", "images", "features")):
+        parts = [set(rank["seen"][epoch][kind]) for rank in (rank0, rank1)]
+        assert parts[0] and parts[1] and not parts[0] & parts[1], epoch
+        assert rank0["seen"][epoch][other] == rank1["seen"][epoch][other] == [], epoch
     assert [g[0] for g in rank0["groups"]] == ["head", "layer4", "layer3"]
     monkeypatch.chdir(root)
     cli_main(["fit", "--config=same.yaml", "--trainer.logger.init_args.name=one", "--data.init_args.batch_size=32"])

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.base import LabeledDataset, Subset
+from datamodules.datasets import LabeledDataset, Subset
 from datamodules.images import BadSample
 from lightning_modules.cli.main import cli_main
 from tests.helpers.data import photo

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from datamodules.base import digest
-from datamodules.common import ConfigError, atomic_write, cores
+from datamodules.common import ConfigError, atomic_write, cores, digest
 from lightning_modules.console import notice
 
 ENGINES = ("torch", "onnxruntime", "auto")
@@ -24,6 +23,14 @@ ONNX_DIR = Path.home() / ".cache" / "finetune-lab" / "onnx"  # exports of whole 
 TOLERANCE = 1e-4  # max |difference| from torch on the check images
 CHECK_IMAGES = 8  # the first images of the first real batch: the check costs a torch pass over these alone
 BatchRunner = Callable[[torch.Tensor], torch.Tensor]  # a batch of inputs -> the outputs, by one engine
+
+
+def check_engine(name: str, key: str) -> str:
+    """`name` when it is one of `ENGINES`; else a ConfigError naming the config key (`feature_cache.engine`,
+    `model.inference_engine`) and the choices."""
+    if name not in ENGINES:
+        raise ConfigError(f"{key} {name!r}: choose one of {list(ENGINES)}")
+    return name
 
 
 def torch_pass(module: nn.Module, device: torch.device) -> BatchRunner:
@@ -91,8 +98,7 @@ def frozen_pass(
     against torch on `example`), or `auto` (the same on CPU when onnxruntime is installed, torch otherwise and on
     GPU; the choice depends on the machine only, not on a timing, so a resumed run makes the same one).
     Whatever cannot be used falls back to torch, with one line naming why."""
-    if engine not in ENGINES:
-        raise ConfigError(f"feature_cache.engine {engine!r}: choose one of {list(ENGINES)}")
+    check_engine(engine, "engine")
     module.eval()
     reference = torch_pass(module, device)
     if engine == "torch" or (engine == "auto" and device.type != "cpu"):

@@ -1,5 +1,5 @@
 """Feature caching: while the backbone is frozen, push each image through it once and train the head on the stored
-features. The frozen epochs after the first then cost a pass of the head alone.
+features. The frozen epochs after the first cost a pass of the head alone.
 
 The cache is keyed by the backbone (name and a digest of its weights), the preprocessing (data config and the
 transform), the split and a fingerprint of the data (file paths, sizes and times, or the pixels), so any change
@@ -8,7 +8,7 @@ it); `memory` keeps it for this fit only.
 
 Train features are cached only when its inputs are the same every epoch: `augment: none`, or `force: true`, and
 then the frozen phase trains on un-augmented images (a warning says so). Val features are always cacheable.
-At the epoch a strategy first unfreezes a stage, the loaders go back to images, without a restart.
+From the epoch a strategy first unfreezes a stage, the answer is "images", without a restart.
 """
 
 from __future__ import annotations
@@ -21,20 +21,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from datamodules.base import Draw, ImageClassificationDataModule, Sample, digest, epoch_starting
-from datamodules.common import ConfigError, atomic_write
+from datamodules.base import ImageClassificationDataModule
+from datamodules.batches import Sample, SeededIndex, Transformed
+from datamodules.common import ConfigError, atomic_write, digest
+from datamodules.images import BadSample
+from datamodules.loaders import FeatureRequest, FeatureSource
 from lightning_modules.console import notice
 from lightning_modules.finetuning.strategies import FinetuningStrategy, backbone_of
-from lightning_modules.speed.engines import ENGINES, frozen_pass
+from lightning_modules.speed.engines import check_engine, frozen_pass
 
-SPLITS = ("train", "val")
 DEFAULT_DIR = Path.home() / ".cache" / "finetune-lab" / "features"
+LAYOUT = 2  # of the stored features, in the disk key: 2 holds every position of the split, unreadable ones too
 
 
 class FeatureSet(Dataset):
-    """Backbone features (N, num_features) with their labels; files that could not be read are listed aside."""
+    """Backbone features of each position of a split (N, num_features) with the labels; a position whose file
+    could not be read yields its `BadSample`, as the split's images do."""
 
-    def __init__(self, features: torch.Tensor, targets: torch.Tensor, bad: list[tuple[str, str]]) -> None:
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor, bad: dict[int, BadSample]) -> None:
         self.features = features
         self.targets = targets
         self.bad = bad
@@ -42,26 +46,34 @@ class FeatureSet(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, key: int | Draw) -> Sample:
-        """A position, or a `Draw` from `EpochShuffle` (features are not augmented: its seed is not needed)."""
-        position = key.position if isinstance(key, Draw) else key
+    def __getitem__(self, key: int | SeededIndex) -> Sample:
+        """A position, or a `SeededIndex` from `EpochShuffle` (features are not augmented: its seed is not needed)."""
+        position = key.position if isinstance(key, SeededIndex) else key
+        if position in self.bad:
+            return Sample(self.bad[position], -1, position)
         return Sample(self.features[position], int(self.targets[position]), position)
 
     def state(self) -> dict[str, Any]:
-        """Tensors and strings only: loads with `weights_only=True`."""
-        return {"features": self.features, "targets": self.targets, "bad": self.bad}
+        """Tensors, numbers and strings only: loads with `weights_only=True`."""
+        bad = [(position, b.path, b.reason) for position, b in sorted(self.bad.items())]
+        return {"features": self.features, "targets": self.targets, "bad": bad}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> FeatureSet:
+        """The set `state()` described."""
+        bad = {int(position): BadSample(path, reason) for position, path, reason in state["bad"]}
+        return cls(state["features"], state["targets"], bad)
 
 
-class FeatureCache(pl.Callback):
+class FeatureCache(pl.Callback, FeatureSource):
     """Serve train and val batches from cached backbone features while a finetuning strategy keeps the backbone
     frozen.
 
-    The DataModule asks (`ImageClassificationDataModule.feature_source`) each time the trainer asks it for a train
-    or val loader; the cache answers for the epoch about to start, which Lightning has already restored on a
-    resume. Features are computed at the first such request of a frozen epoch; at the first unfrozen one the
-    answer is "images". While features are served the trainer rebuilds its loaders every epoch
-    (`reload_dataloaders_every_n_epochs: 1`, Lightning's one switch for that), so the change takes effect
-    without a restart; the user's setting is back one epoch after the unfreeze and at the end of the fit.
+    A `FeatureSource`: the DataModule's train and val loaders ask it at the start of every pass
+    (`ImageClassificationDataModule.cached_features`), naming the epoch about to run, which Lightning has already
+    restored on a resume. Features are computed (or loaded from disk) at the first request of a frozen epoch; from
+    the first unfrozen epoch the answer is None, and the same loaders read images. The loaders are never rebuilt
+    for it and no trainer setting changes; the cache never calls the DataModule.
 
     Args:
         store: `memory` (this fit), `disk` (kept under `cache_dir`, reused by later runs) or `off` (YAML reads an
@@ -71,8 +83,7 @@ class FeatureCache(pl.Callback):
             un-augmented images.
         engine: what runs the frozen backbone over the images: `torch`, `onnxruntime` (CPU; the backbone is
             exported once, kept under `cache_dir/onnx`, and used only if it matches torch within 1e-4), or `auto`
-            (onnxruntime on CPU when installed). Measured here on batches of 32 at 224 px (2 cores):
-            EfficientNet-Lite0 3.5x, MobileNetV2 4.0x, ResNet18 1.5x the images per second of torch.
+            (onnxruntime on CPU when installed). How much faster per backbone: docs/benchmark.md.
     """
 
     def __init__(
@@ -85,20 +96,17 @@ class FeatureCache(pl.Callback):
         self.store = store
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_DIR
         self.force = force
-        if engine not in ENGINES:
-            raise ConfigError(f"feature_cache.engine {engine!r}: choose one of {list(ENGINES)}")
-        self.engine = engine
+        self.engine = check_engine(engine, "feature_cache.engine")
         self.computed: list[str] = []  # splits computed by this callback (the rest came from disk)
         self.loaded: list[str] = []
         self._features: dict[str, FeatureSet | None] = {}  # per split, while the backbone is frozen
-        self._fit: tuple[pl.Trainer, pl.LightningModule, ImageClassificationDataModule] | None = None
-        self._reload: int | None = None  # the trainer's own reload setting, while features are served
+        self._fit: tuple[pl.Trainer, pl.LightningModule] | None = None
 
     # ---------------------------------------------------------------------------------- hooks
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """For a fit, become the DataModule's feature source; a loud error when the data cannot take one."""
+        """For a fit, answer the DataModule's requests; a loud error when the data would never ask."""
         if stage != "fit" or self.store == "off":
             return
         datamodule = trainer.datamodule  # type: ignore[attr-defined]
@@ -108,108 +116,75 @@ class FeatureCache(pl.Callback):
                 "set feature_cache.store off"
             )
         self.computed, self.loaded, self._features = [], [], {}
-        self._fit = (trainer, pl_module, datamodule)
-        datamodule.feature_source = self
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """At the end of the first unfrozen epoch both loaders serve images again: give back the reload setting."""
-        if self._reload is not None and not self._frozen_at(trainer.current_epoch):
-            set_reload(trainer, self._reload)
-            self._reload = None
+        self._fit = (trainer, pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Later test or predict calls read images; the trainer's reload setting is the user's again."""
-        if self._fit is not None:
-            self._fit[2].feature_source = None
-            self._fit, self._features = None, {}
-        if self._reload is not None:
-            set_reload(trainer, self._reload)
-            self._reload = None
+        """Later test, validate or predict calls read images."""
+        self._fit, self._features = None, {}
 
     # ---------------------------------------------------------------------------------- the source
 
-    def features_for(self, split: str) -> FeatureSet | None:
-        """The features of `split` when the epoch about to start keeps the backbone frozen (computed or loaded
-        at the first request), else None."""
-        if self._fit is None:
+    @override
+    def features_for(self, request: FeatureRequest) -> FeatureSet | None:
+        """The features of `request.split` when `request.epoch` keeps the backbone frozen (computed or loaded at the
+        first request), else None."""
+        if self._fit is None or not self._frozen_at(request.epoch):
+            self._features = {}  # not fitting, or the frozen phase is over: images from now on
             return None
-        trainer, pl_module, datamodule = self._fit
-        if not self._frozen_at(epoch_starting(trainer)):
-            self._features = {}  # the frozen phase is over: images from now on
-            return None
-        if split not in self._features:
-            self._features[split] = self._prepare(split, pl_module, datamodule)
-        features = self._features[split]
-        if features is not None and self._reload is None:  # rebuild the loaders every epoch until the unfreeze
-            self._reload = set_reload(trainer, 1)
-        return features
+        if request.split not in self._features:
+            self._features[request.split] = self._prepare(request)
+        return self._features[request.split]
 
     def _frozen_at(self, epoch: int) -> bool:
         """Whether the one finetuning strategy keeps the whole backbone frozen at `epoch`."""
         if self._fit is None:
             return False
-        trainer, pl_module, _ = self._fit
+        trainer, pl_module = self._fit
         strategies = [c for c in trainer.callbacks if isinstance(c, FinetuningStrategy)]  # type: ignore[attr-defined]
         if len(strategies) != 1:
             return False  # no strategy: the whole network trains (two are refused by the CLI)
         strategy = strategies[0]
         return not strategy.unfrozen and not strategy.trainable_stages(backbone_of(pl_module), epoch)
 
-    def _prepare(
-        self, split: str, pl_module: pl.LightningModule, datamodule: ImageClassificationDataModule
-    ) -> FeatureSet | None:
-        view = datamodule.deterministic_view(split, self.force)
-        if view is None:
+    def _prepare(self, request: FeatureRequest) -> FeatureSet | None:
+        if request.augment is not None and not self.force:
             notice(
-                f"feature cache: train features not cached, augmentation {datamodule.augment!r} is random "
+                f"feature cache: train features not cached, augmentation {request.augment!r} is random "
                 "(set `force: true` to train the frozen phase on cached un-augmented images)"
             )
             return None
-        if split == "train" and datamodule.augment != "none":
+        if request.augment is not None:
             notice(
                 f"feature cache: the frozen phase trains on un-augmented images (augmentation "
-                f"{datamodule.augment!r} starts at the first unfreeze)"
+                f"{request.augment!r} starts at the first unfreeze)"
             )
-        features = self._features_of(pl_module, view, split, datamodule)
-        datamodule.report_unreadable(split, features.bad)
-        return features
+        return self._features_of(request)
 
-    def _features_of(
-        self, pl_module: pl.LightningModule, view: Any, split: str, datamodule: ImageClassificationDataModule
-    ) -> FeatureSet:
+    def _features_of(self, request: FeatureRequest) -> FeatureSet:
+        assert self._fit is not None
+        pl_module = self._fit[1]
         backbone = backbone_of(pl_module)
-        key = cache_key(backbone, view, split) if self.store == "disk" else None
+        key = cache_key(backbone, request.images, request.split) if self.store == "disk" else None
         path = self.cache_dir / f"{key}.pt" if key is not None else None
         if path is not None and path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            self.loaded.append(split)
-            return FeatureSet(state["features"], state["targets"], [tuple(b) for b in state["bad"]])
-        loader = datamodule.loader(split, view, one_pass=True)
-        features = compute_features(backbone, loader, pl_module.device, self.engine, self.cache_dir / "onnx")
-        self.computed.append(split)
+            self.loaded.append(request.split)
+            return FeatureSet.from_state(torch.load(path, map_location="cpu", weights_only=True))
+        features = compute_features(backbone, request.batches, pl_module.device, self.engine, self.cache_dir / "onnx")
+        self.computed.append(request.split)
         if path is not None:
             state = features.state()
             atomic_write(path, lambda tmp: torch.save(state, tmp), shared=True)  # processes may write it at once
         return features
 
 
-def set_reload(trainer: Any, every_n_epochs: int) -> int:
-    """Set the trainer's `reload_dataloaders_every_n_epochs` (an attribute Lightning sets at init, untyped);
-    the previous value."""
-    previous = int(trainer.reload_dataloaders_every_n_epochs)
-    trainer.reload_dataloaders_every_n_epochs = every_n_epochs
-    return previous
-
-
-def cache_key(backbone: Any, view: Any, split: str) -> str | None:
+def cache_key(backbone: Any, images: Transformed, split: str) -> str | None:
     """Digest of what the features depend on, or None when the data has no fingerprint."""
-    data = view.dataset.fingerprint()
+    data = images.dataset.fingerprint()
     if data is None:
         return None
     weights = digest(*(t.detach().cpu().contiguous().numpy().tobytes() for t in backbone.state_dict().values()))
-    return digest(backbone.name, weights, backbone.data_config, repr(view.transform), split, data)
+    return digest(LAYOUT, backbone.name, weights, backbone.data_config, repr(images.transform), split, data)
 
 
 def compute_features(
@@ -219,19 +194,31 @@ def compute_features(
     engine: str = "torch",
     onnx_dir: Path = DEFAULT_DIR,
 ) -> FeatureSet:
-    """One pass of the backbone in eval mode over a loader of image `Batch`es, by `engine` (see `engines`);
-    unreadable files are listed, not replaced."""
+    """One pass of the backbone in eval mode over a loader of image `Batch`es in dataset order, by `engine` (see
+    `engines`): the features of every position; an unreadable file keeps its position and its `BadSample`."""
     was_training = backbone.training
     backbone.eval()
-    features, targets, bad = [], [], []
-    run = None
+    rows, targets, positions = [], [], []
+    bad: dict[int, BadSample] = {}
+    end, run = 0, None
     for batch in loader:
-        bad += [(b.path, b.reason) for b in batch.skipped]
+        # the loader reads positions in order: this batch holds the next size + skipped ones, its readable ones
+        # named by `indices`, its unreadable ones at the rest, in order
+        span = range(end, end + batch.size + len(batch.skipped))
+        end = span.stop
+        readable = set(batch.indices.tolist())
+        bad.update(zip([p for p in span if p not in readable], batch.skipped, strict=True))
         if batch.size:
             run = run or frozen_pass(backbone, device, engine, batch.inputs, onnx_dir)
-            features.append(run(batch.inputs))
+            rows.append(run(batch.inputs))
             targets.append(batch.targets)
+            positions.append(batch.indices)
     backbone.train(was_training)
-    if not features:
+    if not rows:
         raise ConfigError("feature cache: no readable image in the split")
-    return FeatureSet(torch.cat(features), torch.cat(targets), bad)
+    found = torch.cat(rows)
+    features = torch.zeros(end, found.shape[1], dtype=found.dtype)
+    labels = torch.full((end,), -1, dtype=torch.long)
+    at = torch.cat(positions)
+    features[at], labels[at] = found, torch.cat(targets)
+    return FeatureSet(features, labels, bad)

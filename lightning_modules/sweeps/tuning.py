@@ -33,8 +33,7 @@ from typing import Any
 
 import yaml
 
-from datamodules.base import digest
-from datamodules.common import ConfigError
+from datamodules.common import ConfigError, digest
 from lightning_modules.reporting.callbacks import median_pruner, optuna_module
 from lightning_modules.sweeps.plan import (
     Launcher,

@@ -11,8 +11,8 @@ import torch
 from torchvision.transforms import v2
 
 from datamodules import ImageFolderDataModule
-from datamodules.base import Subset
 from datamodules.common import ConfigError, DataConfig
+from datamodules.datasets import Subset
 from datamodules.transforms import AUGMENT_PRESETS, RandomCrop, train_transform
 from lightning_modules.backbones.backbone import resolve_data_config
 from tests.helpers.data import photo, write_class_folders

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from datamodules import DigitsDataModule
-from datamodules.base import Concat, TensorImages, kfold_split
 from datamodules.common import ConfigError
+from datamodules.datasets import Concat, TensorImages
+from datamodules.splits import kfold_split
 from lightning_modules.backbones.backbone import data_config_dict
 from lightning_modules.module import FineTuneModule
 from tests.helpers.models import quiet_trainer

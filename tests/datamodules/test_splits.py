@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from datamodules import ImageFolderDataModule
-from datamodules.base import Transformed
+from datamodules.batches import Transformed
 from datamodules.common import ConfigError
 from datamodules.splits import GROUP_PATTERN, group_names
 from tests.helpers.data import photo

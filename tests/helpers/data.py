@@ -15,7 +15,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from datamodules.base import TensorImages, Transformed, collate
+from datamodules.batches import Transformed, collate
+from datamodules.datasets import TensorImages
 
 
 def photo(seed: int, size: tuple[int, int] = (40, 30), mode: str = "RGB") -> Image.Image:

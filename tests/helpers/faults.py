@@ -81,11 +81,16 @@ class PoisonBatch(pl.Callback):
 
 
 class DumpState(pl.Callback):
-    """At the end of fit, write each process's trainable count, param groups and a weights checksum to JSON, and
-    its state dict beside it."""
+    """At the end of fit, write each process's trainable count, param groups, a weights checksum and the positions
+    it trained on per epoch (as cached features or as images) to JSON, and its state dict beside it."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.seen: dict[str, dict[str, list[int]]] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, index: int) -> None:
+        kinds = self.seen.setdefault(str(trainer.current_epoch), {"features": [], "images": []})
+        kinds["features" if batch.features else "images"] += batch.indices.tolist()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state: dict[str, Any] = {
@@ -95,6 +100,7 @@ class DumpState(pl.Callback):
             "val_acc": float(trainer.callback_metrics.get("val/acc", torch.tensor(-1.0))),
             "val_loss": float(trainer.callback_metrics.get("val/loss", torch.tensor(-1.0))),
             "epoch": trainer.current_epoch,
+            "seen": self.seen,
         }
         Path(f"{self.path}.rank{trainer.global_rank}.json").write_text(json.dumps(state))
         torch.save(pl_module.state_dict(), f"{self.path}.rank{trainer.global_rank}.pt")  # every tensor, to compare

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from timm.layers import DropPath
 
-from datamodules.base import Batch
+from datamodules.batches import Batch
 from datamodules.common import ConfigError
 from lightning_modules.backbones.backbone import build_backbone
 from lightning_modules.finetuning.batch_augment import BatchMixer, tta_views

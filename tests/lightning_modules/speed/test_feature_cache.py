@@ -82,17 +82,39 @@ def _fit(
     return model, spy, trainer
 
 
+class CountedLoaders(DigitsDataModule):
+    """Digits whose train and val loaders count how often the trainer asks for one."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.built: dict[str, int] = defaultdict(int)
+
+    def train_dataloader(self) -> Any:
+        self.built["train"] += 1
+        return super().train_dataloader()
+
+    def val_dataloader(self) -> Any:
+        self.built["val"] += 1
+        return super().val_dataloader()
+
+
 def test_frozen_epochs_use_features_and_the_unfreeze_switches_to_images(tmp_path: Path) -> None:
     cache = FeatureCache()
-    _, spy, trainer = _fit(FreezeUnfreeze(unfreeze_at_epoch=2, stages=1), 3, cache)
+    data = CountedLoaders(
+        batch_size=64, num_workers=0, augment="none", data_config=data_config_dict(BACKBONE, "none", 32)
+    )
+    model, spy, trainer = _fit(FreezeUnfreeze(unfreeze_at_epoch=2, stages=1), 3, cache, data=data)
     assert sorted(cache.computed) == ["train", "val"]  # val first: the sanity check asks for it
     for epoch in (0, 1):
         assert spy.ranks[(epoch, "train")] == {2} and spy.ranks[(epoch, "val")] == {2}
         assert spy.backbone_calls[epoch] == 0
     assert spy.ranks[(2, "train")] == {4} and spy.ranks[(2, "val")] == {4}
     assert spy.backbone_calls[2] > 0
-    assert trainer.reload_dataloaders_every_n_epochs == 0  # the user's setting is back
-    assert trainer.datamodule.feature_source is None  # a later test or predict reads images
+    # the same two loaders served features, then images: none rebuilt, no trainer setting switched
+    assert data.built == {"train": 1, "val": 1}
+    assert trainer.reload_dataloaders_every_n_epochs == 0
+    trainer.validate(model, datamodule=data, verbose=False)
+    assert spy.ranks[(3, "val")] == {4}  # outside the fit, images
 
 
 def _assert_cached_path(spy: InputSpy, epochs: tuple[int, ...]) -> None:
