@@ -80,7 +80,7 @@ def test_a_study_prunes_survives_a_kill_and_ends_with_a_ready_best_yaml(in_tmp: 
     (in_tmp / "base.yaml").write_text(BASE)
     (in_tmp / "search.yaml").write_text(SEARCH)
     code = f"import sys; sys.path.insert(0, {str(REPO / 'scripts')!r}); import tune; "
-    code += "from tests.helpers import in_process; "
+    code += "from tests.helpers.runs import in_process; "
     code += f"sys.exit(tune.main({_tune_args()!r}, launcher=in_process))"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = subprocess.Popen([sys.executable, "-c", code], cwd=in_tmp, env=env, start_new_session=True)
