@@ -28,8 +28,9 @@ class FeatureRequest(NamedTuple):
 
 @runtime_checkable
 class FeatureSource(Protocol):
-    """Serves cached backbone features in place of a split's images (the FeatureCache callback). The DataModule asks
-    the trainer's callback that is one at the start of every train and val pass; the source never calls back."""
+    """Serves cached backbone features in place of a split's images (the FeatureCache callback). The DataModule
+    finds it among the trainer's callbacks and asks it at the start of every train and val pass; it never calls
+    the DataModule."""
 
     def features_for(self, request: FeatureRequest) -> Dataset | None:
         """The features of `request.images` position for position (a position whose file cannot be read yields its
