@@ -60,8 +60,8 @@ class PresentClassesAUROC(MulticlassAUROC):
     """Macro one-vs-rest AUROC over the classes that occur in the targets, as the test report computes it:
     torchmetrics' macro counts a class without samples (no ROC curve) as 0 and pulls the mean down."""
 
-    def __init__(self, num_classes: int) -> None:
-        super().__init__(num_classes=num_classes, average="none")
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(num_classes=num_classes, average="none", **kwargs)
 
     @override
     def compute(self) -> torch.Tensor:  # type: ignore[override]  # MulticlassAUROC's own is typed so too
@@ -72,9 +72,10 @@ class PresentClassesAUROC(MulticlassAUROC):
         return super().compute()[present].mean()
 
 
-def classification_metrics(num_classes: int, prefix: str, auroc: bool = False) -> MetricCollection:
-    """Accuracy (micro) and macro precision, recall and F1 (and macro one-vs-rest AUROC), keyed `<prefix>acc`..."""
-    kw: dict[str, Any] = {"num_classes": num_classes}
+def classification_metrics(num_classes: int, prefix: str, auroc: bool = False, sync: bool = True) -> MetricCollection:
+    """Accuracy (micro) and macro precision, recall and F1 (and macro one-vs-rest AUROC), keyed `<prefix>acc`...;
+    `sync=False`: computed from this process's updates alone (no collective: for numbers one process computes)."""
+    kw: dict[str, Any] = {"num_classes": num_classes, "sync_on_compute": sync}
     metrics: dict[str, Any] = {
         "acc": MulticlassAccuracy(average="micro", **kw),
         "precision": MulticlassPrecision(average="macro", **kw),
@@ -82,7 +83,7 @@ def classification_metrics(num_classes: int, prefix: str, auroc: bool = False) -
         "f1": MulticlassF1Score(average="macro", **kw),
     }
     if auroc:
-        metrics["auroc"] = PresentClassesAUROC(num_classes)
+        metrics["auroc"] = PresentClassesAUROC(num_classes, sync_on_compute=sync)
     return MetricCollection(metrics, prefix=prefix)
 
 

@@ -20,7 +20,7 @@ def classification_report(probs: torch.Tensor, targets: torch.Tensor, class_name
     """Accuracy, macro precision/recall/F1 (over the classes that occur in the targets or the predictions), AUROC
     (one-vs-rest over the classes in the targets), per-class figures and the confusion matrix, as plain numbers."""
     n = len(class_names)
-    summary = classification_metrics(n, "", auroc=True)
+    summary = classification_metrics(n, "", auroc=True, sync=False)  # rank 0 alone, on every process's predictions
     summary.update(probs, targets)
     overall = {key: float(value) for key, value in summary.compute().items()}
     per_class = {
