@@ -17,6 +17,7 @@ from lightning_modules.reporting.callbacks import (
     TrainingStateLogger,
 )
 from lightning_modules.reporting.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.reporting.dashboard import Dashboard
 from lightning_modules.reporting.report import PredictionWriter, TestReport
 from lightning_modules.speed import FeatureCache
 
@@ -24,6 +25,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "Backbone",
     "BestCheckpoint",
+    "Dashboard",
     "FeatureCache",
     "FineTuneModule",
     "FinetuningStrategy",

@@ -322,7 +322,9 @@ class FineTuneModule(LightningModule):
         self.log(
             f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=sync
         )
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(y))
+        for name, metric in metrics.items():  # the bar shows the loss and the accuracy; the loggers get all
+            shown = name == f"{stage}/acc" and stage != "train"
+            self.log(name, metric, on_step=False, on_epoch=True, prog_bar=shown, batch_size=len(y))
         return loss, logits
 
     @override
@@ -335,9 +337,10 @@ class FineTuneModule(LightningModule):
         return step[0]
 
     @override
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        """Updates val loss and metrics."""
-        self._shared_step(batch, "val")
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
+        """Updates val loss and metrics; returns the logits for the dashboard's val pictures."""
+        step = self._shared_step(batch, "val")
+        return None if step is None else {"loss": step[0], "logits": step[1].detach()}
 
     @override
     def test_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor] | None:

@@ -11,7 +11,9 @@ Prints markdown tables of ratios (and the raw figures behind them):
 - on CPU, the frozen backbone's forward pass on ONNX Runtime / torch for EfficientNet-Lite0, MobileNetV2 and
   ResNet18 (goals >= 3.0, >= 2.0, >= 0.95), and FeatureCache's pass / a bare InferenceSession loop (>= 0.9);
 - on CPU, fit + test of a frozen Lite0 linear probe on the dev cats-vs-dogs photos with each engine (>= 2.5x,
-  the same test accuracy within 0.2 points).
+  the same test accuracy within 0.2 points);
+- what the dashboard's pictures cost: the time inside the `Dashboard` callback's hooks during a fit of the
+  own-images recipe on the dev cats-vs-dogs photos, per epoch and at the end, against the epoch's time.
 
 Uses the GPU when there is one. Usage:
 
@@ -23,6 +25,7 @@ Uses the GPU when there is one. Usage:
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import itertools
 import json
@@ -51,10 +54,12 @@ from datamodules.images import load_image, read_rgb
 from datamodules.preresize import preresize
 from datamodules.transforms import eval_transform, train_transform
 from lightning_modules.backbones.backbone import build_backbone, data_config_dict
+from lightning_modules.cli.main import cli_main
 from lightning_modules.console import machine
 from lightning_modules.finetuning.strategies import Freeze
 from lightning_modules.module import FineTuneModule
 from lightning_modules.reporting.callbacks import TrainingStateLogger
+from lightning_modules.reporting.dashboard import Dashboard
 from lightning_modules.reporting.report import PredictionWriter
 from lightning_modules.speed.engines import onnxruntime_pass, torch_pass
 from lightning_modules.speed.feature_cache import FeatureCache, compute_features
@@ -79,7 +84,7 @@ class Setup:
 QUICK = Setup("timm/test_resnet", "none", 32, 16, 8, 2, 2, 48, 64, False)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("framework", "engines", "probe")
+PARTS = ("framework", "engines", "probe", "dashboard")
 
 
 def sync() -> None:
@@ -471,6 +476,67 @@ def probe_rows(data: Path, root: Path) -> list[str]:
     return rows
 
 
+def dashboard_rows(data: Path, root: Path, epochs: int = 5) -> list[str]:
+    """Seconds spent in each `Dashboard` hook during `ftlab fit` of the own-images recipe on the dev cats-vs-dogs
+    photos (in this process; each hook wrapped by a timer), against the fit's mean epoch time."""
+    photos = data / "cats_vs_dogs" / "PetImages"
+    if not photos.is_dir():
+        return [f"(dashboard cost not measured: no {photos}; pass --data DIR, the dev data's folder)"]
+    spent: dict[str, list[float]] = {}
+    hooks = ("on_fit_start", "on_train_batch_start", "on_validation_batch_end", "on_validation_epoch_end")
+    hooks += ("on_train_epoch_end", "on_fit_end")
+    originals = {hook: getattr(Dashboard, hook) for hook in hooks}
+
+    def timer(hook: str) -> Callable[..., None]:
+        def timed_hook(self: Dashboard, *args: Any) -> None:
+            start = time.perf_counter()
+            originals[hook](self, *args)
+            spent.setdefault(hook, []).append(time.perf_counter() - start)
+
+        return timed_hook
+
+    for hook in hooks:
+        setattr(Dashboard, hook, timer(hook))
+    try:
+        start = time.perf_counter()
+        cli = cli_main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "experiments" / "data" / "image_folder.yaml"),
+                f"--data.init_args.root={photos}",
+                f"--trainer.logger.init_args.save_dir={root / 'runs'}",
+                f"--trainer.max_epochs={epochs}",
+                "--trainer.enable_progress_bar=false",
+            ]
+        )
+        wall = time.perf_counter() - start
+    finally:
+        for hook, original in originals.items():
+            setattr(Dashboard, hook, original)
+    epoch_s = [float(row["time/epoch_s"]) for row in csv_rows(Path(str(cli.trainer.log_dir)) / "metrics.csv")]
+    mean_epoch = statistics.fmean(epoch_s)
+    per_epoch = {h: sum(spent.get(h, [])) / epochs for h in hooks if h not in ("on_fit_start", "on_fit_end")}
+    rows = [
+        f"| Dashboard on the own-images recipe, {photos.parent.name} dev photos ({epochs} epochs, fit {wall:.0f} s, "
+        f"mean epoch {mean_epoch:.1f} s) | seconds | share of an epoch |",
+        "|---|---|---|",
+    ]
+    for hook, seconds in per_epoch.items():
+        rows.append(f"| {hook}, per epoch | {seconds:.3f} | {seconds / mean_epoch:.2%} |")
+    total = sum(per_epoch.values())
+    rows.append(f"| all per-epoch pictures and records | {total:.3f} | {total / mean_epoch:.2%} |")
+    for hook in ("on_fit_start", "on_fit_end"):
+        rows.append(f"| {hook} (once per fit) | {sum(spent.get(hook, [])):.3f} | |")
+    return rows
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv that hold `time/epoch_s`."""
+    with path.open() as f:
+        return [row for row in csv.DictReader(f) if row.get("time/epoch_s")]
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -483,6 +549,8 @@ def run(setup: Setup, parts: list[str], data: Path) -> str:
             lines += [*engine_rows(setup, Path(tmp)), ""]
         if "probe" in parts and DEVICE.type == "cpu" and setup != QUICK:  # two minutes of real photos
             lines += [*probe_rows(data, Path(tmp)), ""]
+        if "dashboard" in parts and setup != QUICK:  # a fit of a few minutes on real photos
+            lines += [*dashboard_rows(data, Path(tmp)), ""]
         if "framework" in parts:
             lines += [
                 f"Model: {setup.backbone} ({setup.weights}) at {setup.image_size} px.",

@@ -74,6 +74,33 @@ class FinetuningStrategy(BaseFinetuning):
         """Stages that should be trainable during `epoch` (cumulative: a stage once unfrozen stays so)."""
         raise NotImplementedError
 
+    def schedule(self, backbone: Backbone, epochs: int) -> list[tuple[int, list[str]]]:
+        """The epochs, among the first `epochs`, at which stages become trainable, with their names (top first)."""
+        changes: list[tuple[int, list[str]]] = []
+        seen: set[str] = set()  # the plan from the first epoch, whatever a resumed run has unfrozen
+        for epoch in range(epochs):
+            new = [s.name for s in self.trainable_stages(backbone, epoch) if s.name not in seen]
+            if new:
+                changes.append((epoch, new))
+                seen.update(new)
+        return changes
+
+    def describe(self, backbone: Backbone, epochs: int) -> str:
+        """What trains when and at which rate, in one line: `epoch 0: head only; from epoch 1: + 3 of 9 stages
+        (blocks.5, blocks.6, conv_head) at the head's rate x 0.1`."""
+        total = len(backbone.stages)
+        rate = f"lr {self.lr:g}" if self.lr is not None else f"the head's rate x {self.lr_factor:g}"
+        rate += f", x {self.lr_decay:g} per stage down" if self.lr_decay != 1 else ""
+        changes = self.schedule(backbone, epochs)
+        parts = [] if changes and changes[0][0] == 0 else ["head only (backbone frozen)"]
+        if parts and changes:
+            parts[0] = f"epochs 0-{changes[0][0] - 1}: head only" if changes[0][0] > 1 else "epoch 0: head only"
+        for epoch, names in changes:
+            shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+            count = f"all {total} stages" if len(names) == total else f"{len(names)} of {total} stages"
+            parts.append(f"from epoch {epoch}: + {count} ({shown}) at {rate}")
+        return f"{type(self).__name__}: " + "; ".join(parts)
+
     def stage_lr(self, backbone: Backbone, stage: Stage, head_lr: float) -> float:
         """Starting learning rate of a newly unfrozen stage."""
         top = self.lr if self.lr is not None else head_lr * self.lr_factor

@@ -19,7 +19,14 @@ from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError, atomic_write, gather_lists
 from datamodules.images import PATH_ERRORS
 from lightning_modules.backbones.backbone import Backbone
-from lightning_modules.reporting.figures import confusion_figure, denormalize, first_layer_figures, grid_figure
+from lightning_modules.reporting.dashboard import tensorboards
+from lightning_modules.reporting.figures import (
+    confusion_figure,
+    denormalize,
+    first_layer_figures,
+    grid_figure,
+    pr_curves_figure,
+)
 from lightning_modules.reporting.metrics import classification_report
 
 GRID = 16  # images per grid
@@ -41,8 +48,8 @@ def reported(pl_module: pl.LightningModule) -> ReportedModel:
 
 
 class TestReport(pl.Callback):
-    """After `ftlab test`: metrics.json, report.md, confusion_matrix.png and image grids in the run directory,
-    the same figures in TensorBoard, and the hyperparameters with the final metrics in its HParams view.
+    """After `ftlab test`: metrics.json, report.md, confusion_matrix.png, image grids and precision-recall curves in
+    the run directory, the same figures and each class's PR curve in TensorBoard.
 
     Args:
         grid_size: images per grid.
@@ -116,13 +123,9 @@ class TestReport(pl.Callback):
             return
         model = reported(pl_module)
         report = self._metrics(trainer, pl_module, *gathered)
-        figures = self._figures(report, model)
+        figures = self._figures(report, model, *gathered)
         self._write(Path(log_dir), report, figures, model.class_names)
-        self._to_tensorboard(trainer, pl_module, report, figures)
-        import matplotlib.pyplot as plt
-
-        for fig in figures.values():
-            plt.close(fig)
+        self._to_tensorboard(trainer, figures, model.class_names, *gathered)
         print(f"Test report: {Path(log_dir) / 'report.md'}")
 
     def _gather(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -162,14 +165,18 @@ class TestReport(pl.Callback):
         )
         return report
 
-    def _figures(self, report: dict[str, Any], model: ReportedModel) -> dict[str, Any]:
-        """The confusion matrix, the image grids and (with `layer_figures`) the first layer's kernels and maps."""
+    def _figures(
+        self, report: dict[str, Any], model: ReportedModel, probs: torch.Tensor, targets: torch.Tensor
+    ) -> dict[str, Any]:
+        """The confusion matrix, the image grids, the precision-recall curves and (with `layer_figures`) the first
+        layer's kernels and maps."""
         names = model.class_names
         figures = {
             "confusion_matrix": confusion_figure(np.array(report["confusion_matrix"]), names),
             "correct": grid_figure(self.correct, names, "correct predictions"),
             "misclassified": grid_figure(self.wrong, names, "misclassified"),
             "top_losses": grid_figure(self.top_losses, names, "highest losses"),
+            "pr_curves": pr_curves_figure(pr_curves(probs, targets, names)),
         }
         if self.layer_figures and self.correct + self.wrong:
             cfg = model.backbone.data_config
@@ -192,20 +199,29 @@ class TestReport(pl.Callback):
 
     @staticmethod
     def _to_tensorboard(
-        trainer: pl.Trainer, pl_module: pl.LightningModule, report: dict[str, Any], figures: dict[str, Any]
+        trainer: pl.Trainer, figures: dict[str, Any], class_names: list[str], probs: torch.Tensor, targets: torch.Tensor
     ) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger
+        """The figures under `test/<name>`, and TensorBoard's own PR curve of each class (`test/pr/<class>`). The
+        test metrics reach its HParams table as the `test/` scalars Lightning logs into the run."""
+        for writer in tensorboards(trainer):
+            for name, fig in figures.items():
+                writer.add_figure(f"test/{name}", fig, global_step=trainer.global_step, close=False)
+            for i, name in enumerate(class_names):
+                writer.add_pr_curve(f"test/pr/{name}", targets == i, probs[:, i], global_step=trainer.global_step)
 
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for name, fig in figures.items():
-                    logger.experiment.add_figure(f"test/{name}", fig, global_step=trainer.global_step)
-                metrics = {f"test/{k}": report[k] for k in ("acc", "precision", "recall", "f1", "auroc")}
-                logger.log_hyperparams(_flat_hparams(pl_module.hparams), metrics)
 
+def pr_curves(probs: torch.Tensor, targets: torch.Tensor, class_names: list[str]) -> list[tuple[str, Any, Any]]:
+    """Each class's one-vs-rest precision-recall curve (torchmetrics), as `(class, precision, recall)` arrays; a
+    class absent from the targets has none."""
+    from torchmetrics.functional.classification import binary_precision_recall_curve
 
-def _flat_hparams(hparams: Any) -> dict[str, Any]:
-    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in dict(hparams).items()}
+    curves = []
+    for i, name in enumerate(class_names):
+        positives = targets == i
+        if positives.any():
+            precision, recall, _ = binary_precision_recall_curve(probs[:, i], positives.long())
+            curves.append((name, precision.numpy(), recall.numpy()))
+    return curves
 
 
 def render_markdown(report: dict[str, Any], class_names: list[str], run: Path) -> str:
@@ -233,7 +249,11 @@ def render_markdown(report: dict[str, Any], class_names: list[str], run: Path) -
         "",
         "Misclassified: ![misclassified](misclassified.png)  Highest losses: ![top losses](top_losses.png)",
         "",
+        "![precision-recall per class](pr_curves.png)",
+        "",
     ]
+    if (run / "learning_curves.png").is_file():  # drawn at the end of the fit that wrote this run
+        lines += ["## Training", "", "![learning curves](learning_curves.png)", ""]
     config = run / "config.yaml"
     if config.is_file():
         lines += ["## Config", "", "```yaml", config.read_text().rstrip(), "```", ""]

@@ -139,6 +139,7 @@ def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) 
         "TrainingStateLogger",
         "StopOnNonFiniteLoss",
         "ResumeNotice",
+        "Dashboard",
         "TestReport",
         "PredictionWriter",
         "FreezeUnfreeze",
