@@ -483,8 +483,14 @@ def dashboard_rows(data: Path, root: Path, epochs: int = 5) -> list[str]:
     if not photos.is_dir():
         return [f"(dashboard cost not measured: no {photos}; pass --data DIR, the dev data's folder)"]
     spent: dict[str, list[float]] = {}
-    hooks = ("on_fit_start", "on_train_batch_start", "on_validation_batch_end", "on_validation_epoch_end")
-    hooks += ("on_train_epoch_end", "on_fit_end")
+    hooks = (
+        "on_fit_start",
+        "on_train_batch_start",
+        "on_validation_batch_end",
+        "on_validation_epoch_end",
+        "on_train_epoch_end",
+        "on_fit_end",
+    )
     originals = {hook: getattr(Dashboard, hook) for hook in hooks}
 
     def timer(hook: str) -> Callable[..., None]:
