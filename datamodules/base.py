@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from datamodules.batches import Batch, EpochShuffle, Transformed
-from datamodules.common import ConfigError, DataConfig, Preprocessed, cores, gather_lists
+from datamodules.common import ConfigError, DataConfig, Preprocessed, cores, gather_lists, progress_shown
 from datamodules.datasets import Concat, ImageFiles, LabeledDataset
 from datamodules.images import list_images, write_bad_images
 from datamodules.loaders import FeatureRequest, FeatureSource, SplitLoader
@@ -137,13 +137,15 @@ class ImageClassificationDataModule(LightningDataModule):
     @override
     def setup(self, stage: str | None = None) -> None:
         """Build the three splits once and attach transforms; predicting a `predict_root` needs none of them (nor
-        the training data). The preprocessing is the trainer's model's (`link_preprocessing`)."""
+        the training data). The preprocessing is the trainer's model's (`link_preprocessing`). The header check of
+        every file shows progress (`shows_progress`)."""
         model = self.trainer.lightning_module if self.trainer is not None else None
         if isinstance(model, Preprocessed):
             self.link_preprocessing(model.data_config)
         if self.datasets or (stage == "predict" and self.predict_root is not None):
             return
-        raw = self.build_splits()
+        with progress_shown(self.shows_progress()):
+            raw = self.build_splits()
         for split, dataset in raw.items():
             self.skipped |= {(split, b.path, b.reason) for b in getattr(dataset, "rejected", [])}
         train = raw["train"]
@@ -163,6 +165,14 @@ class ImageClassificationDataModule(LightningDataModule):
             "test": Transformed(raw["test"], evaluation),
         }
         rank_zero_info(self.describe(self._write_skipped()))
+
+    def shows_progress(self) -> bool:
+        """Whether the long steps of this DataModule (the header check of every file) show a progress line on
+        stderr: on a trainer, on its process zero when its progress bar is on (`trainer.enable_progress_bar`);
+        without one (`setup()` called by hand, in a notebook), on process zero."""
+        if self.trainer is None:
+            return rank_zero_only.rank == 0  # type: ignore[attr-defined]  # set by Lightning from the environment
+        return self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
 
     def link_preprocessing(self, model_config: DataConfig) -> None:
         """Take the model's preprocessing (what the CLI's link does at parse time); a ConfigError when this
@@ -313,7 +323,8 @@ class ImageClassificationDataModule(LightningDataModule):
             root = Path(self.predict_root)
             if not root.is_dir():
                 raise ConfigError(f"data.init_args.predict_root {root.resolve()} is not a folder of images")
-            files = ImageFiles([(p, -1) for p in list_images(root)])
+            with progress_shown(self.shows_progress()):
+                files = ImageFiles([(p, -1) for p in list_images(root)])
             if not files.paths and not files.rejected:
                 raise ConfigError(
                     f"data.init_args.predict_root {root.resolve()} holds no image files (searched its sub-folders "

@@ -1,6 +1,6 @@
 """What the data layer and every layer above it share: the error type for user mistakes, the preprocessing a
 backbone expects, writing a file so that no reader sees it half-written, a short digest of anything (cache keys),
-and gathering lists across processes.
+gathering lists across processes, and the progress line of a step that takes a while.
 
 It imports nothing of the project (and neither torch nor Lightning at import), so anything may import it.
 """
@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TextIO, runtime_checkable
+
+from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -149,3 +154,48 @@ def gather_lists(items: list[Any]) -> list[Any]:
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, list(items))
     return [item for part in parts for item in part]
+
+
+_SHOWN: ContextVar[bool] = ContextVar("progress_shown", default=False)
+
+
+@contextmanager
+def progress_shown(shown: bool) -> Iterator[None]:
+    """Within the block, `progress` lines whose caller does not decide are shown or not: a DataModule's setup
+    decides for the header check of the datasets its subclass builds. Outside any block they are hidden."""
+    token = _SHOWN.set(shown)
+    try:
+        yield
+    finally:
+        _SHOWN.reset(token)
+
+
+def progress(
+    desc: str, unit: str, total: int | None = None, iterable: Iterable[Any] | None = None, shown: bool | None = None
+) -> Any:
+    """A progress line on stderr for a step that can take more than a few seconds: `desc`, the `unit`s done of
+    `total` and the rate, as `train features:  50%|#####     | 9000/18000 [02:06<02:06, 71.4image/s]`.
+
+    A tqdm bar (Lightning's progress bar is tqdm too): iterate it over `iterable` (one unit per item), or call
+    `update(n)`; use it as a context manager to close it. `shown`: None follows the enclosing `progress_shown`
+    block (hidden outside one). Refreshed twice a second on a terminal, every 5 s into a file or a pipe (a log).
+    """
+    stream = sys.stderr
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        unit=unit,
+        file=stream,
+        disable=not (_SHOWN.get() if shown is None else shown),
+        mininterval=0.5 if stream.isatty() else 5.0,
+        dynamic_ncols=True,
+    )
+
+
+def say(message: str, file: TextIO | None = None) -> None:
+    """Print a line (on stdout by default) without breaking a `progress` line on the terminal: the bars are
+    cleared, the line written, the bars drawn again below it."""
+    stream = file or sys.stdout
+    with tqdm.external_write_mode(file=stream):
+        print(message, file=stream, flush=True)

@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from datamodules.common import digest
+from datamodules.common import digest, progress
 from datamodules.images import BadSample, bad_reason, check_header, load_image
 
 
@@ -36,13 +36,14 @@ class LabeledDataset(Dataset):
 
 class ImageFiles(LabeledDataset):
     """Image files with labels. Files failing the header check are left out at construction and listed in
-    `rejected`; a file that fails to decode later comes back as a `BadSample`, never as another image."""
+    `rejected`; a file that fails to decode later comes back as a `BadSample`, never as another image. The check
+    shows a progress line when the enclosing `progress_shown` block says so (a DataModule's setup)."""
 
     def __init__(self, files: Sequence[tuple[Path, int]]) -> None:
         self.rejected: list[BadSample] = []
         self.paths: list[str] = []
         self.targets: list[int] = []
-        for path, label in files:
+        for path, label in progress("checking image files", "file", iterable=files):
             reason = check_header(path)
             if reason is None:
                 self.paths.append(str(path))

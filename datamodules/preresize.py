@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from PIL import Image
 
-from datamodules.common import atomic_write
+from datamodules.common import atomic_write, progress
 from datamodules.images import list_images, read_rgb, to_rgb
 
 
@@ -39,16 +39,20 @@ def _read_draft(path: Path, size: int) -> Image.Image:
         return to_rgb(raw)
 
 
-def preresize(src: Path, dst: Path, size: int, workers: int | None = None) -> dict[str, int]:
-    """Pre-resize every image under `src` into `dst`; counts by outcome."""
+def preresize(src: Path, dst: Path, size: int, workers: int | None = None, shown: bool = True) -> dict[str, int]:
+    """Pre-resize every image under `src` into `dst`; counts by outcome. `shown`: a progress line on stderr."""
     if not src.is_dir():
         raise SystemExit(f"error: {src} is not a folder of images")
     if dst.resolve() == src.resolve():
         raise SystemExit("error: the destination must differ from the source (the originals are kept)")
     files = list_images(src)
     counts = {"resized": 0, "copied": 0, "done": 0}
-    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+    with (
+        ProcessPoolExecutor(workers or os.cpu_count()) as pool,
+        progress("preresize", "image", len(files), shown=shown) as bar,
+    ):
         jobs = [pool.submit(preresize_file, f, dst / f.relative_to(src), size) for f in files]
-        for job in jobs:
+        for job in as_completed(jobs):
             counts[job.result()] += 1
+            bar.update()
     return counts

@@ -13,8 +13,9 @@ Writes into `<run>/export/` (each file written aside, then renamed into place):
   "local-dir:<run>/export/timm", pretrained=True)` loads it back, and `model.backbone: timm/local-dir:...`
   fine-tunes it again.
 
-Prints the largest absolute difference of each from the eager model's output on one batch. Needs the `export`
-extra (`pip install ".[export]"`: onnx, onnxscript, onnxruntime).
+Prints the largest absolute difference of each from the eager model's output on one batch; while it works, a progress
+line on stderr names the file being written and counts the files done of three (`--no-progress`: none). Needs the
+`export` extra (`pip install ".[export]"`: onnx, onnxscript, onnxruntime).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from datamodules.common import ConfigError, atomic_write
+from datamodules.common import ConfigError, atomic_write, progress, say
 from lightning_modules.module import FineTuneModule
+
+STAGES = ("model.onnx", "model.pt2", "timm/")  # each written, read back and compared with the eager model
 
 
 def load_model(ckpt: Path) -> FineTuneModule:
@@ -116,9 +119,11 @@ def export_timm(model: FineTuneModule, out_dir: Path) -> nn.Module:
     return body
 
 
-def export(ckpt: Path, out_dir: Path, batch_size: int = 4, seed: int = 0, softmax: bool = False) -> dict[str, float]:
+def export(
+    ckpt: Path, out_dir: Path, batch_size: int = 4, seed: int = 0, softmax: bool = False, shown: bool = True
+) -> dict[str, float]:
     """Write model.onnx, model.pt2 and (timm backbones) timm/ into `out_dir`; the max |difference| from eager of
-    each, read back from disk."""
+    each, read back from disk. `shown`: a progress line on stderr, the three files (`STAGES`) done and left."""
     import numpy as np
     import onnxruntime as ort
     import timm
@@ -131,26 +136,36 @@ def export(ckpt: Path, out_dir: Path, batch_size: int = 4, seed: int = 0, softma
     with torch.no_grad():
         eager = exported(x).numpy()
     out_dir.mkdir(parents=True, exist_ok=True)
+    with progress("export", "file", len(STAGES), shown=shown) as bar:
+        bar.set_postfix_str(STAGES[0])
+        export_onnx(exported, x, out_dir / "model.onnx", output, metadata(model, output))
+        session = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+        diffs = {"onnx": float(np.abs(session.run(None, {"images": x.numpy()})[0] - eager).max())}
+        bar.update()
+        bar.set_postfix_str(STAGES[1])
 
-    export_onnx(exported, x, out_dir / "model.onnx", output, metadata(model, output))
-    session = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    diffs = {"onnx": float(np.abs(session.run(None, {"images": x.numpy()})[0] - eager).max())}
+        program_path = out_dir / "model.pt2"
+        batch = ({0: torch.export.Dim("batch", min=1)},)  # by position: a Sequential's argument is not named x
+        program = torch.export.export(exported, (x,), dynamic_shapes=batch)
+        atomic_write(program_path, lambda tmp: torch.export.save(program, str(tmp)))
+        with torch.no_grad():
+            diffs["torch.export"] = float(
+                np.abs(torch.export.load(str(program_path)).module()(x).numpy() - eager).max()
+            )
+        bar.update()
+        bar.set_postfix_str(STAGES[2])
 
-    program_path = out_dir / "model.pt2"
-    batch = ({0: torch.export.Dim("batch", min=1)},)  # by position: a Sequential's argument is not named x
-    program = torch.export.export(exported, (x,), dynamic_shapes=batch)
-    atomic_write(program_path, lambda tmp: torch.export.save(program, str(tmp)))
-    with torch.no_grad():
-        diffs["torch.export"] = float(np.abs(torch.export.load(str(program_path)).module()(x).numpy() - eager).max())
-        try:
-            export_timm(model, out_dir / "timm")
-        except ConfigError as err:
-            print(f"export: no timm folder: {err}", file=sys.stderr)
-        else:
-            loaded = timm.create_model(f"local-dir:{out_dir / 'timm'}", pretrained=True).eval()
-            logits = loaded(x)
-            out = logits.softmax(dim=1) if softmax else logits
-            diffs["timm local-dir"] = float(np.abs(out.numpy() - eager).max())
+        with torch.no_grad():
+            try:
+                export_timm(model, out_dir / "timm")
+            except ConfigError as err:
+                say(f"export: no timm folder: {err}", file=sys.stderr)
+            else:
+                loaded = timm.create_model(f"local-dir:{out_dir / 'timm'}", pretrained=True).eval()
+                logits = loaded(x)
+                out = logits.softmax(dim=1) if softmax else logits
+                diffs["timm local-dir"] = float(np.abs(out.numpy() - eager).max())
+        bar.update()
     return diffs
 
 
@@ -161,10 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: <run directory>/export")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--softmax", action="store_true", help="end in softmax: output `probabilities`")
+    parser.add_argument("--no-progress", action="store_true", help="no progress line (files done, left) on stderr")
     args = parser.parse_args(argv)
     out = args.out or args.checkpoint.resolve().parent.parent / "export"
     try:
-        diffs = export(args.checkpoint, out, args.batch_size, softmax=args.softmax)
+        diffs = export(args.checkpoint, out, args.batch_size, softmax=args.softmax, shown=not args.no_progress)
     except ConfigError as err:
         print(f"export: error: {err}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ def _max_gap(a: Any, b: torch.Tensor) -> float:
     return float(np.abs(np.asarray(a) - b.numpy()).max())
 
 
-def test_export_parity_from_a_checkpoint(in_tmp: Path) -> None:
+def test_export_parity_from_a_checkpoint(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fitted = cli_main(
         [
             "fit",
@@ -47,8 +47,11 @@ def test_export_parity_from_a_checkpoint(in_tmp: Path) -> None:
         from export import export
     finally:
         sys.path.pop(0)
+    capsys.readouterr()
     diffs = export(ckpt, in_tmp / "out", batch_size=4)  # traced on a batch of 4
     assert set(diffs) == {"onnx", "torch.export", "timm local-dir"}
+    closed = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]  # the progress line as it closed
+    assert closed.startswith("export: 100%") and "3/3 [" in closed and closed.endswith(", timm/]"), closed
     assert (in_tmp / "out" / "model.onnx").stat().st_size > 1_000_000
 
     import onnxruntime as ort
@@ -85,7 +88,8 @@ def test_export_parity_from_a_checkpoint(in_tmp: Path) -> None:
     for a, b in zip(from_folder, from_checkpoint, strict=True):
         assert a.label == b.label and a.probabilities == pytest.approx(b.probabilities, abs=1e-5)
 
-    export(ckpt, in_tmp / "soft", softmax=True)
+    export(ckpt, in_tmp / "soft", softmax=True, shown=False)
+    assert "export:" not in capsys.readouterr().err
     session = ort.InferenceSession(str(in_tmp / "soft" / "model.onnx"))
     assert session.get_modelmeta().custom_metadata_map["output"] == "probabilities"
     assert session.get_outputs()[0].name == "probabilities"

@@ -13,10 +13,9 @@ from tests.helpers import REPO
 from tests.helpers.data import photo
 
 
-def _run(src: Path, dst: Path) -> str:
+def _run(src: Path, dst: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, str(REPO / "scripts" / "preresize.py"), str(src), str(dst), "--size", "64", "--workers", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
-    return done.stdout
+    return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=300, check=True)
 
 
 @pytest.mark.slow
@@ -31,11 +30,16 @@ def test_preresize_copies_the_layout_at_the_training_size(tmp_path: Path) -> Non
     (src / "dog" / "Thumbs.db").write_bytes(b"\0" * 10)
     photo(4).save(src / "dog" / ".ipynb_checkpoints" / "hidden.jpg")
 
-    assert "3 resized, 1 unreadable copied" in _run(src, dst)
+    first = _run(src, dst)
+    assert "3 resized, 1 unreadable copied" in first.stdout
+    last = first.stderr.splitlines()[-1]  # the progress line as it closed: the images done of all, and the rate
+    assert last.startswith("preresize: 100%") and "4/4 [" in last and "image/s]" in last, first.stderr
     with Image.open(dst / "cat" / "big.jpg") as big, Image.open(dst / "dog" / "tall.jpg") as tall:
         assert (big.size, big.format, tall.size) == ((85, 64), "JPEG", (64, 128))
     with Image.open(dst / "cat" / "small.png") as small:
         assert (small.size, small.format) == ((50, 40), "PNG")  # never enlarged
     assert (dst / "dog" / "broken.jpg").read_bytes() == b"not a jpeg"  # the run's bad_images.csv will list it
     assert not (dst / "dog" / "Thumbs.db").exists() and not (dst / "dog" / ".ipynb_checkpoints").exists()
-    assert "0 resized, 0 unreadable copied as they are, 4 already done" in _run(src, dst)  # resumable
+    again = _run(src, dst, "--no-progress")
+    assert "0 resized, 0 unreadable copied as they are, 4 already done" in again.stdout  # resumable
+    assert "preresize:" not in again.stderr

@@ -19,6 +19,7 @@ from typing_extensions import override
 from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
 from lightning_modules.backbones.backbone import data_config_dict
+from lightning_modules.cli.lr_find import describe_lr_find, find_lr, show_lr_find
 from lightning_modules.cli.parse_errors import OneLineErrorParser, check_config_files
 from lightning_modules.console import CompactProgressBar, notice, setup_console
 from lightning_modules.defaults import DEFAULTS, read_defaults
@@ -190,29 +191,24 @@ class FinetuneCLI(LightningCLI):
             config.model.load_weights = True
 
     def before_fit(self) -> None:
-        """`--lr_find print|apply`: run the learning-rate finder with the finetuning strategy in place."""
+        """`--lr_find print|apply`: run the learning-rate finder with the finetuning strategy in place, say what it
+        ran and found, and show its figure (`lr_find.png` in the run, `lr_find` in TensorBoard)."""
         mode = self.config["fit"].get("lr_find", "off") if "fit" in self.config else "off"
         if mode == "off":
             return
-        from lightning.pytorch.tuner import Tuner  # only with --lr_find
-
         for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(
                 callback, FinetuningStrategy
             ):  # the finder runs without callbacks: start frozen as they would
                 callback.prepare(self.model, epoch=0)
-        finder = Tuner(self.trainer).lr_find(self.model, datamodule=self.datamodule, update_attr=False)
+        finder = find_lr(self.trainer, self.model, self.datamodule)
         suggestion = finder.suggestion() if finder is not None else None
-        if finder is None or suggestion is None:
-            print("Learning-rate finder: no suggestion (loss did not fall); keeping the configured rate")
-            return
-        log_dir = self.trainer.log_dir
-        if self.trainer.is_global_zero and log_dir:
-            figure = finder.plot(suggest=True)
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            figure.savefig(Path(log_dir) / "lr_find.png")  # type: ignore[union-attr]
-        print(f"Learning-rate finder suggests lr={suggestion:.3g}" + (" (applied)" if mode == "apply" else ""))
-        if mode == "apply":
+        log_dir = self.trainer.log_dir  # a collective under DDP: every process asks
+        if self.trainer.is_global_zero:
+            if finder is not None and suggestion is not None:
+                show_lr_find(finder, self.trainer, Path(log_dir) if log_dir else None)
+            print(describe_lr_find(finder, suggestion, mode == "apply"))
+        if mode == "apply" and suggestion is not None:
             self.model.lr = suggestion  # type: ignore[assignment]
             self.model.hparams["lr"] = suggestion
 

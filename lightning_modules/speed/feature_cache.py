@@ -13,6 +13,7 @@ From the epoch a strategy first unfreezes a stage, the answer is "images", witho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from typing_extensions import override
 
 from datamodules.base import ImageClassificationDataModule
 from datamodules.batches import Sample, SeededIndex, Transformed
-from datamodules.common import ConfigError, atomic_write, digest
+from datamodules.common import ConfigError, atomic_write, digest, progress
 from datamodules.images import BadSample
 from datamodules.loaders import FeatureRequest, FeatureSource
 from lightning_modules.console import notice
@@ -163,14 +164,18 @@ class FeatureCache(pl.Callback, FeatureSource):
 
     def _features_of(self, request: FeatureRequest) -> FeatureSet:
         assert self._fit is not None
-        pl_module = self._fit[1]
+        trainer, pl_module = self._fit
         backbone = backbone_of(pl_module)
         key = cache_key(backbone, request.images, request.split) if self.store == "disk" else None
         path = self.cache_dir / f"{key}.pt" if key is not None else None
         if path is not None and path.is_file():
             self.loaded.append(request.split)
             return FeatureSet.from_state(torch.load(path, map_location="cpu", weights_only=True))
-        features = compute_features(backbone, request.batches, pl_module.device, self.engine, self.cache_dir / "onnx")
+        shown = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        with progress(f"{request.split} features", "image", len(request.images), shown=shown) as bar:
+            features = compute_features(
+                backbone, request.batches, pl_module.device, self.engine, self.cache_dir / "onnx", bar.update
+            )
         self.computed.append(request.split)
         if path is not None:
             state = features.state()
@@ -193,9 +198,11 @@ def compute_features(
     device: torch.device,
     engine: str = "torch",
     onnx_dir: Path = DEFAULT_DIR,
+    done: Callable[[int], Any] | None = None,
 ) -> FeatureSet:
     """One pass of the backbone in eval mode over a loader of image `Batch`es in dataset order, by `engine` (see
-    `engines`): the features of every position; an unreadable file keeps its position and its `BadSample`."""
+    `engines`): the features of every position; an unreadable file keeps its position and its `BadSample`.
+    `done(n)` is told each batch's images, unreadable ones included (a progress line's `update`)."""
     was_training = backbone.training
     backbone.eval()
     rows, targets, positions = [], [], []
@@ -213,6 +220,8 @@ def compute_features(
             rows.append(run(batch.inputs))
             targets.append(batch.targets)
             positions.append(batch.indices)
+        if done is not None:
+            done(len(span))
     backbone.train(was_training)
     if not rows:
         raise ConfigError("feature cache: no readable image in the split")

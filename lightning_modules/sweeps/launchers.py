@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import yaml
 
-from datamodules.common import ConfigError, atomic_write, cores
+from datamodules.common import ConfigError, atomic_write, cores, progress
 from lightning_modules.sweeps.plan import Launcher, Run, Sweep, process_alive, run_one, subprocess_launcher
 
 SWEEP_EXTRA = "pip install -e '.[sweep]' (Optuna and submitit)"
@@ -108,17 +108,28 @@ def pinned(slot: Slot | None) -> Iterator[None]:
 
 
 def run_members(sweep: Sweep, runs: list[Run], launcher: Launcher, jobs: int = 1, gpus_per_job: int = 1) -> list[str]:
-    """Run `runs` (`run_one`), `jobs` at a time; the names of those that failed."""
-    if jobs == 1 or len(runs) <= 1:
-        return [run.name for run in runs if not run_one(sweep, run, launcher)]
+    """Run `runs` (`run_one`), `jobs` at a time; the names of those that failed. A progress line on stderr counts
+    the members done of all, with the time each takes (`Sweep.shows_progress`); the `[name]` lines print above it."""
     local = LocalLauncher() if launcher is subprocess_launcher else launcher
-    if not isinstance(local, LocalLauncher):
+    parallel = jobs > 1 and len(runs) > 1
+    if parallel and not isinstance(local, LocalLauncher):
         raise ConfigError("--jobs N runs members as processes of this machine; this launcher runs them another way")
+    failed: list[str] = []
+    with progress("sweep", "member", len(runs), shown=sweep.shows_progress()) as bar:
 
-    def member(run: Run, slot: Slot) -> bool:
-        return run_one(sweep, run, local.at(slot))
+        def member(run: Run, where: Launcher) -> None:
+            ok = run_one(sweep, run, where)
+            with bar.get_lock():  # members end in several threads at once
+                failed.extend([] if ok else [run.name])
+                bar.set_postfix_str(f"{len(failed)} failed" if failed else "", refresh=False)
+                bar.update()
 
-    return [run.name for run, ok in zip(runs, in_slots(runs, jobs, gpus_per_job, member), strict=True) if not ok]
+        if parallel and isinstance(local, LocalLauncher):
+            in_slots(runs, jobs, gpus_per_job, lambda run, slot: member(run, local.at(slot)))
+        else:
+            for run in runs:
+                member(run, launcher)
+    return [run.name for run in runs if run.name in failed]  # in the sweep's order
 
 
 def in_slots(items: Sequence[Any], jobs: int, gpus_per_job: int, work: Callable[[Any, Slot], Any]) -> list[Any]:

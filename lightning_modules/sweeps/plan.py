@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from datamodules.common import ConfigError, atomic_write, close_names
+from datamodules.common import ConfigError, atomic_write, close_names, say
 
 Launcher = Callable[[list[str], Path], int]  # (ftlab arguments, log file) -> exit status
 VERSION = "version_0"
@@ -73,6 +73,19 @@ class Sweep:
     def root(self, run: Run) -> Path:
         """The folder of a run."""
         return self.out / "runs" / run.name
+
+    def experiment(self, run: Run | None = None) -> dict[str, Any]:
+        """The base configs merged with the common overrides and the run's own layer (None: what every run shares)."""
+        config: dict[str, Any] = {}
+        for base in self.base:
+            config = merge(config, yaml.safe_load(Path(base).read_text()) or {})
+        return merge(merge(config, self.common), run.config if run is not None else {})
+
+    def shows_progress(self) -> bool:
+        """Whether the sweep shows a progress line: unless what every run shares turns the progress bar off
+        (`trainer.enable_progress_bar: false`)."""
+        trainer = self.experiment().get("trainer")
+        return not isinstance(trainer, dict) or trainer.get("enable_progress_bar") is not False
 
     def layer(self, run: Run) -> dict[str, Any]:
         """The run's `run.yaml`: common overrides, then the run's own, then its fixed log location."""
@@ -198,11 +211,7 @@ def load_grid(path: Path) -> tuple[list[str], list[Run], str]:
 
 def write_best(path: Path, sweep: Sweep, run: Run, note: str) -> None:
     """A ready-to-run experiment: the base configs merged with the common overrides and the run's own layer."""
-    config: dict[str, Any] = {}
-    for base in sweep.base:
-        config = merge(config, yaml.safe_load(Path(base).read_text()) or {})
-    config = merge(merge(config, sweep.common), run.config)
-    text = f"# {note}\n# ftlab fit --config {path}\n" + yaml.safe_dump(config, sort_keys=False)
+    text = f"# {note}\n# ftlab fit --config {path}\n" + yaml.safe_dump(sweep.experiment(run), sort_keys=False)
     atomic_write(path, lambda p: p.write_text(text))
 
 
@@ -272,7 +281,7 @@ def run_one(sweep: Sweep, run: Run, launcher: Launcher = subprocess_launcher) ->
     if written.is_file() and written.read_text() != layer:
         raise ConfigError(f"{root} was run with another config ({written}); use another --out or delete it")
     if is_finished(sweep, run):
-        print(f"[{run.name}] finished before: skipped", flush=True)
+        say(f"[{run.name}] finished before: skipped")
         return True
     root.mkdir(parents=True, exist_ok=True)
     written.write_text(layer)
@@ -285,10 +294,8 @@ def run_one(sweep: Sweep, run: Run, launcher: Launcher = subprocess_launcher) ->
             shutil.rmtree(root / VERSION, ignore_errors=True)  # a fit that never finished an epoch: start over
         steps.insert(0, ("fit", ["--ckpt_path", "last"] if last.is_file() else []))
     for command, extra in steps:
-        print(
-            f"[{run.name}] ftlab {command}"
-            + (" (resuming from last.ckpt)" if extra == ["--ckpt_path", "last"] else ""),
-            flush=True,
+        say(
+            f"[{run.name}] ftlab {command}" + (" (resuming from last.ckpt)" if extra == ["--ckpt_path", "last"] else "")
         )
         log = root / f"{command}.log"
         started = time.perf_counter()
@@ -297,9 +304,7 @@ def run_one(sweep: Sweep, run: Run, launcher: Launcher = subprocess_launcher) ->
         if status == 2:
             raise ConfigError(f"run {run.name}: ftlab {command} rejected the config ({log}): {_last_lines(log)}")
         if status != 0:
-            print(
-                f"[{run.name}] ftlab {command} failed with status {status}; see {log}: {_last_lines(log)}", flush=True
-            )
+            say(f"[{run.name}] ftlab {command} failed with status {status}; see {log}: {_last_lines(log)}")
             return False
         if command == "fit":
             (root / "fit.done").touch()

@@ -31,11 +31,11 @@ def _config(in_chans: int = 3) -> dict[str, Any]:
     return data_config_dict("timm/test_resnet", "none", SIZE, in_chans)
 
 
-def _fit_fast(dm: ImageClassificationDataModule, tmp_path: Path, in_chans: int = 3) -> pl.Trainer:
+def _fit_fast(dm: ImageClassificationDataModule, tmp_path: Path, in_chans: int = 3, **kw: Any) -> pl.Trainer:
     model = FineTuneModule(
         backbone="timm/test_resnet", weights="none", image_size=SIZE, in_chans=in_chans, num_classes=dm.num_classes
     )
-    trainer = quiet_trainer(tmp_path, fast_dev_run=True)
+    trainer = quiet_trainer(tmp_path, fast_dev_run=True, **kw)
     trainer.fit(model, datamodule=dm)
     return trainer
 
@@ -372,3 +372,24 @@ def test_loader_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_split_fractions_are_checked_with_their_key() -> None:
     with pytest.raises(ConfigError, match=r"data\.init_args\.val_fraction must be between 0 and 1"):
         ImageFolderDataModule(root="anywhere", val_fraction=1.5)
+
+
+def test_the_header_check_at_setup_shows_its_progress_unless_the_progress_bar_is_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_class_folders(tmp_path, {"cat": 6, "dog": 6})  # one folder, val and test carved: one check of 12 files
+
+    def checked(bar: bool | None) -> list[str]:
+        """The progress lines of the check, with a trainer whose progress bar is on or off, or none (None)."""
+        dm = ImageFolderDataModule(root=str(tmp_path), batch_size=4, num_workers=0, data_config=_config())
+        capsys.readouterr()
+        if bar is None:
+            dm.setup("fit")  # by hand, as in a notebook
+        else:
+            _fit_fast(dm, tmp_path, enable_progress_bar=bar)
+        lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+        return [line for line in lines if line.startswith("checking image files")]
+
+    for bar in (True, None):
+        assert any("100%" in line and "12/12 [" in line and "file/s]" in line for line in checked(bar)), bar
+    assert checked(False) == []

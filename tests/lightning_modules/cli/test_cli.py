@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_modules.cli import main as cli
 from lightning_modules.cli.main import cli_main
@@ -329,7 +330,7 @@ def test_two_stacked_strategies_are_one_line_error(
 
 
 @pytest.mark.slow
-def test_lr_find_applies_its_suggestion_with_a_strategy_in_place(
+def test_lr_find_takes_all_its_steps_on_a_short_budget_and_applies_its_suggestion_with_a_strategy_in_place(
     in_tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from lightning.pytorch.tuner.lr_finder import _LRCallback  # the finder's only callback while it runs
@@ -349,7 +350,8 @@ def test_lr_find_applies_its_suggestion_with_a_strategy_in_place(
         "experiments/quickstart.yaml",
         *TINY_MODEL,
         "--lr_find=apply",
-        "--trainer.max_epochs=1",  # a whole epoch: the finder takes 100 batches
+        "--trainer.max_epochs=2",  # a budget of 2 x 5 steps: the finder takes 100 (it once stopped at the budget)
+        "--trainer.limit_train_batches=5",
         "--trainer.limit_val_batches=1",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
@@ -358,14 +360,22 @@ def test_lr_find_applies_its_suggestion_with_a_strategy_in_place(
     ]
     run = cli_main(args)
     out = capsys.readouterr().out
-    assert "Learning-rate finder suggests lr=" in out and "(applied)" in out
+    assert "Learning-rate finder: 100 of 100 steps, lr 1e-08 to 1; suggests lr=" in out and "(applied)" in out, out
     suggested = float(out.split("suggests lr=")[1].split()[0])
     assert run.model.lr == pytest.approx(suggested, rel=1e-2)
     assert run.trainer.optimizers[0].param_groups[0]["name"] == "head"
-    assert run.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(suggested, rel=1e-2)
-    assert (Path(str(run.trainer.log_dir)) / "lr_find.png").is_file()
+    assert run.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(suggested, rel=1e-2)  # its start
     # the finder trained the head alone, the backbone frozen at every one of its steps
     assert len(during) == 100 and all(step == (False, ["head"]) for step in during), during[:3]
+    # the fit kept its own budget: the epoch limit the finder raised is back, and the fit ran its 2 x 5 steps
+    assert run.trainer.max_epochs == 2 and run.trainer.current_epoch == 2 and run.trainer.global_step == 10
+    # the figure: in the run folder, and in TensorBoard's IMAGES, read back by TensorBoard's own reader
+    log_dir = Path(str(run.trainer.log_dir))
+    assert (log_dir / "lr_find.png").is_file()
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["lr_find"]
+    assert events.Images("lr_find")[0].encoded_image_string.startswith(b"\x89PNG")
 
 
 def test_the_experiment_lists_are_found() -> None:

@@ -269,3 +269,25 @@ def test_cache_key_changes_when_an_image_file_changes(tmp_path: Path) -> None:
     victim = next(tmp_path.rglob("*.jpg"))
     os.utime(victim, ns=(0, 0))
     assert key() != before
+
+
+@pytest.mark.parametrize("bar", [True, False])
+def test_the_feature_pass_shows_its_progress_unless_the_progress_bar_is_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bar: bool
+) -> None:
+    root = tmp_path / "imgs"
+    seed = write_class_folders(root / "train", {"cat": 6, "dog": 6})
+    write_class_folders(root / "test", {"cat": 2}, start=write_class_folders(root / "val", {"cat": 3, "dog": 3}, seed))
+    config = data_config_dict(BACKBONE, "none", 32)
+    data = ImageFolderDataModule(root=str(root), batch_size=4, num_workers=0, augment="none", data_config=config)
+    capsys.readouterr()
+    _fit(Freeze(), 1, FeatureCache(), data=data, enable_progress_bar=bar)
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    features = [line for line in lines if " features: " in line]
+    if bar:  # the closing line of each pass: the images done of all, and the rate
+        assert any(
+            line.startswith("train features: 100%") and "12/12 [" in line and "image/s]" in line for line in lines
+        )
+        assert any(line.startswith("val features: 100%") and "6/6 [" in line for line in lines), features
+    else:
+        assert features == []

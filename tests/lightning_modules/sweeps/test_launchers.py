@@ -16,7 +16,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_modules.sweeps.launchers import slots
+from lightning_modules.sweeps.launchers import LocalLauncher, run_members, slots
+from lightning_modules.sweeps.plan import Run, Sweep
 from tests.helpers import REPO
 
 TINY = """
@@ -55,6 +56,18 @@ class Stamp(pl.Callback):
         Path(trainer.log_dir or ".", "stamp.json").write_text(json.dumps(stamp))
 
 
+class Pretend(LocalLauncher):
+    """Runs nothing, in this process: `ftlab fit` of run `m1` fails, every `ftlab test` leaves the run's
+    `metrics.json` as a real one does."""
+
+    def __call__(self, args: list[str], log: Path) -> int:
+        if args[0] == "fit":
+            return int(log.parent.name == "m1")
+        (log.parent / "version_0").mkdir(parents=True)
+        (log.parent / "version_0" / "metrics.json").write_text("{}")
+        return 0
+
+
 def scripts_module(name: str) -> ModuleType:
     """A script of scripts/ as a module."""
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
@@ -88,6 +101,33 @@ def test_slots_deal_gpus_round_robin_and_split_the_cores() -> None:
     assert [sorted(s.cpus or []) for s in cpu] == [[0, 1], [2, 3, 4]]
     assert [s.env["OMP_NUM_THREADS"] for s in cpu] == ["2", "3"]
     assert [sorted(s.cpus or []) for s in slots(3, gpus=0, cpus=[0, 1])] == [[0], [1], [0]]  # more jobs than cores
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_sweep_counts_its_members_done_below_their_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], jobs: int
+) -> None:
+    (tmp_path / "base.yaml").write_text("trainer: {max_epochs: 1}\n")
+    runs = [Run(f"m{i}", {}) for i in range(3)]
+    sweep = Sweep(tmp_path / "out", [str(tmp_path / "base.yaml")], runs)
+    assert run_members(sweep, runs, Pretend(), jobs=jobs) == ["m1"]
+    printed = capsys.readouterr()
+    said = [line.split(";")[0] for line in printed.out.splitlines()]  # whole lines, none broken by the bar
+    assert sorted(said) == [
+        "[m0] ftlab fit",
+        "[m0] ftlab test",
+        "[m1] ftlab fit",
+        "[m1] ftlab fit failed with status 1",
+        "[m2] ftlab fit",
+        "[m2] ftlab test",
+    ]
+    closed = printed.err.replace("\r", "\n").splitlines()[-1]  # the progress line as it closed
+    assert closed.startswith("sweep: 100%") and "3/3 [" in closed, closed
+    assert closed.endswith(("member/s, 1 failed]", "s/member, 1 failed]")), closed  # the rate, the failures
+
+    quiet = Sweep(tmp_path / "quiet", sweep.base, runs, common={"trainer": {"enable_progress_bar": False}})
+    assert run_members(quiet, runs, Pretend(), jobs=jobs) == ["m1"]
+    assert "sweep:" not in capsys.readouterr().err  # off with the runs' progress bar
 
 
 @pytest.mark.slow
