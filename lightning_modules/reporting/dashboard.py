@@ -85,7 +85,7 @@ class Dashboard(pl.Callback):
         self.log_dir = Path(log_dir) if log_dir else None
         if not trainer.is_global_zero:
             return
-        if not resumed_here(trainer):  # a resumed fit's session is already in the run (the first one counts)
+        if not resumed_here(trainer, self.log_dir):  # a resumed fit's session is already there (the first counts)
             write_session(trainer, run_hparams(trainer, pl_module))
         recipe = recipe_text(trainer, pl_module)
         for writer in tensorboards(trainer):
@@ -97,7 +97,9 @@ class Dashboard(pl.Callback):
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A test in a run folder no fit wrote (a checkpoint from elsewhere): its own HParams session."""
-        self._test_session = trainer.is_global_zero and trainer.state.fn == "test" and not resumed_here(trainer)
+        log_dir = trainer.log_dir  # a collective under DDP: every process asks
+        here = resumed_here(trainer, Path(log_dir) if log_dir else None)
+        self._test_session = trainer.is_global_zero and trainer.state.fn == "test" and not here
         if self._test_session:
             write_session(trainer, run_hparams(trainer, pl_module))
 
@@ -310,10 +312,10 @@ def run_hparams(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str,
     return {k: v for k, v in flat.items() if v is not None}
 
 
-def resumed_here(trainer: pl.Trainer) -> bool:
-    """Whether the trainer's checkpoint is one of its own run folder's (a resumed fit, a test of this run)."""
-    log_dir = trainer.log_dir  # on rank zero here: no collective
-    return bool(trainer.ckpt_path and log_dir and Path(trainer.ckpt_path).parent.parent == Path(log_dir))
+def resumed_here(trainer: pl.Trainer, log_dir: Path | None) -> bool:
+    """Whether the trainer's checkpoint is one of its run folder `log_dir`'s (a resumed fit, a test of this run).
+    `log_dir` is passed in: `trainer.log_dir` is a collective under DDP, and this runs on process zero alone."""
+    return bool(trainer.ckpt_path and log_dir and Path(trainer.ckpt_path).parent.parent == log_dir)
 
 
 def write_session(trainer: pl.Trainer, hparams: dict[str, Any]) -> None:

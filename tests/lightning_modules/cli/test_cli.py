@@ -374,7 +374,7 @@ def test_lr_find_takes_all_its_steps_on_a_short_budget_and_applies_its_suggestio
     assert (log_dir / "lr_find.png").is_file()
     events = EventAccumulator(str(log_dir), size_guidance={"images": 0})
     events.Reload()
-    assert events.Tags()["images"] == ["lr_find"]
+    assert "lr_find" in events.Tags()["images"]  # beside the dashboard's pictures
     assert events.Images("lr_find")[0].encoded_image_string.startswith(b"\x89PNG")
 
 
