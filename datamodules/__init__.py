@@ -5,6 +5,7 @@ from datamodules.cats_vs_dogs import CatsVsDogsDataModule
 from datamodules.cifar10 import CIFAR10DataModule
 from datamodules.digits import DigitsDataModule
 from datamodules.folder import ImageFolderDataModule
+from datamodules.hugging_face import HuggingFaceDataModule
 from datamodules.mnist import MNISTDataModule
 from datamodules.pet_expressions import PetExpressionsDataModule
 
@@ -12,6 +13,7 @@ __all__ = [
     "CIFAR10DataModule",
     "CatsVsDogsDataModule",
     "DigitsDataModule",
+    "HuggingFaceDataModule",
     "ImageClassificationDataModule",
     "ImageFolderDataModule",
     "MNISTDataModule",

@@ -54,13 +54,13 @@ class Transformed(Dataset):
             return Sample(self.transform(image), int(label), index)
 
     def name(self, index: int) -> str:
-        """The file of a sample (through any Subset), or its position when the data is not files."""
+        """What names a sample (through any Subset): its file, or its position when the data is not files."""
         dataset: Any = self.dataset
         position = index
         while isinstance(dataset, Subset):
             position, dataset = dataset.indices[position], dataset.dataset
-        paths = getattr(dataset, "paths", None)
-        return str(paths[position]) if paths is not None else str(index)
+        name = dataset.sample_name(position) if isinstance(dataset, LabeledDataset) else None
+        return str(index) if name is None else name
 
 
 class EpochShuffle(RandomSampler):

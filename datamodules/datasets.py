@@ -33,6 +33,10 @@ class LabeledDataset(Dataset):
         """Each sample's file, in order; None when the samples are not files."""
         return None
 
+    def sample_name(self, index: int) -> str | None:
+        """What names sample `index` in predictions and reports (its file); None when the samples have no names."""
+        return None
+
 
 class ImageFiles(LabeledDataset):
     """Image files with labels. Files failing the header check are left out at construction and listed in
@@ -62,6 +66,11 @@ class ImageFiles(LabeledDataset):
     def files(self) -> list[str] | None:
         """The files' paths."""
         return list(self.paths)
+
+    @override
+    def sample_name(self, index: int) -> str:
+        """The file's path."""
+        return self.paths[index]
 
     @override
     def fingerprint(self) -> str | None:

@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -32,8 +32,8 @@ class BadSample(NamedTuple):
     reason: str
 
 
-def read_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file to 8-bit RGB, applying EXIF orientation.
+def read_rgb(path: str | Path | BinaryIO) -> Image.Image:
+    """Decode an image file (or the bytes of one, as a file object) to 8-bit RGB, applying EXIF orientation.
 
     Grayscale, palette, CMYK, RGBA and 16-bit images are converted; transparency is dropped.
 

@@ -9,9 +9,11 @@ Writes into `<run>/export/` (each file written aside, then renamed into place):
   and the preprocessing (`input_size`, `mean`, `std`, `interpolation`, `crop_pct`, `crop_mode`) as JSON strings.
 - `model.pt2`: the same model as a `torch.export` program.
 - `timm/`: for a timm backbone with a linear head, the model in timm's Hugging Face layout
-  (`model.safetensors` + `config.json` with `label_names` and the preprocessing): `timm.create_model(
-  "local-dir:<run>/export/timm", pretrained=True)` loads it back, and `model.backbone: timm/local-dir:...`
-  fine-tunes it again.
+  (`model.safetensors` + `config.json` with `label_names` and the preprocessing) and its model card (`README.md`:
+  the Hub's metadata block, the test report of the run with its figures, the recipe, the preprocessing, how to load
+  it; `--repo-id me/name` names it): `timm.create_model("local-dir:<run>/export/timm", pretrained=True)` loads it
+  back, `model.backbone: timm/local-dir:...` fine-tunes it again, and `hf upload me/name <run>/export/timm .`
+  publishes it for `timm.create_model("hf-hub:me/name", pretrained=True)`.
 
 Prints the largest absolute difference of each from the eager model's output on one batch; while it works, a progress
 line on stderr names the file being written and counts the files done of three (`--no-progress`: none). Needs the
@@ -34,6 +36,7 @@ from torch import nn
 
 from datamodules.common import ConfigError, atomic_write, progress, say
 from lightning_modules.module import FineTuneModule
+from lightning_modules.reporting.model_card import FIGURES, model_card
 
 STAGES = ("model.onnx", "model.pt2", "timm/")  # each written, read back and compared with the eager model
 
@@ -96,8 +99,9 @@ def timm_model(model: FineTuneModule) -> nn.Module:
     return body.eval()
 
 
-def export_timm(model: FineTuneModule, out_dir: Path) -> nn.Module:
-    """The timm folder (`save_for_hf`, safetensors), written aside then moved into place; returns the model."""
+def export_timm(model: FineTuneModule, out_dir: Path, run: Path, repo_id: str) -> nn.Module:
+    """The timm folder (`save_for_hf`, safetensors) with its model card (`README.md`, from run folder `run`, to be
+    published as `repo_id`) and the report's figures, written aside then moved into place; returns the model."""
     from timm.models import save_for_hf
 
     body = timm_model(model)
@@ -111,6 +115,20 @@ def export_timm(model: FineTuneModule, out_dir: Path) -> nn.Module:
         safe_serialization=True,
         data_config={k: tuple(v) if isinstance(v, list) else v for k, v in config.items()},
     )
+    card = model_card(
+        run,
+        str(model.hparams["backbone"]),
+        str(model.hparams["weights"]),
+        list(model.class_names),
+        model.backbone.data_config,
+        repo_id,
+    )
+    (tmp / "README.md").write_text(card)
+    for figure in FIGURES:
+        if (run / figure).is_file():
+            shutil.copyfile(run / figure, tmp / figure)
+    for written in tmp.iterdir():
+        written.chmod(0o644)  # readable by others, as the Hub and a shared folder expect (save_for_hf writes 0600)
     old = out_dir.with_name(f".{out_dir.name}.old")
     if out_dir.exists():
         os.replace(out_dir, old)
@@ -120,10 +138,19 @@ def export_timm(model: FineTuneModule, out_dir: Path) -> nn.Module:
 
 
 def export(
-    ckpt: Path, out_dir: Path, batch_size: int = 4, seed: int = 0, softmax: bool = False, shown: bool = True
+    ckpt: Path,
+    out_dir: Path,
+    batch_size: int = 4,
+    seed: int = 0,
+    softmax: bool = False,
+    shown: bool = True,
+    repo_id: str | None = None,
 ) -> dict[str, float]:
-    """Write model.onnx, model.pt2 and (timm backbones) timm/ into `out_dir`; the max |difference| from eager of
-    each, read back from disk. `shown`: a progress line on stderr, the three files (`STAGES`) done and left."""
+    """Write model.onnx, model.pt2 and (timm backbones) timm/ with its model card into `out_dir`; the max
+    |difference| from eager of each, read back from disk. `shown`: a progress line on stderr, the three files
+    (`STAGES`) done and left. `repo_id`: the Hub name the card gives the model (default `<user>/<experiment>-<version>`
+    for the user to replace)."""
+    run = ckpt.resolve().parent.parent
     import numpy as np
     import onnxruntime as ort
     import timm
@@ -157,7 +184,7 @@ def export(
 
         with torch.no_grad():
             try:
-                export_timm(model, out_dir / "timm")
+                export_timm(model, out_dir / "timm", run, repo_id or f"<user>/{run.parent.name}-{run.name}")
             except ConfigError as err:
                 say(f"export: no timm folder: {err}", file=sys.stderr)
             else:
@@ -177,10 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--softmax", action="store_true", help="end in softmax: output `probabilities`")
     parser.add_argument("--no-progress", action="store_true", help="no progress line (files done, left) on stderr")
+    parser.add_argument("--repo-id", help="the Hub name the model card gives the model, e.g. me/cats-vs-dogs-lite0")
     args = parser.parse_args(argv)
     out = args.out or args.checkpoint.resolve().parent.parent / "export"
     try:
-        diffs = export(args.checkpoint, out, args.batch_size, softmax=args.softmax, shown=not args.no_progress)
+        diffs = export(
+            args.checkpoint,
+            out,
+            args.batch_size,
+            softmax=args.softmax,
+            shown=not args.no_progress,
+            repo_id=args.repo_id,
+        )
     except ConfigError as err:
         print(f"export: error: {err}", file=sys.stderr)
         return 2

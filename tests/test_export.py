@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from datamodules.common import ConfigError
@@ -41,14 +42,17 @@ def test_export_parity_from_a_checkpoint(in_tmp: Path, capsys: pytest.CaptureFix
             "--data.init_args.num_workers=0",
         ]
     ).model.eval()  # one epoch: the best checkpoint holds these weights
-    ckpt = next((in_tmp / "runs" / "quickstart" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    run = in_tmp / "runs" / "quickstart" / "version_0"
+    ckpt = next((run / "checkpoints").glob("best-*.ckpt"))
+    test = ["test", "--config", "experiments/quickstart.yaml", "--model.image_size=32", "--ckpt_path", "best"]
+    cli_main([*test, "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false"])
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         from export import export
     finally:
         sys.path.pop(0)
     capsys.readouterr()
-    diffs = export(ckpt, in_tmp / "out", batch_size=4)  # traced on a batch of 4
+    diffs = export(ckpt, in_tmp / "out", batch_size=4, repo_id="me/digits-lite0")  # traced on a batch of 4
     assert set(diffs) == {"onnx", "torch.export", "timm local-dir"}
     closed = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]  # the progress line as it closed
     assert closed.startswith("export: 100%") and "3/3 [" in closed and closed.endswith(", timm/]"), closed
@@ -78,6 +82,7 @@ def test_export_parity_from_a_checkpoint(in_tmp: Path, capsys: pytest.CaptureFix
     # the timm folder: label names and preprocessing in its config, and ftlab takes it as a backbone
     assert folder.pretrained_cfg["label_names"] == [str(d) for d in range(10)]
     assert tuple(folder.pretrained_cfg["input_size"]) == (3, 32, 32)
+    assert_model_card(in_tmp / "out" / "timm", json.loads((run / "metrics.json").read_text()))
     again = resolve_data_config(f"timm/local-dir:{in_tmp / 'out' / 'timm'}", "pretrained")
     assert again == resolve_data_config("timm/tf_efficientnet_lite0", "embedded", 32)
 
@@ -96,6 +101,28 @@ def test_export_parity_from_a_checkpoint(in_tmp: Path, capsys: pytest.CaptureFix
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert _max_gap(session.run(None, {"images": x.numpy()})[0], fitted(x).softmax(1)) < 1e-5
+
+
+def assert_model_card(folder: Path, report: dict[str, Any]) -> None:
+    """README.md in the Hub's format: its metadata block, the run's test accuracy in it and in the text, the figures
+    it shows beside it, how to load it; every file readable by others."""
+    text = (folder / "README.md").read_text()
+    _, block, body = text.split("---\n", 2)
+    meta = yaml.safe_load(block)
+    assert meta["library_name"] == "timm" and meta["pipeline_tag"] == "image-classification"
+    assert {"image-classification", "timm", "finetune-lab"} <= set(meta["tags"])
+    (result,) = meta["model-index"][0]["results"]
+    assert meta["model-index"][0]["name"] == "me/digits-lite0" and result["dataset"]["split"] == "test"
+    metrics = {m["type"]: m["value"] for m in result["metrics"]}
+    assert metrics["acc"] == round(report["acc"], 4) and metrics["f1"] == round(report["f1"], 4)
+    assert f"| acc | {report['acc']:.4f} |" in body and "DigitsDataModule (local data)" in body
+    assert (
+        'timm.create_model("hf-hub:me/digits-lite0", pretrained=True)' in body and "hf upload me/digits-lite0" in body
+    )
+    assert "FreezeUnfreeze" in body and "interpolation" in body  # the recipe, the preprocessing
+    for figure in ("confusion_matrix.png", "pr_curves.png", "learning_curves.png"):
+        assert f"]({figure})" in body and (folder / figure).is_file()
+    assert {oct(f.stat().st_mode & 0o777) for f in folder.iterdir()} == {"0o644"}
 
 
 def test_timm_hub_and_folder_names_that_cannot_be_read_are_clear_errors(tmp_path: Path) -> None:
