@@ -114,7 +114,7 @@ def assert_model_card(folder: Path, report: dict[str, Any]) -> None:
     (result,) = meta["model-index"][0]["results"]
     assert meta["model-index"][0]["name"] == "me/digits-lite0" and result["dataset"]["split"] == "test"
     metrics = {m["type"]: m["value"] for m in result["metrics"]}
-    assert metrics["acc"] == round(report["acc"], 4) and metrics["f1"] == round(report["f1"], 4)
+    assert metrics["accuracy"] == round(report["acc"], 4) and metrics["f1"] == round(report["f1"], 4)
     assert f"| acc | {report['acc']:.4f} |" in body and "DigitsDataModule (local data)" in body
     assert (
         'timm.create_model("hf-hub:me/digits-lite0", pretrained=True)' in body and "hf upload me/digits-lite0" in body

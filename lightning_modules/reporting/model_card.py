@@ -37,8 +37,10 @@ def model_card(run: Path, backbone: str, weights: str, class_names: list[str], d
     config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     report = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else None
     dataset = hub_dataset(config)
-    data_class = str((config.get("data") or {}).get("class_path", "unknown")).rsplit(".", 1)[-1]
-    dataset_name = dataset or f"{data_class} (local data)"
+    spec = config.get("data") or {}
+    args = spec.get("init_args") or {}
+    local = args.get("path") or args.get("root") or str(spec.get("class_path", "unknown")).rsplit(".", 1)[-1]
+    dataset_name = dataset or f"{Path(local).name} (local data)"
     results = []
     if report is not None:
         results = [
@@ -47,11 +49,15 @@ def model_card(run: Path, backbone: str, weights: str, class_names: list[str], d
                 dataset_type=dataset or "imagefolder",
                 dataset_name=dataset_name,
                 dataset_split="test",
-                metric_type=key,
+                metric_type=hub_type,
                 metric_value=round(float(report[key]), 4),
                 metric_name=name,
             )
-            for key, name in (("acc", "accuracy"), ("f1", "macro F1"), ("auroc", "macro AUROC"))
+            for key, hub_type, name in (
+                ("acc", "accuracy", "Accuracy"),
+                ("f1", "f1", "Macro F1"),
+                ("auroc", "roc_auc", "Macro AUROC"),
+            )
         ]
     card = ModelCardData(
         library_name="timm",
@@ -110,12 +116,14 @@ def model_card(run: Path, backbone: str, weights: str, class_names: list[str], d
         "",
         "```python",
         "import timm",
+        "import torch",
         "from PIL import Image",
         "",
         f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()  # or "local-dir:<this folder>"',
         "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))",
-        'probs = model(transform(Image.open("photo.jpg").convert("RGB")).unsqueeze(0)).softmax(-1)',
-        'print(model.pretrained_cfg["label_names"][int(probs.argmax())])',
+        "with torch.inference_mode():",
+        '    probs = model(transform(Image.open("photo.jpg").convert("RGB")).unsqueeze(0)).softmax(-1)',
+        'print(model.pretrained_cfg["label_names"][int(probs.argmax())], float(probs.max()))',
         "```",
         "",
         f"Published with `hf upload {repo_id} <this folder> .`; fine-tune it further with finetune-lab:",
