@@ -13,7 +13,15 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from datamodules.batches import Batch, EpochShuffle, Transformed
-from datamodules.common import ConfigError, DataConfig, Preprocessed, cores, gather_lists, progress_shown
+from datamodules.common import (
+    ConfigError,
+    DataConfig,
+    Preprocessed,
+    check_range,
+    cores,
+    gather_lists,
+    progress_shown,
+)
 from datamodules.datasets import Concat, ImageFiles, LabeledDataset
 from datamodules.images import list_images, write_bad_images
 from datamodules.loaders import FeatureRequest, FeatureSource, SplitLoader
@@ -84,8 +92,11 @@ class ImageClassificationDataModule(LightningDataModule):
         if num_folds is not None and not (num_folds >= 2 and 0 <= fold < num_folds):
             raise ConfigError(f"k-fold needs num_folds >= 2 and 0 <= fold < num_folds, got {num_folds=} and {fold=}")
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0 < value < 1:
-                raise ConfigError(f"data.init_args.{key} must be between 0 and 1 (exclusive), got {value}")
+            check_range(f"data.init_args.{key}", value, 0, 1, low_open=True, high_open=True)
+        check_range("data.init_args.batch_size", batch_size, 1)
+        check_range("data.init_args.eval_batch_size", eval_batch_size, 1, null="batch_size")
+        check_range("data.init_args.num_workers", num_workers, 0, null="one per CPU core, at most 8")
+        check_range("data.init_args.crop_scale", crop_scale, 0, 1, low_open=True)
         self.save_hyperparameters(ignore=list(self.hparams_ignore))  # hparams.yaml and checkpoints
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size

@@ -8,6 +8,7 @@ It imports nothing of the project (and neither torch nor Lightning at import), s
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -19,6 +20,7 @@ from typing import Any, Protocol, TextIO, runtime_checkable
 
 from tqdm import tqdm
 
+MIN_IMAGE_SIZE = 16  # pixels: the smallest model.image_size (a backbone may need more: its first forward pass says)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -32,6 +34,27 @@ def cores() -> int:
 class ConfigError(ValueError):
     """A config value, path or file the user gave is wrong; the message names it and says what to do. The CLI
     prints it alone, without a traceback, and exits with status 2."""
+
+
+def check_range(
+    key: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    null: str | None = None,
+) -> None:
+    """A ConfigError naming `key`, its value and the allowed range when `value` is not a number in it: `[low,
+    high]`, an end left out with `low_open` / `high_open`; `null` says what None means when None is allowed."""
+    if value is None and null is not None:
+        return
+    number = isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+    if number and (value > low if low_open else value >= low) and (value < high if high_open else value <= high):
+        return
+    top = "inf)" if high == math.inf else f"{high:g}{')' if high_open else ']'}"
+    allowed = f"{'(' if low_open else '['}{low:g}, {top}" + (f", or null ({null})" if null is not None else "")
+    raise ConfigError(f"{key} is {value!r}: allowed {allowed}")
 
 
 def close_names(name: str, candidates: list[str], n: int = 5) -> list[str]:
@@ -70,6 +93,8 @@ class DataConfig:
 
     def with_input(self, image_size: int | None, in_chans: int) -> DataConfig:
         """The same preprocessing at another resolution and channel count (grayscale averages mean and std)."""
+        check_range("model.image_size", image_size, MIN_IMAGE_SIZE, null=f"the backbone's own, {self.input_size[1]}")
+        check_range("model.in_chans", in_chans, 1)
         size = image_size or self.input_size[1]
         mean, std = self.mean, self.std
         if in_chans != len(mean):

@@ -25,7 +25,7 @@ from typing_extensions import override
 
 from datamodules.base import ImageClassificationDataModule
 from datamodules.batches import Batch
-from datamodules.common import ConfigError, DataConfig
+from datamodules.common import ConfigError, DataConfig, check_range
 from lightning_modules.backbones.backbone import build_backbone
 from lightning_modules.finetuning.batch_augment import TTA_MODES, BatchMixer, averaged_log_probabilities, tta_views
 from lightning_modules.finetuning.strategies import FinetuningStrategy
@@ -159,6 +159,11 @@ class FineTuneModule(LightningModule):
         load_weights: bool = True,
     ) -> None:
         super().__init__()
+        check_range("model.lr", lr, 0, low_open=True, null="the optimizer's own")
+        for key, value in (("label_smoothing", label_smoothing), ("head_dropout", head_dropout)):
+            check_range(f"model.{key}", value, 0, 1, high_open=True)
+        for key, value in (("mixup", mixup), ("cutmix", cutmix)):
+            check_range(f"model.{key}", value, 0)  # the Beta distribution's alpha; 0: off
         check_engine(inference_engine, "model.inference_engine")
         if tta not in TTA_MODES:
             raise ConfigError(f"model.tta {tta!r}: choose one of {list(TTA_MODES)}")

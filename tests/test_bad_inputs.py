@@ -71,6 +71,8 @@ def _build_world(root: Path) -> dict[str, str]:
     (root / "stage.yaml").write_text(stage + "      init_args: {unfreeze_at_epoch: 5, stages: [layer9]}\n")
     strategy = "trainer:\n  callbacks+:\n    - class_path: lightning_modules.FreezeUnfreezee\n"
     (root / "strategy.yaml").write_text(strategy)
+    (root / "rate.yaml").write_text(stage + "      init_args: {lr_factor: 0}\n")
+    (root / "empty.yaml").write_text("# nothing but a comment\n")
     _folder(root / "ab", {"a": 4, "b": 4})
     (root / "empty_root").mkdir()
     _folder(root / "one_class", {"only": 4})
@@ -198,6 +200,26 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
         2,
         ["trainer.default_root_dir: cannot write runs to", "a_file/elsewhere/runs"],
     ),
+    "negative learning rate": ([*FIT, "--model.lr=-1"], 2, ["model.lr is -1", "allowed (0, inf)"]),
+    "negative optimizer learning rate": (
+        [*FIT, "--model.optimizer=torch.optim.AdamW", "--model.optimizer.init_args.lr=-1"],
+        2,
+        ["model.optimizer.init_args.lr is -1", "allowed (0, inf)"],
+    ),
+    "negative weight decay": (
+        [*FIT, "--model.optimizer=torch.optim.AdamW", "--model.optimizer.init_args.weight_decay=-0.1"],
+        2,
+        ["model.optimizer.init_args.weight_decay is -0.1", "allowed [0, inf)"],
+    ),
+    "batch size 0": ([*FIT, "--data.init_args.batch_size=0"], 2, ["data.init_args.batch_size is 0", "[1, inf)"]),
+    "batch size -1": ([*FIT, "--data.init_args.batch_size=-1"], 2, ["data.init_args.batch_size is -1", "[1, inf)"]),
+    "workers -1": ([*FIT, "--data.init_args.num_workers=-1"], 2, ["data.init_args.num_workers is -1", "[0, inf)"]),
+    "image size 0": ([*FIT, "--model.image_size=0"], 2, ["model.image_size is 0", "allowed [16, inf)"]),
+    "no epochs": ([*FIT, "--trainer.max_epochs=0"], 2, ["trainer.max_epochs is 0", "allowed [1, inf)"]),
+    "label smoothing 1": ([*FIT, "--model.label_smoothing=1"], 2, ["model.label_smoothing is 1", "[0, 1)"]),
+    "strategy rate 0": ([*FIT, "--config", "rate.yaml"], 2, ["FreezeUnfreeze.lr_factor is 0", "(0, inf)"]),
+    "config file is a folder": (["fit", "--config", "experiments"], 2, ["config file experiments is a folder"]),
+    "empty config file": (["fit", "--config", "empty.yaml"], 2, ["config file empty.yaml is empty"]),
     "predict without a checkpoint": (["predict", "--config", "base.yaml", *QUIET], 2, ["predict needs --ckpt_path"]),
     "predict folder with no images": (
         [*PREDICT, "--data.init_args.predict_root=INBOX_EMPTY"],

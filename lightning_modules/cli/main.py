@@ -20,7 +20,7 @@ from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
 from lightning_modules.backbones.backbone import data_config_dict
 from lightning_modules.cli.lr_find import describe_lr_find, find_lr, show_lr_find
-from lightning_modules.cli.parse_errors import OneLineErrorParser, check_config_files
+from lightning_modules.cli.parse_errors import OneLineErrorParser, check_config_files, check_numbers
 from lightning_modules.console import CompactProgressBar, notice, setup_console
 from lightning_modules.defaults import DEFAULTS, read_defaults
 from lightning_modules.finetuning.strategies import FinetuningStrategy
@@ -162,6 +162,7 @@ class FinetuneCLI(LightningCLI):
         if getattr(self, "_ckpt_path", None):
             config.ckpt_path = self._ckpt_path  # what trainer.fit/test/predict and the saved config.yaml read
         check_one_strategy(config.trainer.get("callbacks") or [])
+        check_numbers(config)
         if config.get("ckpt_path"):  # the checkpoint holds every weight: build the backbone empty, download nothing
             config.model.load_weights = False  # (the preprocessing still follows model.weights)
 

@@ -19,7 +19,7 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 from typing_extensions import override
 
-from datamodules.common import ConfigError, close_names
+from datamodules.common import ConfigError, check_range, close_names
 
 NO_ATTRIBUTE = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
 NO_MODULE = re.compile(r"No module named '([\w.]+)'")
@@ -46,15 +46,40 @@ def check_config_files(args: Sequence[str]) -> None:
         else:
             continue
         path = Path(value)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder: give one YAML file in it (--config {path}/<name>.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            yaml.safe_load(path.read_text())
+            content = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+        if not isinstance(content, dict):
+            what = "is empty" if content is None else f"holds a {type(content).__name__}, not keys and values"
+            raise ConfigError(f"config file {path} {what}: a config maps keys (trainer:, model:, data: ...) to values")
+
+
+def check_numbers(config: Any) -> None:
+    """Numbers the config sets for classes built later than the model (the optimizer, built at the first fit step)
+    or by Lightning (the trainer, early stopping): a ConfigError naming the key and the allowed range, before any
+    model is built. The model, the DataModule and the strategies check their own arguments."""
+    optimizer = config.get("model", {}).get("optimizer")
+    args = (optimizer.get("init_args") if hasattr(optimizer, "get") else None) or {}
+    if "lr" in args:
+        check_range("model.optimizer.init_args.lr", args["lr"], 0, low_open=True)
+    if "weight_decay" in args:
+        check_range("model.optimizer.init_args.weight_decay", args["weight_decay"], 0)
+    if "momentum" in args:
+        check_range("model.optimizer.init_args.momentum", args["momentum"], 0, 1)
+    epochs = config.get("trainer", {}).get("max_epochs")
+    if epochs != -1:
+        check_range("trainer.max_epochs", epochs, 1, null="1000, or -1 for no limit")
+    patience = (config.get("early_stopping") or {}).get("patience")
+    if patience is not None:
+        check_range("early_stopping.patience", patience, 0)
 
 
 def parser_keys(parser: Any) -> list[str]:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from datamodules.common import ConfigError
+from datamodules.common import ConfigError, check_range
 from lightning_modules.backbones.backbone import Backbone
 from lightning_modules.backbones.stages import Stage
 from lightning_modules.finetuning.ddp import check_strategy, rewrap_ddp
@@ -59,8 +59,11 @@ class FinetuningStrategy(BaseFinetuning):
         warmup_steps: int = 0,
     ) -> None:
         super().__init__()
-        if warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be 0 or more, got {warmup_steps}")
+        name = type(self).__name__
+        check_range(f"{name}.lr", lr, 0, low_open=True, null="the head's rate x lr_factor")
+        check_range(f"{name}.lr_factor", lr_factor, 0, low_open=True)
+        check_range(f"{name}.lr_decay", lr_decay, 0, 1, low_open=True)
+        check_range(f"{name}.warmup_steps", warmup_steps, 0)
         self.lr = lr
         self.lr_factor = lr_factor
         self.lr_decay = lr_decay
@@ -282,6 +285,7 @@ class FreezeUnfreeze(FinetuningStrategy):
         warmup_steps: int = 0,
     ) -> None:
         super().__init__(lr=lr, lr_factor=lr_factor, lr_decay=lr_decay, train_bn=train_bn, warmup_steps=warmup_steps)
+        check_range("FreezeUnfreeze.unfreeze_at_epoch", unfreeze_at_epoch, 0, null="the backbone stays frozen")
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.stages = stages
 
