@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from datamodules.common import (
     progress_shown,
 )
 from datamodules.datasets import Concat, ImageFiles, LabeledDataset
-from datamodules.images import list_images, write_bad_images
+from datamodules.images import IMAGE_EXTENSIONS, list_images, write_bad_images
 from datamodules.loaders import FeatureRequest, FeatureSource, SplitLoader
 from datamodules.splits import GROUP_PATTERN, group_names, has_copies, kfold_split, stratified_split, stratified_subset
 from datamodules.transforms import CROP_SCALE, eval_transform, train_transform
@@ -126,6 +127,7 @@ class ImageClassificationDataModule(LightningDataModule):
         self.datasets: dict[str, Transformed] = {}
         self.skipped: set[tuple[str, str, str]] = set()  # (split, path, reason) of files that could not be read
         self.skipped_total = 0  # the files skipped on every process, as last written to bad_images.csv
+        self.others: Counter[str] = Counter()  # files in the data folders left out for their extension
 
     # ------------------------------------------------------------------------------ what subclasses provide
 
@@ -159,6 +161,7 @@ class ImageClassificationDataModule(LightningDataModule):
             raw = self.build_splits()
         for split, dataset in raw.items():
             self.skipped |= {(split, b.path, b.reason) for b in getattr(dataset, "rejected", [])}
+            self.others.update(getattr(dataset, "others", {}))
         train = raw["train"]
         if "test" not in raw:
             train, raw["test"] = stratified_split(train, self.test_fraction, self.split_seed, self.groups(train))
@@ -220,6 +223,14 @@ class ImageClassificationDataModule(LightningDataModule):
         lines = [f"Data: {len(names)} classes ({shown}); images: {sizes}"]
         if self.grouping:
             lines.append(f"Splits: {self.grouping}")
+        if self.others:
+            ranked = sorted(self.others.items(), key=lambda item: (-item[1], item[0]))  # most first, then by name
+            counts = ", ".join(f"{n:,} {ext}" for ext, n in ranked[:8])
+            more = f" and {len(self.others) - 8} more extensions" if len(self.others) > 8 else ""
+            lines.append(
+                f"Not images: {sum(self.others.values()):,} file(s) left out for their extension ({counts}{more}); "
+                f"read: {', '.join(IMAGE_EXTENSIONS)}"
+            )
         count = max(len(self.skipped), self.skipped_total)
         if count:
             where = bad_images or "bad_images.csv in the run directory"

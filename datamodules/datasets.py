@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class ImageFiles(LabeledDataset):
     shows a progress line when the enclosing `progress_shown` block says so (a DataModule's setup)."""
 
     def __init__(self, files: Sequence[tuple[Path, int]]) -> None:
+        self.others: Counter[str] = Counter()  # files beside them left out for their extension, by extension
         self.rejected: list[BadSample] = []
         self.paths: list[str] = []
         self.targets: list[int] = []

@@ -1,12 +1,15 @@
 """Image folders: `root/<class>/` (split by fractions) or `root/{train,val,test}/<class>/`.
 
-Class folders are matched case-insensitively and ordered case-insensitively, so `happy` and `Sad` sort as a
-person expects and `Happy/` in one split is the same class as `happy/` in another (torchvision's ImageFolder
-sorts `Sad` before `happy`). Hidden folders and non-image files are ignored.
+Class folders are matched and ordered by `class_key` (Unicode NFC, case-folded), so `happy` and `Sad` sort as a
+person expects, `Happy/` in one split is the same class as `happy/` in another (torchvision's ImageFolder sorts
+`Sad` before `happy`), and `Café crème` written decomposed by a macOS archive is the same class as the one typed.
+Hidden folders are ignored; non-image files are left out and counted in the data summary.
 """
 
 from __future__ import annotations
 
+import unicodedata
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,34 +26,41 @@ SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validati
 
 def find_split_dirs(root: Path) -> dict[str, Path]:
     """The split folders of `root` (`train`, `val`/`valid`, `test`, any casing); empty if there is no `train`."""
-    children = {p.name.lower(): p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    children = {class_key(p.name): p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
     found = {split: children[n] for split, names in SPLIT_NAMES.items() for n in names if n in children}
     return found if "train" in found else {}
 
 
+def class_key(name: str) -> str:
+    """What a class name is compared by: Unicode NFC (macOS archives write names decomposed, NFD), case-folded
+    (`Cat` and `cat` are one class; `Straße` and `STRASSE` too)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
 def class_dirs(folder: Path) -> dict[str, Path]:
-    """Class folders of `folder` keyed by lower-cased name (hidden folders skipped)."""
+    """Class folders of `folder` keyed by `class_key` (hidden folders skipped)."""
     dirs: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         if p.is_dir() and not p.name.startswith("."):
-            if p.name.lower() in dirs:
+            if class_key(p.name) in dirs:
                 raise ConfigError(
-                    f"{folder} has class folders {dirs[p.name.lower()].name!r} and {p.name!r}: merge them"
+                    f"{folder} has class folders {dirs[class_key(p.name)].name!r} and {p.name!r}: merge them"
                 )
-            dirs[p.name.lower()] = p
+            dirs[class_key(p.name)] = p
     return dirs
 
 
 def discover_classes(folder: Path) -> list[str]:
     """Class names as spelt on disk, ordered case-insensitively."""
-    return sorted((p.name for p in class_dirs(folder).values()), key=str.lower)
+    return sorted((p.name for p in class_dirs(folder).values()), key=class_key)
 
 
 def folder_files(folder: Path, class_names: list[str]) -> ImageFiles:
     """Every image under `folder/<class>/`, labelled by the position of its class in `class_names`."""
     dirs = class_dirs(folder)
-    images = {key: list_images(path) for key, path in dirs.items()}
-    wanted = {c.lower() for c in class_names}
+    others: Counter[str] = Counter()
+    images = {key: list_images(path, others) for key, path in dirs.items()}
+    wanted = {class_key(c) for c in class_names}
     dropped = sorted(dirs[key].name for key in set(dirs) - wanted if not images[key])
     if dropped:
         rank_zero_info(f"{folder}: empty folders {dropped} left out (not in data.init_args.class_names)")
@@ -63,10 +73,12 @@ def folder_files(folder: Path, class_names: list[str]) -> ImageFiles:
             f"{folder} has class folders without images: {empty}. Add images, delete the folders, or list the "
             "classes to keep in data.init_args.class_names"
         )
-    files = [(path, label) for label, name in enumerate(class_names) for path in images.get(name.lower(), [])]
+    files = [(path, label) for label, name in enumerate(class_names) for path in images.get(class_key(name), [])]
     if not files:
         raise ConfigError(f"no images under {folder}/<class>/ for classes {class_names}")
-    return ImageFiles(files)
+    found = ImageFiles(files)
+    found.others = others
+    return found
 
 
 def require_dir(path: Path, what: str, how: str) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -17,11 +18,16 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 from torchcodec.decoders import decode_jpeg
 
 from datamodules.common import atomic_write
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+register_heif_opener()  # PIL opens HEIC/HEIF (pillow-heif); AVIF is Pillow's own
+IMAGE_EXTENSIONS = (
+    *(".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"),
+    *(".avif", ".heic", ".heif"),
+)
 
 
 class BadSample(NamedTuple):
@@ -105,14 +111,26 @@ def bad_reason(err: BaseException) -> str:
 PATH_ERRORS = "surrogateescape"
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder`, sorted; hidden files and folders (`.ipynb_checkpoints`) and non-images skipped."""
+def list_images(folder: Path, others: Counter[str] | None = None) -> list[Path]:
+    """Image files under `folder`, sorted; hidden files and folders (`.ipynb_checkpoints`) skipped. Symlinked folders
+    are followed, each real folder read once (a link back up the tree is not a loop). Files of other extensions are
+    left out and, with `others`, counted by extension (`.txt`, `.db`, or `(none)`)."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # reached again through a link: its files are listed already
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [
-            Path(dirpath) / f for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-        ]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(dirpath) / name)
+            elif others is not None:
+                others[Path(name).suffix.lower() or "(none)"] += 1
     return sorted(found)
 
 

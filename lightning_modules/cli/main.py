@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
+from datamodules.folder import class_key
 from lightning_modules.backbones.backbone import data_config_dict
 from lightning_modules.cli.lr_find import describe_lr_find, find_lr, show_lr_find
 from lightning_modules.cli.parse_errors import OneLineErrorParser, check_config_files, check_numbers
@@ -312,7 +313,7 @@ def check_checkpoint_classes(
     """A ConfigError when the checkpoint's head was trained on other classes than the data has (names compared
     as folders match them, case-insensitively; a checkpoint without names by their number)."""
     same = (
-        [n.casefold() for n in class_names] == [n.casefold() for n in data_names]
+        [class_key(n) for n in class_names] == [class_key(n) for n in data_names]
         if class_names is not None
         else num_classes in (None, len(data_names))
     )

@@ -19,6 +19,7 @@ from datamodules import (
 )
 from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
+from datamodules.images import BadSample
 from lightning_modules.backbones.backbone import data_config_dict
 from lightning_modules.module import FineTuneModule
 from tests.helpers.data import image_exif, photo, write_cifar, write_class_folders, write_mnist
@@ -370,7 +371,7 @@ def test_loader_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_split_fractions_are_checked_with_their_key() -> None:
-    with pytest.raises(ConfigError, match=r"data\.init_args\.val_fraction must be between 0 and 1"):
+    with pytest.raises(ConfigError, match=r"data\.init_args\.val_fraction is 1\.5: allowed \(0, 1\)"):
         ImageFolderDataModule(root="anywhere", val_fraction=1.5)
 
 
@@ -393,3 +394,36 @@ def test_the_header_check_at_setup_shows_its_progress_unless_the_progress_bar_is
     for bar in (True, None):
         assert any("100%" in line and "12/12 [" in line and "file/s]" in line for line in checked(bar)), bar
     assert checked(False) == []
+
+
+def test_folders_read_symlinked_subfolders_unicode_names_and_phone_formats(tmp_path: Path) -> None:
+    """A symlinked folder inside a class is read (once, even when it links back up); `Café crème` written
+    decomposed (NFD, as macOS archives do) in val is the class typed composed (NFC) in train; HEIC, AVIF and JFIF
+    photos are read; every other file is counted by extension in the data summary."""
+    import unicodedata
+
+    name = "Café crème"
+    nfd = unicodedata.normalize("NFD", name)
+    assert nfd != name
+    write_class_folders(tmp_path / "root" / "train", {name: 4, "tea": 4})
+    write_class_folders(tmp_path / "root" / "val", {nfd: 2, "tea": 2})
+    write_class_folders(tmp_path / "root" / "test", {name: 2, "tea": 2})
+    write_class_folders(tmp_path / "elsewhere", {"more": 3})
+    tea = tmp_path / "root" / "train" / "tea"
+    (tea / "linked").symlink_to(tmp_path / "elsewhere" / "more")  # a symlinked folder of 3 more tea images
+    (tea / "up").symlink_to(tea)  # a link back up: not a loop, not read twice
+    for ext, fmt in ((".heic", "HEIF"), (".avif", "AVIF"), (".jfif", "JPEG")):
+        photo(7, (40, 30)).save(tea / f"phone{ext}", format=fmt)
+    (tea / "notes.txt").write_text("not an image")
+    (tea / "Thumbs.db").write_bytes(b"\0" * 10)
+    dm = ImageFolderDataModule(root=str(tmp_path / "root"), num_workers=0, data_config=_config(), batch_size=4)
+    dm.setup("fit")
+    assert dm.class_names == [name, "tea"]
+    assert dm.split_sizes() == {"train": 4 + 4 + 3 + 3, "val": 4, "test": 4}
+    assert sorted(dm.datasets["val"].dataset.targets) == [0, 0, 1, 1]  # the NFD folder is class 0
+    files = [Path(f).relative_to(tmp_path / "root") for f in dm.datasets["train"].dataset.files() or []]
+    assert sum(f.stem == "phone" for f in files) == 3 and not dm.skipped  # all three decode (header check passed)
+    assert sum("linked" in f.parts for f in files) == 3 and not any("up" in f.parts for f in files)
+    for index in range(len(files)):
+        assert not isinstance(dm.datasets["train"].dataset[index][0], BadSample)
+    assert "Not images: 2 file(s) left out for their extension (1 .db, 1 .txt)" in dm.describe()
