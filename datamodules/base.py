@@ -164,12 +164,16 @@ class ImageClassificationDataModule(LightningDataModule):
             self.others.update(getattr(dataset, "others", {}))
         train = raw["train"]
         if "test" not in raw:
-            train, raw["test"] = stratified_split(train, self.test_fraction, self.split_seed, self.groups(train))
+            train, raw["test"] = stratified_split(
+                train, self.test_fraction, self.split_seed, self.groups(train), "test", self.class_names
+            )
         if self.num_folds:
             pool = Concat([train, raw["val"]]) if "val" in raw else train
             train, raw["val"] = kfold_split(pool, self.num_folds, self.fold, self.split_seed, self.groups(pool))
         elif "val" not in raw:
-            train, raw["val"] = stratified_split(train, self.val_fraction, self.split_seed, self.groups(train))
+            train, raw["val"] = stratified_split(
+                train, self.val_fraction, self.split_seed, self.groups(train), "val", self.class_names
+            )
         if self.train_subset is not None:
             train = stratified_subset(train, self.train_subset, self.split_seed)
         evaluation = eval_transform(self.data_config)
@@ -223,6 +227,11 @@ class ImageClassificationDataModule(LightningDataModule):
         lines = [f"Data: {len(names)} classes ({shown}); images: {sizes}"]
         if self.grouping:
             lines.append(f"Splits: {self.grouping}")
+        for split, missing in self.absent_classes().items():
+            lines.append(
+                f"Absent: {split} has no image of {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}: "
+                f"their {split} accuracy is not measured, and {split}'s macro averages count the other classes"
+            )
         if self.others:
             ranked = sorted(self.others.items(), key=lambda item: (-item[1], item[0]))  # most first, then by name
             counts = ", ".join(f"{n:,} {ext}" for ext, n in ranked[:8])
@@ -248,6 +257,17 @@ class ImageClassificationDataModule(LightningDataModule):
         if self.trainer.is_global_zero:
             write_bad_images(path, sorted(rows))
         return path
+
+    def absent_classes(self) -> dict[str, list[str]]:
+        """The classes without any image in val or test (after setup), by split; empty when every class is there."""
+        absent = {}
+        for split in ("val", "test"):
+            dataset = self.datasets.get(split)
+            present = set(dataset.dataset.targets) if dataset is not None else set(range(self.num_classes))
+            missing = [name for i, name in enumerate(self.class_names) if i not in present]
+            if missing:
+                absent[split] = missing
+        return absent
 
     def split_sizes(self) -> dict[str, int]:
         """Images per split (after setup): what the run trained, validated and tested on."""

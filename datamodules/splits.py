@@ -10,8 +10,10 @@ every split here keeps a group whole.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,22 +55,41 @@ def has_copies(groups: Sequence[str] | None) -> bool:
 
 
 def carve(
-    targets: Sequence[int], fraction: float, seed: int, groups: Sequence[str] | None = None
+    targets: Sequence[int],
+    fraction: float,
+    seed: int,
+    groups: Sequence[str] | None = None,
+    what: str = "the carved split",
+    names: Sequence[str] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Indices (rest, part): `part` is about `fraction` of the samples, class proportions kept, the same seed
-    giving the same split. With copies in `groups`, whole groups move: `part` is one fold of a seeded stratified
-    group k-fold with k = round(1 / fraction), so its size is the nearest 1/k."""
+    giving the same split, and never without a class: it holds at least one sample of each (more than `fraction`
+    when the classes outnumber it, with a warning). A class of one sample cannot be in both: a ConfigError naming
+    it (`what` names the part, `names` the classes). With copies in `groups`, whole groups move: `part` is one fold
+    of a seeded stratified group k-fold with k = round(1 / fraction), so its size is the nearest 1/k."""
     if not 0 < fraction < 1:
         raise ConfigError(f"split fraction must be between 0 and 1, got {fraction}")
+    counts = Counter(int(t) for t in targets)
+    single = [names[c] if names else str(c) for c in sorted(c for c, n in counts.items() if n < 2)]
+    if single:
+        raise ConfigError(
+            f"cannot carve {what} from train: class(es) {single[:10]} have a single image left, and each class needs "
+            f"one in train and one in {what}. Add images (3 per class when val and test are both carved), or give "
+            f"{what} its own folder (root/{{train,val,test}}/<class>/)"
+        )
     indices = np.arange(len(targets))
     if has_copies(groups):
         rest, part = _group_folds(targets, max(2, round(1 / fraction)), seed, groups)[0]
         return sorted(rest.tolist()), sorted(part.tolist())
-    try:
-        rest, part = train_test_split(indices, test_size=fraction, random_state=seed, stratify=list(targets))
-    except ValueError as err:  # too few samples per class to stratify: a plain seeded split
-        warnings.warn(f"split not stratified ({err})", stacklevel=2)
-        rest, part = train_test_split(indices, test_size=fraction, random_state=seed)
+    size = math.ceil(fraction * len(targets))  # what train_test_split makes of the fraction
+    if size < len(counts):
+        warnings.warn(
+            f"{what}: {fraction:g} of {len(targets)} images is {size}, fewer than the {len(counts)} classes; {what} "
+            f"gets one image of each class instead ({len(counts)})",
+            stacklevel=2,
+        )
+        size = len(counts)
+    rest, part = train_test_split(indices, test_size=size, random_state=seed, stratify=list(targets))
     return sorted(rest.tolist()), sorted(part.tolist())
 
 
@@ -110,10 +131,15 @@ def stratified_sample(targets: Sequence[int], size: float, seed: int) -> list[in
 
 
 def stratified_split(
-    dataset: LabeledDataset, fraction: float, seed: int, groups: Sequence[str] | None = None
+    dataset: LabeledDataset,
+    fraction: float,
+    seed: int,
+    groups: Sequence[str] | None = None,
+    what: str = "the carved split",
+    names: Sequence[str] | None = None,
 ) -> tuple[LabeledDataset, LabeledDataset]:
     """Split into (rest, fraction) keeping class proportions and every group whole (`carve`)."""
-    rest, part = carve(dataset.targets, fraction, seed, groups)
+    rest, part = carve(dataset.targets, fraction, seed, groups, what, names)
     return Subset(dataset, rest), Subset(dataset, part)
 
 

@@ -78,6 +78,8 @@ def _build_world(root: Path) -> dict[str, str]:
     _folder(root / "one_class", {"only": 4})
     _folder(root / "empty_class", {"a": 4, "b": 4})
     (root / "empty_class" / "c").mkdir()
+    _folder(root / "one_each", {"a": 1, "b": 1})
+    _folder(root / "two_each", {"a": 2, "b": 2})
     loops = _folder(root / "loops", {"a": 4, "b": 4})
     (loops / "a" / "cycle").symlink_to(loops / "a")  # a folder loop
     (loops / "a" / "x.jpg").symlink_to(loops / "a" / "y.jpg")  # a file loop: x -> y -> x
@@ -105,7 +107,13 @@ def _build_world(root: Path) -> dict[str, str]:
     frames[0].save(inbox["gif"] / "moving.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     photo(3, (24, 24)).save(inbox["bytes"] / NON_UTF8)
     place = {f"INBOX_{k.upper()}": str(v) for k, v in inbox.items()}
-    return {**place, **{k: str(root / k.lower()) for k in ("AB", "EMPTY_ROOT", "ONE_CLASS", "EMPTY_CLASS", "LOOPS")}}
+    return {
+        **place,
+        **{
+            k: str(root / k.lower())
+            for k in ("AB", "EMPTY_ROOT", "ONE_CLASS", "EMPTY_CLASS", "LOOPS", "ONE_EACH", "TWO_EACH")
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +168,16 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
     "empty data root": ([*FIT, FOLDER, "--data.init_args.root=EMPTY_ROOT"], 2, ["empty_root has 0 class folder"]),
     "single-class root": ([*FIT, FOLDER, "--data.init_args.root=ONE_CLASS"], 2, ["has 1 class folder(s) ['only']"]),
     "empty class folder": ([*FIT, FOLDER, "--data.init_args.root=EMPTY_CLASS"], 2, ["without images: ['c']"]),
+    "one image per class": (
+        [*FIT, FOLDER, "--data.init_args.root=ONE_EACH"],
+        2,
+        ["cannot carve test from train: class(es) ['a', 'b'] have a single image left", "3 per class"],
+    ),
+    "two images per class": (
+        [*FIT, FOLDER, "--data.init_args.root=TWO_EACH"],
+        2,
+        ["cannot carve val from train: class(es) ['a', 'b'] have a single image left"],
+    ),
     "CIFAR batch not a pickle": ([*CIFAR, "--data.init_args.root=cifar_garbage"], 2, ["cifar_garbage", "data_batch_1"]),
     "CIFAR batch without data": ([*CIFAR, "--data.init_args.root=cifar_no_data"], 2, ["data_batch_1 has no 'data'"]),
     "CIFAR batch of wrong shape": ([*CIFAR, "--data.init_args.root=cifar_bad_shape"], 2, ["N x 3072", "data_batch_1"]),

@@ -224,6 +224,19 @@ def pr_curves(probs: torch.Tensor, targets: torch.Tensor, class_names: list[str]
     return curves
 
 
+def absent_note(report: dict[str, Any]) -> list[str]:
+    """report.md's lines on classes with no test image (none when every class is there)."""
+    absent = [name for name, c in report["per_class"].items() if c["support"] == 0]
+    if not absent:
+        return []
+    return [
+        f"**Absent from the test split: {', '.join(absent)}.** Their recall and accuracy are not measured (0 above "
+        "by convention); accuracy counts the other classes; the macro precision, recall and F1 average over the "
+        "classes that occur in the targets or the predictions, AUROC over the classes in the targets.",
+        "",
+    ]
+
+
 def render_markdown(report: dict[str, Any], class_names: list[str], run: Path) -> str:
     """report.md: headline metrics, a per-class table, the confusion matrix image, the config and checkpoint."""
     lines = [
@@ -245,6 +258,7 @@ def render_markdown(report: dict[str, Any], class_names: list[str], run: Path) -
             for n, c in report["per_class"].items()
         ],
         "",
+        *absent_note(report),
         "![confusion matrix](confusion_matrix.png)",
         "",
         "Misclassified: ![misclassified](misclassified.png)  Highest losses: ![top losses](top_losses.png)",

@@ -97,3 +97,24 @@ def test_kfold_keeps_every_group_in_one_fold(tmp_path: Path, fold: int) -> None:
 def test_a_bad_group_pattern_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data.init_args.group '\(aug' is not a regular expression"):
         ImageFolderDataModule(root=str(tmp_path), group="(aug")
+
+
+def test_a_carved_split_holds_every_class_and_a_shipped_one_says_which_it_lacks(tmp_path: Path) -> None:
+    from datamodules.splits import carve
+    from tests.helpers.data import write_class_folders
+
+    targets = [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]  # 10% of 10 is one image, for three classes
+    with pytest.warns(UserWarning, match=r"val: 0.1 of 10 images is 1, fewer than the 3 classes; val gets one image"):
+        rest, part = carve(targets, 0.1, seed=0, what="val")
+    assert sorted(targets[i] for i in part) == [0, 1, 2] and len(rest) == 7
+    assert carve(targets, 0.3, seed=0) == carve(targets, 0.3, seed=0)  # seeded
+
+    write_class_folders(tmp_path / "train", {"cat": 2, "dog": 10})  # 1 cat : 5 dogs, none in val or test
+    write_class_folders(tmp_path / "val", {"dog": 3})
+    write_class_folders(tmp_path / "test", {"dog": 3})
+    config = {"input_size": [3, 16, 16], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
+    dm = ImageFolderDataModule(root=str(tmp_path), num_workers=0, data_config=config)
+    dm.setup("fit")
+    assert dm.absent_classes() == {"val": ["cat"], "test": ["cat"]}
+    assert "Absent: val has no image of cat: their val accuracy is not measured" in dm.describe()
+    assert "Absent: test has no image of cat" in dm.describe()

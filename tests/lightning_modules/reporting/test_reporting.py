@@ -157,6 +157,12 @@ def test_report_metrics_with_an_absent_class_follow_sklearns_definitions() -> No
     matrix = np.array(report["confusion_matrix"])
     assert not np.array_equal(matrix, matrix.T)  # a transposed matrix would be seen
     assert_per_class_follows_sklearn(report, probs, targets)
+    from lightning_modules.reporting.report import render_markdown
+
+    markdown = render_markdown(report, ["a", "b", "c"], Path("."))
+    assert "**Absent from the test split: b.** Their recall and accuracy are not measured" in markdown
+    report["per_class"]["b"]["support"] = 1
+    assert "Absent" not in render_markdown(report, ["a", "b", "c"], Path("."))
 
 
 def test_predictions_on_a_carved_test_split_name_the_files(tmp_path: Path) -> None:
