@@ -58,7 +58,8 @@ class ImageClassificationDataModule(LightningDataModule):
         data_config: the backbone's preprocessing, linked from the model by the CLI; left out, taken at setup
             from the trainer's model. Given and different from the model's, it is a ConfigError.
         pin_memory: default: on when CUDA is available.
-        predict_root: a folder of images for `ftlab predict` (any layout); default: the test split.
+        predict_root: what `ftlab predict` predicts: a folder of images (any layout), one image file, or a list of
+            files and folders; default: the test split.
         num_folds: stratified k-fold cross-validation: train + val (never test) are pooled and cut into this many
             folds, seeded by `split_seed`; `fold` is the val split, the others train. Default: no folds.
         fold: which fold (0 to num_folds - 1) is the val split.
@@ -84,7 +85,7 @@ class ImageClassificationDataModule(LightningDataModule):
         train_subset: float | None = None,
         data_config: dict[str, Any] | None = None,
         pin_memory: bool | None = None,
-        predict_root: str | None = None,
+        predict_root: str | list[str] | None = None,
         num_folds: int | None = None,
         fold: int = 0,
         group: str | None = "auto",
@@ -116,6 +117,9 @@ class ImageClassificationDataModule(LightningDataModule):
         self.data_config = DataConfig.from_dict(data_config) if data_config else DataConfig()
         self.data_config_given = bool(data_config)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        for entry in [predict_root] if isinstance(predict_root, str) else predict_root or []:
+            if not Path(entry).exists():  # said now, before a checkpoint is read or a model built
+                raise ConfigError(f"data.init_args.predict_root {entry}: no such file or folder")
         self.predict_root = predict_root
         self.num_folds, self.fold = num_folds, fold
         self.group = None if group in (None, "none") else GROUP_PATTERN if group == "auto" else group
@@ -357,19 +361,24 @@ class ImageClassificationDataModule(LightningDataModule):
         """Test batches, in order."""
         return self.loader("test")
 
+    def predict_files(self) -> list[Path]:
+        """The files `predict_root` names: the images under a folder, one image file, or a list of either."""
+        given = [self.predict_root] if isinstance(self.predict_root, str) else list(self.predict_root or [])
+        files: list[Path] = []
+        for entry in map(Path, given):
+            files += list_images(entry) if entry.is_dir() else [entry]
+        return files
+
     @override
     def predict_dataloader(self) -> DataLoader:
         """`predict_root`'s images (every file with an image extension; unreadable ones become error rows; their
         class is unknown, -1), or the test split."""
         if self.predict_root is not None:
-            root = Path(self.predict_root)
-            if not root.is_dir():
-                raise ConfigError(f"data.init_args.predict_root {root.resolve()} is not a folder of images")
             with progress_shown(self.shows_progress()):
-                files = ImageFiles([(p, -1) for p in list_images(root)])
+                files = ImageFiles([(p, -1) for p in self.predict_files()])
             if not files.paths and not files.rejected:
                 raise ConfigError(
-                    f"data.init_args.predict_root {root.resolve()} holds no image files (searched its sub-folders "
+                    f"data.init_args.predict_root {self.predict_root} holds no image files (searched its sub-folders "
                     "too; hidden files and other extensions are skipped)"
                 )
             self.skipped |= {("predict", b.path, b.reason) for b in files.rejected}

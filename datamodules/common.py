@@ -20,7 +20,6 @@ from typing import Any, Protocol, TextIO, runtime_checkable
 
 from tqdm import tqdm
 
-MIN_IMAGE_SIZE = 16  # pixels: the smallest model.image_size (a backbone may need more: its first forward pass says)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -93,7 +92,6 @@ class DataConfig:
 
     def with_input(self, image_size: int | None, in_chans: int) -> DataConfig:
         """The same preprocessing at another resolution and channel count (grayscale averages mean and std)."""
-        check_range("model.image_size", image_size, MIN_IMAGE_SIZE, null=f"the backbone's own, {self.input_size[1]}")
         check_range("model.in_chans", in_chans, 1)
         size = image_size or self.input_size[1]
         mean, std = self.mean, self.std

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -26,7 +27,7 @@ from PIL import Image
 from lightning_modules.cli import main as cli
 from tests.helpers import REPO
 from tests.helpers.data import image_exif, photo, write_cifar, write_class_folders, write_mnist
-from tests.helpers.runs import FAST
+from tests.helpers.runs import FAST, folder_args, ftlab
 
 TINY = ["--model.backbone=timm/test_resnet", "--model.weights=none", "--model.image_size=32"]
 SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
@@ -281,14 +282,7 @@ def test_bad_input(
     argv = [re.sub("|".join(sorted(places, key=len, reverse=True)), lambda m: places[m.group(0)], a) for a in argv]
     before = _fingerprint(world["prior"])
     monkeypatch.chdir(world["root"])
-    monkeypatch.setattr("sys.argv", ["ftlab", *argv])
-    capfd.readouterr()
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code if isinstance(exit_info.code, int) else 1
-    out, err = capfd.readouterr()
+    code, out, err = ftlab(argv, capfd)
     assert code == status, err[-2000:]
     assert "Traceback" not in err and "weights_only=False" not in err
     if status == 2:
@@ -301,3 +295,44 @@ def test_bad_input(
         assert text in named, (text, named)
     assert not (world["root"] / MARKER).exists()  # no pickle ran its payload
     assert _fingerprint(world["prior"]) == before  # the prior run's checkpoints: untouched
+
+
+@pytest.mark.slow
+def test_small_rows_failed_setup_single_file_predict_second_test_small_set_plain_predict(
+    in_tmp: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A fit failing at setup leaves no run folder; predict takes one image or a list; a second test keeps the first
+    report; the shipped defaults raise no Lightning warning on a small set; predict says nothing of training."""
+    _folder(in_tmp / "one_each", {"a": 1, "b": 1})
+    _folder(in_tmp / "small", {"a": 12, "b": 12})
+    common = [*folder_args(in_tmp / "small", batch_size=8), "--trainer.enable_model_summary=false"]
+    fail = [*folder_args(in_tmp / "one_each", batch_size=8), "--trainer.max_epochs=1"]
+    code, _, err = ftlab(["fit", *fail], capfd)
+    assert code == 2 and "cannot carve test" in err
+    assert not (in_tmp / "runs" / "image_folder").exists() or not list((in_tmp / "runs" / "image_folder").iterdir())
+    code, _, err = ftlab(["fit", *common, "--trainer.max_epochs=2"], capfd)
+    run = in_tmp / "runs" / "image_folder" / "version_0"  # the first good run is version_0
+    assert code == 0 and run.is_dir(), err[-2000:]
+    assert "smaller than the logging interval" not in err  # 3 batches an epoch, the defaults log every 10 steps
+
+    for _ in range(2):
+        code, out, err = ftlab(["test", *common, "--ckpt_path=best"], capfd)
+        assert code == 0, err[-2000:]
+    first = json.loads((run / "metrics.json").read_text())
+    assert "Test report: " in out and out.strip().endswith("version_0") and (run / "report_2.md").is_file()
+    second = json.loads((run / "metrics_2.json").read_text())
+    assert second["acc"] == first["acc"] and (run / "confusion_matrix_2.png").is_file()
+    assert "(confusion_matrix_2.png)" in (run / "report_2.md").read_text()
+    assert "(confusion_matrix.png)" in (run / "report.md").read_text()
+
+    image = next((in_tmp / "small" / "a").iterdir())
+    plain = ["predict", "--ckpt_path", str(next((run / "checkpoints").glob("best-*.ckpt"))), *QUIET]
+    for given, rows in ((str(image), 1), (f"[{image},{in_tmp / 'small' / 'b'}]", 13)):
+        code, out, err = ftlab([*plain, f"--data.init_args.predict_root={given}"], capfd)
+        assert code == 0, err[-2000:]
+        assert "Please add the following callbacks" not in err and "the model is built as" not in err
+        written = Path(re.search(r"Predictions: (\S+)", out).group(1))  # type: ignore[union-attr]
+        with written.open() as f:
+            assert len(list(csv.DictReader(f))) == rows
+    code, _, err = ftlab([*plain, f"--data.init_args.predict_root={in_tmp / 'nothing.jpg'}"], capfd)
+    assert code == 2 and "data.init_args.predict_root" in err and "nothing.jpg: no such file or folder" in err

@@ -20,11 +20,14 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from datamodules.common import ConfigError, DataConfig, close_names
+from datamodules.common import ConfigError, DataConfig, check_range, close_names
 from lightning_modules.backbones import sources
 from lightning_modules.backbones.stages import Stage, check_stages_cover
 
 SOURCES = tuple(sorted(m.name for m in pkgutil.iter_modules(sources.__path__)))  # the name prefixes
+# the smallest `model.image_size` of a pretrained family (a source may set its own MIN_IMAGE_SIZE): smaller, their
+# stride-32 stages see less than a pixel. A backbone may need more: its first forward pass says (`_feature_size`).
+MIN_IMAGE_SIZE = 16
 
 
 class Backbone(nn.Module):
@@ -110,7 +113,10 @@ def resolve_data_config(
     """The preprocessing of a backbone's pretrained weights, without building the network or using the network
     (once per process and arguments: the CLI's link and the model's build share it)."""
     module, arch = source(backbone)
-    return module.data_config(arch, weights, in_chans).with_input(image_size, in_chans)
+    own = module.data_config(arch, weights, in_chans)
+    floor = getattr(module, "MIN_IMAGE_SIZE", MIN_IMAGE_SIZE)
+    check_range("model.image_size", image_size, floor, null=f"the backbone's own, {own.input_size[1]}")
+    return own.with_input(image_size, in_chans)
 
 
 def data_config_dict(

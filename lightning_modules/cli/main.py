@@ -6,6 +6,7 @@ import importlib
 import inspect
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,6 +109,8 @@ class FinetuneCLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
+        if subcommand != "fit":  # the training callbacks' states in a checkpoint mean nothing to test or predict
+            warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
         prepare_run_root(config.trainer)
         ckpt = config.get("ckpt_path")
         if not ckpt:
@@ -141,7 +144,12 @@ class FinetuneCLI(LightningCLI):
         self._trained_classes = (saved.get("num_classes"), saved.get("class_names"))
         self._trained_weights = checkpoint["state_dict"]  # memory-mapped: compared with the model once it is built
         model = {key: saved[key] for key in ARCHITECTURE if key in saved}
-        changed = [f"model.{k} {config.model.get(k)!r} -> {v!r}" for k, v in model.items() if config.model.get(k) != v]
+        unset = {k: p.default for k, p in inspect.signature(FineTuneModule.__init__).parameters.items()}
+        changed = [
+            f"model.{k} {config.model.get(k)!r} -> {v!r}"
+            for k, v in model.items()
+            if config.model.get(k) != v and config.model.get(k) != unset.get(k)  # only what the config or user set
+        ]
         if changed:
             notice(f"the model is built as checkpoint {ckpt_path} was trained: {'; '.join(changed)}")
         updates: dict[str, Any] = {"model": model}
@@ -173,7 +181,9 @@ class FinetuneCLI(LightningCLI):
         compact progress bar unless the config names one (Lightning adds the `EXTRA_CALLBACKS` itself)."""
         init = self.config_init[self.subcommand] if self.subcommand else self.config_init
         config = {**init["trainer"], **kwargs}
-        logger = with_run_csv(config.get("logger"), config.get("default_root_dir"), getattr(self, "_run_version", None))
+        logger = config.get("logger")
+        if not config.get("fast_dev_run"):  # (a dry run logs nothing: Lightning swaps every logger for a dummy)
+            logger = with_run_csv(logger, config.get("default_root_dir"), getattr(self, "_run_version", None))
         callbacks = config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         configured = [*callbacks, *(init.get(key) for key in EXTRA_CALLBACKS)]

@@ -4,6 +4,7 @@ resume redoes steps; the best checkpoint with a tie-breaker; an Optuna trial's p
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
+from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError, atomic_write
 from lightning_modules.console import notice
 
@@ -30,6 +32,15 @@ class TrainingStateLogger(pl.Callback):
     Learning rates and trainable parameters are logged at the first batch of each epoch, after every finetuning
     strategy has unfrozen what is due; `time/epoch_s` is the wall time of the epoch (training and its validation).
     """
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log every step of an epoch shorter than `log_every_n_steps` (a small set): else no step is logged, and
+        Lightning warns that the training batches are fewer than the logging interval."""
+        batches = training_batches(trainer)
+        interval = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's logger connector
+        if batches is not None and 0 < batches < interval:
+            trainer.log_every_n_steps = 1  # type: ignore[attr-defined]
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -57,6 +68,20 @@ class TrainingStateLogger(pl.Callback):
                 pl_module.log(key, float(group["lr"]), on_step=False, on_epoch=True, batch_size=1)
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         pl_module.log("trainable_params", float(trainable), on_step=False, on_epoch=True, batch_size=1)
+
+
+def training_batches(trainer: pl.Trainer) -> int | None:
+    """The training batches of an epoch on each process, from the DataModule's train split, batch size and
+    `limit_train_batches` (without building a loader); None when the data is not an ImageClassificationDataModule."""
+    data = getattr(trainer, "datamodule", None)
+    if not isinstance(data, ImageClassificationDataModule) or "train" not in data.datasets:
+        return None
+    samples = math.ceil(len(data.datasets["train"]) / max(1, trainer.world_size))
+    batches = samples // data.batch_size + (samples % data.batch_size > 1)  # a last batch of one is dropped
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        return min(batches, limit)
+    return math.ceil(batches * float(limit or 1.0))
 
 
 class StopOnNonFiniteLoss(pl.Callback):

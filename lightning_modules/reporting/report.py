@@ -124,9 +124,9 @@ class TestReport(pl.Callback):
         model = reported(pl_module)
         report = self._metrics(trainer, pl_module, *gathered)
         figures = self._figures(report, model, *gathered)
-        self._write(Path(log_dir), report, figures, model.class_names)
+        written = self._write(Path(log_dir), report, figures, model.class_names)
         self._to_tensorboard(trainer, figures, model.class_names, *gathered)
-        print(f"Test report: {Path(log_dir) / 'report.md'}")
+        print(f"Test report: {written}")
 
     def _gather(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Probabilities and targets of every process (a collective: every process calls it), each test sample
@@ -190,12 +190,17 @@ class TestReport(pl.Callback):
         return figures
 
     @staticmethod
-    def _write(run: Path, report: dict[str, Any], figures: dict[str, Any], class_names: list[str]) -> None:
-        """metrics.json, one PNG per figure and report.md, each written whole or not at all."""
-        atomic_write(run / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+    def _write(run: Path, report: dict[str, Any], figures: dict[str, Any], class_names: list[str]) -> Path:
+        """metrics.json, one PNG per figure and report.md, each written whole or not at all; a run tested before
+        keeps its report: this one is `report_2.md`, `metrics_2.json`, `confusion_matrix_2.png` ... (as predictions
+        are numbered). Returns the report's path."""
+        suffix = free_name(run / "report.md", run / "metrics.json").stem.removeprefix("report")
+        atomic_write(run / f"metrics{suffix}.json", lambda p: p.write_text(json.dumps(report, indent=2)))
         for name, fig in figures.items():
-            atomic_write(run / f"{name}.png", partial(fig.savefig, dpi=110, format="png"))
-        atomic_write(run / "report.md", lambda p: p.write_text(render_markdown(report, class_names, run)))
+            atomic_write(run / f"{name}{suffix}.png", partial(fig.savefig, dpi=110, format="png"))
+        markdown = render_markdown(report, class_names, run, suffix)
+        atomic_write(run / f"report{suffix}.md", lambda p: p.write_text(markdown))
+        return run / f"report{suffix}.md"
 
     @staticmethod
     def _to_tensorboard(
@@ -237,7 +242,7 @@ def absent_note(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def render_markdown(report: dict[str, Any], class_names: list[str], run: Path) -> str:
+def render_markdown(report: dict[str, Any], class_names: list[str], run: Path, suffix: str = "") -> str:
     """report.md: headline metrics, a per-class table, the confusion matrix image, the config and checkpoint."""
     lines = [
         "# Test report",
@@ -259,11 +264,12 @@ def render_markdown(report: dict[str, Any], class_names: list[str], run: Path) -
         ],
         "",
         *absent_note(report),
-        "![confusion matrix](confusion_matrix.png)",
+        f"![confusion matrix](confusion_matrix{suffix}.png)",
         "",
-        "Misclassified: ![misclassified](misclassified.png)  Highest losses: ![top losses](top_losses.png)",
+        f"Misclassified: ![misclassified](misclassified{suffix}.png)  Highest losses: "
+        f"![top losses](top_losses{suffix}.png)",
         "",
-        "![precision-recall per class](pr_curves.png)",
+        f"![precision-recall per class](pr_curves{suffix}.png)",
         "",
     ]
     if (run / "learning_curves.png").is_file():  # drawn at the end of the fit that wrote this run
@@ -335,11 +341,14 @@ class PredictionWriter(pl.Callback):
         print(f"Predictions: {path} ({len(rows)} predicted, {len(errors)} unreadable){source}")
 
 
-def free_name(path: Path) -> Path:
-    """`path`, or `<stem>_2<suffix>`, `_3` ... when it exists: an earlier file (another checkpoint's predictions,
-    perhaps) is never overwritten."""
-    candidate, n = path, 1
-    while candidate.exists():
+def free_name(path: Path, *companions: Path) -> Path:
+    """`path`, or `<stem>_2<suffix>`, `_3` ... when it (or a `companion` numbered alike) exists: an earlier file
+    (another checkpoint's predictions or report, perhaps) is never overwritten."""
+
+    def numbered(file: Path, n: int) -> Path:
+        return file if n == 1 else file.with_name(f"{file.stem}_{n}{file.suffix}")
+
+    n = 1
+    while any(numbered(f, n).exists() for f in (path, *companions)):
         n += 1
-        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
-    return candidate
+    return numbered(path, n)

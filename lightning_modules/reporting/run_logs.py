@@ -8,8 +8,11 @@ internals, so they work the same with TensorBoard, CSV, MLflow or W&B.
 from __future__ import annotations
 
 import csv
+import shutil
+from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from typing_extensions import override
@@ -50,3 +53,27 @@ def with_run_csv(logger: Any, root_dir: str | None, version: str | None = None) 
         tb = loggers[0]
         return [tb, keep_metrics(CSVLogger(tb.save_dir, name=tb.name, version=tb.version)), *loggers[1:]]
     return [keep_metrics(CSVLogger(root_dir or ".", name="lightning_logs", version=version)), *loggers]
+
+
+# What a run folder holds before its first step: the loggers' files and the saved config. A folder of only these,
+# left by a fit that failed before training, holds nothing of the user's.
+BEFORE_TRAINING = ("events.out.tfevents.", "hparams.yaml", "metrics.csv", "config.yaml")
+
+
+class DropUntrainedRun(pl.Callback):
+    """A fit that fails before its first training step (a config or data error found at setup) leaves no run
+    folder behind: else the next good run would be `version_1` beside an empty `version_0`. Only a new folder that
+    holds nothing but `BEFORE_TRAINING` files goes; a resumed run's folder, or one with a checkpoint, stays."""
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Remove the run folder if the fit trained nothing in it (process zero; no collective)."""
+        if trainer.state.fn != "fit" or trainer.global_step > 0 or trainer.ckpt_path or not trainer.is_global_zero:
+            return
+        folders = {Path(str(lg.log_dir)) for lg in trainer.loggers if lg.log_dir}
+        for logger in trainer.loggers:  # close the writers first (Lightning finalizes them after this hook)
+            logger.finalize("failed")
+        for folder in folders:
+            files = list(folder.iterdir()) if folder.is_dir() else []
+            if all(f.is_file() and f.name.startswith(BEFORE_TRAINING) for f in files):
+                shutil.rmtree(folder, ignore_errors=True)

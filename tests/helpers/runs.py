@@ -4,6 +4,7 @@ backbone, `ftlab` in this process."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 # Overrides that make any experiment tiny: fast_dev_run, no workers, no progress bar.
 FAST = [
@@ -45,3 +46,23 @@ def in_process(args: list[str], log: Path) -> int:
         except SystemExit as err:
             return err.code if isinstance(err.code, int) else 1
     return 0
+
+
+def ftlab(argv: list[str], capfd: Any) -> tuple[int, str, str]:
+    """`ftlab <argv>` through the console entry point (`cli.main`, what the installed script runs), in this process:
+    its exit status, stdout and stderr (`capfd`: pytest's fixture, emptied first)."""
+    import sys
+
+    from lightning_modules.cli import main as cli
+
+    capfd.readouterr()
+    saved, sys.argv = sys.argv, ["ftlab", *argv]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code if isinstance(exit_info.code, int) else 1
+    finally:
+        sys.argv = saved
+    out, err = capfd.readouterr()
+    return code, out, err

@@ -13,6 +13,7 @@ from lightning_modules.backbones.stages import Stage, has_params, stages_from_bl
 from lightning_modules.backbones.weights import is_weights_file, load_state_dict_file, load_weights
 
 OPTIONS: tuple[str, ...] = ()
+MIN_IMAGE_SIZE = 4  # the baselines take small images (sklearn's digits are 8 px); the CNN's forward pass checks
 EXAMPLE = "simple_cnn"
 
 

@@ -36,6 +36,12 @@ def _tiny_data(name: str, root: Path) -> Path:
         write_mnist(root, gz=True)
     elif name == "cats_vs_dogs":
         write_class_folders(root / "PetImages", {"Cat": 5, "Dog": 5})
+    elif name == "hf_dataset":  # a Hugging Face DatasetDict written by save_to_disk
+        import datasets
+
+        write_class_folders(root / "images", {"a": 5, "b": 5})
+        datasets.load_dataset("imagefolder", data_dir=str(root / "images")).save_to_disk(str(root / "saved"))
+        return root / "saved"
     elif name == "pet_expressions":
         seed = 0
         for split in ("train", "valid", "test"):
@@ -80,13 +86,14 @@ def test_every_dataset_config_runs_on_its_real_format(in_tmp: Path, data_config:
         data_config,
         *TINY_MODEL,
         *FAST,
-        f"--data.init_args.root={root}",
+        f"--data.init_args.{'path' if 'hf_' in data_config else 'root'}={root}",
         "--data.init_args.batch_size=4",
     ]
     run = cli_main(args)
     assert run.trainer.state.finished
     assert run.model.class_names == run.datamodule.class_names
-    assert type(run.datamodule).__name__.lower().startswith(Path(data_config).stem.replace("_", "")[:5])
+    stem = Path(data_config).stem.replace("hf_dataset", "huggingface")
+    assert type(run.datamodule).__name__.lower().startswith(stem.replace("_", "")[:5])
 
 
 def _is_ddp_with_sync_batchnorm(run: Any) -> bool:
@@ -140,6 +147,7 @@ def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) 
         "TrainingStateLogger",
         "StopOnNonFiniteLoss",
         "ResumeNotice",
+        "DropUntrainedRun",
         "Dashboard",
         "TestReport",
         "PredictionWriter",
@@ -380,5 +388,5 @@ def test_lr_find_takes_all_its_steps_on_a_short_budget_and_applies_its_suggestio
 
 def test_the_experiment_lists_are_found() -> None:
     # a parametrized test over an empty list passes silently: make sure every kind of config is present
-    assert len(RUNNABLE) >= 11 and len(DATA) == 6 and TRAINER
+    assert len(RUNNABLE) >= 11 and len(DATA) == 7 and TRAINER
     assert RECIPE_DATA == ["experiments/data/image_folder.yaml", "experiments/data/image_folder_accurate.yaml"]
