@@ -23,8 +23,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/ftlab fit --config experiments/quickstart.yaml
-	$(BIN)/ftlab test --config experiments/quickstart.yaml --ckpt_path best
+	$(BIN)/ftlab fit --config experiments/quickstart.yaml  # test_after_fit: the best checkpoint is tested too
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q

@@ -29,7 +29,7 @@ from datamodules.common import ConfigError, DataConfig, check_range
 from lightning_modules.backbones.backbone import build_backbone
 from lightning_modules.finetuning.batch_augment import TTA_MODES, BatchMixer, averaged_log_probabilities, tta_views
 from lightning_modules.finetuning.strategies import FinetuningStrategy
-from lightning_modules.speed.engines import ONNX_DIR, BatchRunner, check_engine, frozen_pass
+from lightning_modules.speed.engines import ONNX_DIR, BatchRunner, check_engine, chosen_engine, frozen_pass
 
 STAGES = ("train", "val", "test")
 
@@ -124,7 +124,8 @@ class FineTuneModule(LightningModule):
             a mode such as `max-autotune`. The first steps pay the compilation.
         inference_engine: what runs the model in `ftlab test` and `ftlab predict`: `torch`, `onnxruntime` (CPU;
             exported once under `~/.cache/finetune-lab/onnx`, used only if it matches torch within 1e-4 on the
-            first batch) or `auto` (onnxruntime on CPU when installed); see `lightning_modules/speed/engines.py`.
+            first batch) or `auto` (the default: onnxruntime on CPU for the families it was measured faster on and
+            a pass of at least 1,000 images, else torch); see `lightning_modules/speed/engines.py`.
         drop_path_rate: stochastic depth of a timm backbone (the rate of its last block; timm scales the others).
         mixup: MixUp's alpha on training image batches (soft targets; train metrics count the larger of the two
             classes as the label); 0: off. Cached features (the frozen epochs' cache) are never mixed.
@@ -151,7 +152,7 @@ class FineTuneModule(LightningModule):
         sync_batchnorm: bool = False,
         channels_last: bool = True,
         compile: bool | str = False,
-        inference_engine: str = "torch",
+        inference_engine: str = "auto",
         drop_path_rate: float = 0.0,
         mixup: float = 0.0,
         cutmix: float = 0.0,
@@ -169,6 +170,7 @@ class FineTuneModule(LightningModule):
             raise ConfigError(f"model.tta {tta!r}: choose one of {list(TTA_MODES)}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "load_weights"])
         self._inference: BatchRunner | None = None  # the test or predict engine, built at the first batch
+        self._engine: str | None = None  # its name (torch: the module itself runs)
         self.backbone = build_backbone(backbone, weights, image_size, in_chans, drop_path_rate, load_weights)
         self._run_seed = 0  # the run's seed (torch's at the start of the fit): mixing draws from it and the step
         self.lr = lr
@@ -263,18 +265,31 @@ class FineTuneModule(LightningModule):
     def inference_logits(self, batch: Batch) -> torch.Tensor:
         """`logits` for test and predict, by `inference_engine` (built at the first batch of the run); with `tta`,
         the log of the views' mean probabilities."""
-        engine = self.hparams.get("inference_engine", "torch")
         if batch.features:
             return self.logits(batch)
         run: Any = self
-        if engine != "torch":
-            if self._inference is None:
-                self._inference = frozen_pass(self, self.device, engine, batch.inputs, ONNX_DIR)
+        if self._engine is None:  # the first batch of this test or predict run
+            configured = self.hparams.get("inference_engine", "auto")
+            name = str(self.hparams["backbone"])
+            self._engine = chosen_engine(configured, name, self.device, "test and predict", self._pass_images())
+            if self._engine != "torch":
+                self._inference = frozen_pass(self, self.device, self._engine, batch.inputs, ONNX_DIR)
+        if self._inference is not None:
             run = lambda x: self._inference(x).to(self.device)  # noqa: E731
         tta = self.hparams.get("tta", "none")
         if tta == "none":
             return run(batch.inputs)
         return averaged_log_probabilities(run, tta_views(batch.inputs, tta))
+
+    def _pass_images(self) -> int:
+        """The images of the test or predict pass under way (0 outside a trainer's: the Predictor's few photos)."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached to a trainer
+            return 0
+        loaders = trainer.test_dataloaders if trainer.testing else trainer.predict_dataloaders
+        listed = loaders if isinstance(loaders, list | tuple) else [loaders]
+        return sum(len(loader.dataset) for loader in listed if loader is not None and hasattr(loader, "dataset"))
 
     @override
     def on_fit_start(self) -> None:
@@ -294,12 +309,12 @@ class FineTuneModule(LightningModule):
     @override
     def on_test_start(self) -> None:
         """A fresh engine for this run (the weights may have changed since the last)."""
-        self._inference = None
+        self._inference, self._engine = None, None
 
     @override
     def on_predict_start(self) -> None:
         """A fresh engine for this run."""
-        self._inference = None
+        self._inference, self._engine = None, None
 
     def _shared_step(
         self, batch: Batch, stage: str, mix_seed: int | None = None

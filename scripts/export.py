@@ -16,8 +16,8 @@ Writes into `<run>/export/` (each file written aside, then renamed into place):
   publishes it for `timm.create_model("hf-hub:me/name", pretrained=True)`.
 
 Prints the largest absolute difference of each from the eager model's output on one batch; while it works, a progress
-line on stderr names the file being written and counts the files done of three (`--no-progress`: none). Needs the
-`export` extra (`pip install ".[export]"`: onnx, onnxscript, onnxruntime).
+line on stderr names the file being written and counts the files done of three (`--no-progress`: none). Uses
+onnx, onnxscript and onnxruntime, installed with the package.
 """
 
 from __future__ import annotations

@@ -79,6 +79,13 @@ class FinetuneCLI(LightningCLI):
             help="fit only: run Lightning's learning-rate finder first; print its suggestion, or apply it",
         )
         parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="fit only: then test the best checkpoint in the same process, writing what `ftlab test --ckpt_path "
+            "best` writes into the run (one start-up instead of two)",
+        )
+        parser.add_argument(
             "--untrained",
             type=bool,
             default=False,
@@ -230,11 +237,20 @@ class FinetuneCLI(LightningCLI):
             print(f"Run directory: {log_dir}")
 
     def after_fit(self) -> None:
-        """Say where the run went: events, checkpoints, config."""
+        """Say where the run went: events, checkpoints, config; with `--test_after_fit`, test the best checkpoint
+        (a fit that was stopped, or wrote no checkpoint, is not tested)."""
         best = str(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
         if self.trainer.is_global_zero and best:
             print(f"Best checkpoint: {best}")
         self._print_run_dir()
+        if self.config["fit"].get("test_after_fit") and not self.trainer.interrupted:
+            if not best:
+                raise ConfigError("--test_after_fit: the fit wrote no best checkpoint to test (checkpointing is off)")
+            for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
+                if isinstance(callback, RunConfigCallback):
+                    callback.already_saved = False  # config_test.yaml, as `ftlab test` writes it
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+            self._print_run_dir()
 
     after_validate = after_test = after_predict = _print_run_dir
 

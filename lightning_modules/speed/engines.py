@@ -8,6 +8,7 @@ its weights and input shape, and checked against torch on a real batch before it
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,47 @@ ONNX_DIR = Path.home() / ".cache" / "finetune-lab" / "onnx"  # exports of whole 
 TOLERANCE = 1e-4  # max |difference| from torch on the check images
 CHECK_IMAGES = 8  # the first images of the first real batch: the check costs a torch pass over these alone
 BatchRunner = Callable[[torch.Tensor], torch.Tensor]  # a batch of inputs -> the outputs, by one engine
+
+
+# `auto` on CPU: the backbone families on which ONNX Runtime beat torch in scripts/benchmark.py (the frozen forward
+# pass, 12 batches of 32 at 224 px, this 2-core machine, docs/benchmark.md): family name prefix -> times faster.
+# Any other family (not measured: ViT, ConvNeXt, the scratch baselines) and any GPU run on torch.
+ONNX_WINS = {"efficientnet": 3.8, "tf_efficientnet": 4.1, "mobilenet": 4.0, "resnet": 1.5}
+# A whole model is exported for each checkpoint tested (the frozen backbone's export is kept for every later run):
+# about 7 s for Lite0 here, paid back at (1/71 - 1/269) s an image from about 700 images; below this, torch.
+AUTO_MIN_IMAGES = 1000
+
+
+def auto_engine(backbone: str, device: torch.device, images: int | None = None) -> tuple[str, str]:
+    """What `auto` runs `backbone` (`timm/efficientnet_lite0`, `torchvision/resnet18` ...) on, and why: ONNX Runtime
+    on a CPU for the families of `ONNX_WINS` when it is installed, torch otherwise; `images`: how many the pass
+    will see, when the export is paid for this pass alone (a whole model tested), below `AUTO_MIN_IMAGES` torch.
+    A rule of the name and the machine, not a timing: a resumed run chooses the same."""
+    arch = backbone.rpartition("/")[2].removeprefix("hf-hub:").lower()
+    family = next((f for f in sorted(ONNX_WINS, key=len, reverse=True) if arch.startswith(f)), None)
+    if device.type != "cpu":
+        return "torch", f"{device.type}: torch"
+    if family is None:
+        return "torch", f"{backbone}: ONNX Runtime not measured on this family; torch"
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "torch", f"{backbone}: onnxruntime is not installed (pip install onnxruntime); torch"
+    if images is not None and images < AUTO_MIN_IMAGES:
+        return "torch", f"{images} images do not pay for a model export (from {AUTO_MIN_IMAGES}); torch"
+    return "onnxruntime", f"{backbone} on CPU: ONNX Runtime ({ONNX_WINS[family]:g}x torch on {family} here)"
+
+
+def chosen_engine(engine: str, backbone: str, device: torch.device, what: str, images: int | None = None) -> str:
+    """`engine`, or for `auto` the one `auto_engine` picks, said once in a console line naming `what` runs."""
+    if engine != "auto":
+        return engine
+    picked, why = auto_engine(backbone, device, images)
+    _say_once(f"{what}: engine auto -> {picked} ({why})")
+    return picked
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+    notice(line)
 
 
 def check_engine(name: str, key: str) -> str:
@@ -94,16 +136,13 @@ def onnxruntime_pass(module: nn.Module, example: torch.Tensor, cache_dir: Path) 
 def frozen_pass(
     module: nn.Module, device: torch.device, engine: str, example: torch.Tensor, cache_dir: Path
 ) -> BatchRunner:
-    """The forward pass of `module` (eval mode, no gradient) by `engine`: `torch`, `onnxruntime` (checked
-    against torch on `example`), or `auto` (the same on CPU when onnxruntime is installed, torch otherwise and on
-    GPU; the choice depends on the machine only, not on a timing, so a resumed run makes the same one).
-    Whatever cannot be used falls back to torch, with one line naming why."""
+    """The forward pass of `module` (eval mode, no gradient) by `engine`: `torch` or `onnxruntime` (checked
+    against torch on `example`; `auto` is resolved before, by `chosen_engine`). Whatever cannot be used falls back
+    to torch, with one line naming why."""
     check_engine(engine, "engine")
     module.eval()
     reference = torch_pass(module, device)
-    if engine == "torch" or (engine == "auto" and device.type != "cpu"):
-        return reference
-    if engine == "auto" and importlib.util.find_spec("onnxruntime") is None:
+    if engine != "onnxruntime":
         return reference
     try:
         candidate = onnxruntime_pass(module, example, cache_dir)

@@ -29,7 +29,7 @@ from datamodules.images import BadSample
 from datamodules.loaders import FeatureRequest, FeatureSource
 from lightning_modules.console import notice
 from lightning_modules.finetuning.strategies import FinetuningStrategy, backbone_of
-from lightning_modules.speed.engines import check_engine, frozen_pass
+from lightning_modules.speed.engines import check_engine, chosen_engine, frozen_pass
 
 DEFAULT_DIR = Path.home() / ".cache" / "finetune-lab" / "features"
 LAYOUT = 2  # of the stored features, in the disk key: 2 holds every position of the split, unreadable ones too
@@ -84,11 +84,12 @@ class FeatureCache(pl.Callback, FeatureSource):
             un-augmented images.
         engine: what runs the frozen backbone over the images: `torch`, `onnxruntime` (CPU; the backbone is
             exported once, kept under `cache_dir/onnx`, and used only if it matches torch within 1e-4), or `auto`
-            (onnxruntime on CPU when installed). How much faster per backbone: docs/benchmark.md.
+            (the default: onnxruntime on CPU for the families it was measured faster on, `engines.auto_engine`;
+            torch otherwise and on GPU). How much faster per backbone: docs/benchmark.md.
     """
 
     def __init__(
-        self, store: str | bool = "memory", cache_dir: str | None = None, force: bool = False, engine: str = "torch"
+        self, store: str | bool = "memory", cache_dir: str | None = None, force: bool = False, engine: str = "auto"
     ) -> None:
         if isinstance(store, bool):
             store = "memory" if store else "off"
@@ -173,8 +174,9 @@ class FeatureCache(pl.Callback, FeatureSource):
             return FeatureSet.from_state(torch.load(path, map_location="cpu", weights_only=True))
         shown = trainer.is_global_zero and trainer.progress_bar_callback is not None
         with progress(f"{request.split} features", "image", len(request.images), shown=shown) as bar:
+            engine = chosen_engine(self.engine, backbone.name, pl_module.device, "feature pass")
             features = compute_features(
-                backbone, request.batches, pl_module.device, self.engine, self.cache_dir / "onnx", bar.update
+                backbone, request.batches, pl_module.device, engine, self.cache_dir / "onnx", bar.update
             )
         self.computed.append(request.split)
         if path is not None:

@@ -27,6 +27,7 @@ def folder_args(root: Path, batch_size: int) -> list[str]:
         f"--data.init_args.batch_size={batch_size}",
         "--data.init_args.num_workers=0",
         "--trainer.enable_progress_bar=false",
+        "--test_after_fit=false",  # the recipe tests after its fit; a test here runs `test` itself when it wants one
     ]
 
 

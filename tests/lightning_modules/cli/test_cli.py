@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,7 +18,7 @@ from lightning_modules.cli import main as cli
 from lightning_modules.cli.main import cli_main
 from tests.helpers import REPO
 from tests.helpers.data import write_cifar, write_class_folders, write_mnist
-from tests.helpers.runs import FAST
+from tests.helpers.runs import FAST, folder_args
 
 EXPERIMENTS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
 DATA = [e for e in EXPERIMENTS if e.startswith("experiments/data/")]
@@ -390,3 +392,43 @@ def test_the_experiment_lists_are_found() -> None:
     # a parametrized test over an empty list passes silently: make sure every kind of config is present
     assert len(RUNNABLE) >= 11 and len(DATA) == 7 and TRAINER
     assert RECIPE_DATA == ["experiments/data/image_folder.yaml", "experiments/data/image_folder_accurate.yaml"]
+
+
+def _numbers(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Every number of a metrics.json, flattened (`per_class.cat.f1` ...), the speed left out."""
+    flat: dict[str, float] = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            flat |= _numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            flat |= {f"{prefix}{key}.{i}": float(v) for i, v in enumerate(np.ravel(value))}
+        elif isinstance(value, int | float) and key != "images_per_s":
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+@pytest.mark.slow
+def test_test_after_fit_writes_what_a_separate_test_of_the_best_checkpoint_writes(in_tmp: Path) -> None:
+    write_class_folders(in_tmp / "imgs", {"cat": 10, "dog": 10, "owl": 10})
+    args = [*folder_args(in_tmp / "imgs", batch_size=8), "--trainer.enable_model_summary=false"]
+    cli_main(["fit", *args, "--trainer.max_epochs=2", "--test_after_fit=true"])
+    run = in_tmp / "runs" / "image_folder" / "version_0"
+    after_fit = {p.name for p in run.iterdir()}
+    assert {"report.md", "metrics.json", "config_test.yaml", "pr_curves.png", "confusion_matrix.png"} <= after_fit
+    cli_main(["test", *args, "--ckpt_path", "best"])  # the same checkpoint, in a process of its own
+    first = json.loads((run / "metrics.json").read_text())
+    second = json.loads((run / "metrics_2.json").read_text())
+    assert first["checkpoint"] == second["checkpoint"] and "best-" in first["checkpoint"]
+    expected = _numbers(second)
+    assert _numbers(first).keys() == expected.keys()
+    for key, value in _numbers(first).items():
+        assert value == pytest.approx(expected[key], abs=1e-6), key
+    written = {p.name.replace("_2.", ".") for p in run.iterdir() if "_2." in p.name}
+    assert written == {n for n in after_fit if n.endswith((".png", ".json", ".md"))} - {
+        "train_batch.png",
+        "val_confusion_matrix.png",
+        "val_misclassified.png",
+        "learning_curves.png",
+        "recipe.md",
+        "progress.json",
+    }  # the test's own files, numbered: the same set

@@ -77,10 +77,46 @@ def test_falls_back_to_torch_and_says_why(
         patch.setitem(sys.modules, "onnxruntime", None)  # not installed
         assert torch.equal(frozen_pass(backbone, CPU, "onnxruntime", x, tmp_path / "none")(x), expected)
         assert "ONNX Runtime not used (ModuleNotFoundError" in caplog.text
-        caplog.clear()
-        patch.setattr(engines.importlib.util, "find_spec", lambda name: None)
-        assert torch.equal(frozen_pass(backbone, CPU, "auto", x, tmp_path / "none")(x), expected)
-        assert caplog.text == ""  # auto without onnxruntime is torch, silently
+
+
+@pytest.mark.parametrize(
+    ("backbone", "device", "images", "installed", "engine", "why"),
+    [
+        ("timm/tf_efficientnet_lite0", "cpu", None, True, "onnxruntime", "4.1x torch on tf_efficientnet here"),
+        ("timm/efficientnet_b1", "cpu", None, True, "onnxruntime", "3.8x torch on efficientnet"),
+        ("torchvision/mobilenet_v2", "cpu", 5000, True, "onnxruntime", "4x torch on mobilenet"),
+        ("torchvision/resnet18", "cpu", None, True, "onnxruntime", "1.5x torch on resnet"),
+        ("timm/hf-hub:timm/resnet50.a1_in1k", "cpu", None, True, "onnxruntime", "on resnet"),
+        ("timm/tf_efficientnet_lite0", "cuda", None, True, "torch", "cuda: torch"),
+        ("timm/vit_small_patch16_224", "cpu", None, True, "torch", "not measured on this family"),
+        ("scratch/simple_cnn", "cpu", None, True, "torch", "not measured on this family"),
+        ("timm/tf_efficientnet_lite0", "cpu", None, False, "torch", "onnxruntime is not installed"),
+        ("timm/tf_efficientnet_lite0", "cpu", 200, True, "torch", "200 images do not pay for a model export"),
+    ],
+)
+def test_auto_picks_by_family_device_and_size(
+    monkeypatch: pytest.MonkeyPatch,
+    backbone: str,
+    device: str,
+    images: int | None,
+    installed: bool,
+    engine: str,
+    why: str,
+) -> None:
+    """The rule `auto` follows (docs/performance.md), GPU included, without a GPU: a function of the name, the device
+    and the pass's size, never of a timing."""
+    if not installed:
+        monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: None)
+    picked, reason = engines.auto_engine(backbone, torch.device(device), images)
+    assert (picked, why in reason) == (engine, True), reason
+
+
+def test_auto_says_its_choice_once(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="ftlab"):
+        for _ in range(3):
+            assert engines.chosen_engine("auto", "timm/vit_tiny_patch16_224", CPU, "feature pass") == "torch"
+        assert engines.chosen_engine("onnxruntime", "timm/vit_tiny_patch16_224", CPU, "feature pass") == "onnxruntime"
+    assert caplog.text.count("feature pass: engine auto -> torch (timm/vit_tiny_patch16_224: ONNX Runtime not") == 1
 
 
 def test_an_unknown_engine_is_a_config_error() -> None:
