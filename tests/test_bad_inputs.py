@@ -233,7 +233,7 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
     "batch size 0": ([*FIT, "--data.init_args.batch_size=0"], 2, ["data.init_args.batch_size is 0", "[1, inf)"]),
     "batch size -1": ([*FIT, "--data.init_args.batch_size=-1"], 2, ["data.init_args.batch_size is -1", "[1, inf)"]),
     "workers -1": ([*FIT, "--data.init_args.num_workers=-1"], 2, ["data.init_args.num_workers is -1", "[0, inf)"]),
-    "image size 0": ([*FIT, "--model.image_size=0"], 2, ["model.image_size is 0", "allowed [16, inf)"]),
+    "image size 0": ([*FIT, "--model.image_size=0"], 2, ["error: model.image_size is 0: allowed [16, inf)"]),
     "no epochs": ([*FIT, "--trainer.max_epochs=0"], 2, ["trainer.max_epochs is 0", "allowed [1, inf)"]),
     "label smoothing 1": ([*FIT, "--model.label_smoothing=1"], 2, ["model.label_smoothing is 1", "[0, 1)"]),
     "strategy rate 0": ([*FIT, "--config", "rate.yaml"], 2, ["FreezeUnfreeze.lr_factor is 0", "(0, inf)"]),
