@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pillow_heif import register_heif_opener
-from torchcodec.decoders import decode_jpeg
 
 from datamodules.common import atomic_write
 
@@ -63,6 +62,8 @@ def load_image(path: str | Path) -> Image.Image | torch.Tensor:
         with Image.open(path) as raw:  # header only: format, mode and the decompression-bomb check
             plain_jpeg = raw.format == "JPEG" and raw.mode in ("RGB", "L")
     if plain_jpeg:
+        from torchcodec.decoders import decode_jpeg  # it loads its FFmpeg libraries: at the first JPEG, not at start-up
+
         try:
             decoded: torch.Tensor = decode_jpeg(str(path), mode="RGB")  # type: ignore[assignment]  # one source
             return decoded

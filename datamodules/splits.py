@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from datamodules.common import ConfigError
 from datamodules.datasets import LabeledDataset, Subset
@@ -89,6 +88,8 @@ def carve(
             stacklevel=2,
         )
         size = len(counts)
+    from sklearn.model_selection import train_test_split  # sklearn brings pandas: when a split is carved
+
     rest, part = train_test_split(indices, test_size=size, random_state=seed, stratify=list(targets))
     return sorted(rest.tolist()), sorted(part.tolist())
 
@@ -97,6 +98,8 @@ def kfold(
     targets: Sequence[int], num_folds: int, fold: int, seed: int, groups: Sequence[str] | None = None
 ) -> tuple[list[int], list[int]]:
     """Indices (train, val) of fold `fold` of a seeded stratified k-fold (by groups when there are copies)."""
+    from sklearn.model_selection import StratifiedKFold
+
     try:
         if has_copies(groups):
             train, val = _group_folds(targets, num_folds, seed, groups)[fold]
@@ -111,6 +114,8 @@ def kfold(
 def _group_folds(
     targets: Sequence[int], k: int, seed: int, groups: Sequence[str] | None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import StratifiedGroupKFold
+
     folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return list(folds.split(np.zeros(len(targets)), list(targets), groups=list(groups or [])))
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.data.transforms import MaybePILToTensor
-from timm.data.transforms_factory import transforms_imagenet_eval
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode, v2
 from typing_extensions import override
@@ -95,6 +93,9 @@ def _resize_crop(cfg: DataConfig) -> list[Any]:
     same kernel: PIL's bicubic and torch's differ, visibly on upsampled 8 px digits). `border` pads with the
     mean colour per channel, which timm does on PIL images only: it goes through PIL.
     """
+    from timm.data.transforms import MaybePILToTensor  # timm imports all its models: when a pipeline is built
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
     _interpolation(cfg.interpolation)  # an unknown name: our error, not timm's KeyError
     height, width = cfg.input_size[1:]
     steps = transforms_imagenet_eval(

