@@ -26,7 +26,7 @@ from PIL import Image
 from lightning_modules.cli import main as cli
 from tests.helpers import REPO
 from tests.helpers.data import image_exif, photo, write_cifar, write_class_folders, write_mnist
-from tests.helpers.runs import FAST
+from tests.helpers.runs import FAST, entry_point
 
 TINY = ["--model.backbone=timm/test_resnet", "--model.weights=none", "--model.image_size=32"]
 SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
@@ -261,3 +261,55 @@ def test_bad_input(
         assert text in named, (text, named)
     assert not (world["root"] / MARKER).exists()  # no pickle ran its payload
     assert _fingerprint(world["prior"]) == before  # the prior run's checkpoints: untouched
+
+
+@pytest.mark.slow
+def test_ckpt_path_last_names_a_checkpoint_of_the_newest_run_never_an_older_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text(BASE)
+    fit = ["fit", "--config", "base.yaml", *SHORT, *QUIET, "--trainer.logger.init_args.name=x"]
+    assert entry_point(fit, capfd)[0] == 0  # version_0: finished, with its checkpoints
+    monkeypatch.setenv("FTLAB_TEST_FAIL", "1")  # version_1: cut before its first checkpoint (a crash at epoch 0)
+    crash = ["--trainer.callbacks+=tests.helpers.faults.FailAtEpoch", "--trainer.callbacks.epoch=0"]
+    with pytest.raises(RuntimeError, match="injected crash"):
+        entry_point([*fit, *crash], capfd)
+    monkeypatch.delenv("FTLAB_TEST_FAIL")
+    runs = tmp_path / "runs" / "x"
+    assert not (runs / "version_1" / "checkpoints").exists() and (runs / "version_1" / "config.yaml").is_file()
+    finished = runs / "version_0" / "checkpoints" / "last.ckpt"
+    before = finished.read_bytes()
+
+    code, _, err = entry_point(
+        [*fit, "--ckpt_path", "last"], capfd
+    )  # Lightning's old rule resumed version_0: trained nothing
+    lines = [line for line in err.splitlines() if line.startswith("ftlab:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert lines[0] == (
+        "ftlab: error: runs/x/version_1 has no last*.ckpt (its fit stopped before its first checkpoint); older runs "
+        "with one: version_0: pass --ckpt_path runs/x/version_0/checkpoints/last.ckpt"
+    )
+    assert finished.read_bytes() == before and not (runs / "version_2").exists()  # nothing ran
+
+    assert entry_point(fit, capfd)[0] == 0  # version_2, finished; then version_0's last.ckpt is touched after it
+    newest = runs / "version_2" / "checkpoints" / "last.ckpt"
+    later = newest.stat().st_mtime + 60
+    for path in (finished, finished.parent):
+        os.utime(path, (later, later))
+    code, out, err = entry_point(
+        [
+            "test",
+            "--config",
+            "base.yaml",
+            *QUIET,
+            "--trainer.limit_test_batches=1",
+            "--trainer.logger.init_args.name=x",
+            "--ckpt_path",
+            "last",
+        ],
+        capfd,
+    )
+    assert code == 0, err[-2000:]
+    assert "Run directory: runs/x/version_2" in out  # the test ran on version_2's checkpoint, in its folder
+    assert (runs / "version_2" / "metrics.json").is_file() and not (runs / "version_0" / "metrics.json").exists()

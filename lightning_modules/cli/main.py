@@ -19,6 +19,7 @@ from typing_extensions import override
 from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
 from lightning_modules.backbones.backbone import data_config_dict
+from lightning_modules.cli.checkpoints import CKPT_SHORTCUTS, resolve_checkpoint
 from lightning_modules.cli.lr_find import describe_lr_find, find_lr, show_lr_find
 from lightning_modules.cli.parse_errors import OneLineErrorParser, check_config_files
 from lightning_modules.console import CompactProgressBar, notice, setup_console
@@ -30,7 +31,6 @@ from lightning_modules.reporting.checkpoint_io import read_checkpoint
 from lightning_modules.reporting.run_logs import with_run_csv
 from lightning_modules.speed.feature_cache import FeatureCache
 
-CKPT_SHORTCUTS = ("best", "last")
 # the model hyperparameters that shape the weights: a checkpoint's own replace the config's (the rest, such as
 # label_smoothing or compile, stay as configured)
 ARCHITECTURE = ("backbone", "weights", "image_size", "in_chans", "head_hidden", "head_dropout")
@@ -61,8 +61,9 @@ class FinetuneCLI(LightningCLI):
 
     Links: the DataModule's `num_classes` and `class_names` go to the model; the backbone's preprocessing
     (`resolve_data_config` of `model.backbone`, `weights`, `image_size`, `in_chans`) goes to `data.data_config`.
-    `--ckpt_path best|last` finds the newest run of the configured logger; testing or resuming from a
-    checkpoint writes into that checkpoint's run directory instead of starting a new version.
+    `--ckpt_path best|last` finds the checkpoint of the run the logger names (its newest version unless it names
+    one: `cli.checkpoints`); testing or resuming from a checkpoint writes into that checkpoint's run directory
+    instead of starting a new version.
     """
 
     @override
@@ -290,19 +291,6 @@ def prepare_run_root(trainer_config: Namespace) -> None:
         raise ConfigError(
             f"{key}: cannot write runs to {folder} ({err.strerror}); choose a folder you can write"
         ) from None
-
-
-def resolve_checkpoint(which: str, runs: tuple[Path, Any] | None) -> Path:
-    """`best` or `last` checkpoint of the newest run under `<save_dir>/<name>/version_*`."""
-    if runs is None:
-        raise ConfigError(f"--ckpt_path {which} needs a logger to find the runs (trainer.logger is false)")
-    root = runs[0]
-    found_dirs = sorted(root.glob("*/checkpoints"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for ckpt_dir in found_dirs:
-        found = sorted(ckpt_dir.glob(f"{which}*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-        if found:
-            return found[0]
-    raise ConfigError(f"no {which}*.ckpt under {root}/*/checkpoints; train first with `ftlab fit`")
 
 
 def check_checkpoint_classes(

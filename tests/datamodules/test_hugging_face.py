@@ -13,8 +13,8 @@ import datasets
 import pytest
 
 from datamodules import CatsVsDogsDataModule, HuggingFaceDataModule
-from lightning_modules.cli import main as cli
 from tests.helpers.data import photo, write_class_folders
+from tests.helpers.runs import entry_point
 
 CLASSES = ["cat", "dog", "owl"]
 CONFIG = {
@@ -127,20 +127,6 @@ def test_plain_labels_become_sorted_classes_and_cats_vs_dogs_reads_any_classlabe
     assert CatsVsDogsDataModule(root=str(saved), num_workers=0, data_config=CONFIG).class_names == CLASSES
 
 
-def _ftlab(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """`ftlab <argv>` through the console entry point: exit status, stdout, stderr."""
-    capfd.readouterr()
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr("sys.argv", ["ftlab", *argv])
-            cli.main()
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code if isinstance(exit_info.code, int) else 1
-    out, err = capfd.readouterr()
-    return code, out, err
-
-
 @pytest.mark.slow
 def test_fit_test_and_predict_a_three_class_dataset_through_ftlab(
     in_tmp: Path, capfd: pytest.CaptureFixture[str]
@@ -148,18 +134,18 @@ def test_fit_test_and_predict_a_three_class_dataset_through_ftlab(
     saved = _saved(in_tmp / "saved", bad=5)
     data = ["--config", "experiments/data/hf_dataset.yaml", f"--data.init_args.path={saved}"]
     data += ["--data.init_args.num_workers=0", "--data.init_args.batch_size=8"]
-    code, _, err = _ftlab(["fit", *data, *TINY, *QUIET, "--trainer.max_epochs=2"], capfd)
+    code, _, err = entry_point(["fit", *data, *TINY, *QUIET, "--trainer.max_epochs=2"], capfd)
     assert code == 0, err[-2000:]
     run = next((in_tmp / "runs").glob("*/version_0"))
     with (run / "bad_images.csv").open() as f:
         (bad,) = list(csv.DictReader(f))
     assert bad["path"] == f"{saved}:train[5]" and "not an image PIL can identify" in bad["reason"]
-    code, _, err = _ftlab(["test", *data, *TINY, *QUIET, "--ckpt_path=best"], capfd)
+    code, _, err = entry_point(["test", *data, *TINY, *QUIET, "--ckpt_path=best"], capfd)
     assert code == 0, err[-2000:]
     report = json.loads((run / "metrics.json").read_text())
     assert report["samples"] == 9 and report["split_sizes"] == {"train": 24, "val": 6, "test": 9}
     assert list(report["per_class"]) == CLASSES
-    code, _, err = _ftlab(["predict", *data, *TINY, *QUIET, "--ckpt_path=best"], capfd)
+    code, _, err = entry_point(["predict", *data, *TINY, *QUIET, "--ckpt_path=best"], capfd)
     assert code == 0, err[-2000:]
     with (run / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -182,7 +168,7 @@ def test_bad_input_is_one_line_and_exit_2(
 ) -> None:
     saved = _saved(in_tmp / "saved")
     argv = ["fit", "--config", "experiments/data/hf_dataset.yaml", f"--data.init_args.path={saved}", *args]
-    code, _, err = _ftlab([*argv, *TINY, *QUIET, "--trainer.fast_dev_run=true"], capfd)
+    code, _, err = entry_point([*argv, *TINY, *QUIET, "--trainer.fast_dev_run=true"], capfd)
     lines = [line for line in err.splitlines() if line.startswith("ftlab: error:")]
     assert code == 2 and len(lines) == 1 and len(lines[0]) < 500 and "Traceback" not in err, err[-2000:]
     for text in expected:

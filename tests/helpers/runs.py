@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 # Overrides that make any experiment tiny: fast_dev_run, no workers, no progress bar.
 FAST = [
     "--trainer.fast_dev_run=true",
@@ -45,3 +47,19 @@ def in_process(args: list[str], log: Path) -> int:
         except SystemExit as err:
             return err.code if isinstance(err.code, int) else 1
     return 0
+
+
+def entry_point(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`ftlab <argv>` through the console entry point (`cli.main`) in this process: exit status, stdout, stderr."""
+    from lightning_modules.cli import main as cli
+
+    capfd.readouterr()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("sys.argv", ["ftlab", *argv])
+            cli.main()
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code if isinstance(exit_info.code, int) else 1
+    out, err = capfd.readouterr()
+    return code, out, err
