@@ -22,6 +22,7 @@ from lightning_modules.backbones.backbone import data_config_dict
 from lightning_modules.cli.checkpoints import CKPT_SHORTCUTS, resolve_checkpoint
 from lightning_modules.cli.lr_find import describe_lr_find, find_lr, show_lr_find
 from lightning_modules.cli.parse_errors import OneLineErrorParser, check_config_files
+from lightning_modules.cli.stops import StopNotice
 from lightning_modules.console import CompactProgressBar, notice, setup_console
 from lightning_modules.defaults import DEFAULTS, read_defaults
 from lightning_modules.finetuning.strategies import FinetuningStrategy
@@ -168,8 +169,9 @@ class FinetuneCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer, with a CSVLogger in the run directory beside whatever logger is configured, and the
-        compact progress bar unless the config names one (Lightning adds the `EXTRA_CALLBACKS` itself)."""
+        """The trainer, with a CSVLogger in the run directory beside whatever logger is configured, the compact
+        progress bar unless the config names one, and the installed `StopNotice` (Lightning adds the
+        `EXTRA_CALLBACKS` itself)."""
         init = self.config_init[self.subcommand] if self.subcommand else self.config_init
         config = {**init["trainer"], **kwargs}
         logger = with_run_csv(config.get("logger"), config.get("default_root_dir"), getattr(self, "_run_version", None))
@@ -178,6 +180,8 @@ class FinetuneCLI(LightningCLI):
         configured = [*callbacks, *(init.get(key) for key in EXTRA_CALLBACKS)]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks.append(CompactProgressBar())
+        if StopNotice.active is not None:  # `main` handles stop signals: the notice learns where the run is
+            callbacks.append(StopNotice.active)
         return super().instantiate_trainer(**{**kwargs, "logger": logger, "callbacks": callbacks})
 
     @override
@@ -378,19 +382,35 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> FinetuneCLI:
 
 
 def main() -> None:
-    """Console entry point: user mistakes print one clear line, not a traceback."""
-    try:
-        cli_main()
-    except TrainingStopped as err:
-        print(f"ftlab: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except Exception as err:
-        mistake = _config_error(err)
-        if mistake is None:
-            raise
-        print(f"ftlab: error: {mistake}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """Console entry point: user mistakes print one clear line, not a traceback; so do a stop signal and a write the
+    disk refuses, which also name the checkpoint and the command that resumes (`cli.stops`)."""
+    stops = StopNotice()
+    with stops.installed():
+        try:
+            cli_main()
+        except BaseException as err:
+            line, status = _ending(err, stops)
+            if not stops.quiet:
+                print(f"ftlab: {line}", file=sys.stderr)
+            raise SystemExit(status) from None
     _destroy_process_group()
+
+
+def _ending(err: BaseException, stops: StopNotice) -> tuple[str, int]:
+    """The one line and the exit status for what ended the run (re-raised when it is none of these): a stop signal
+    (128 + its number), a NaN stop (1), a mistake (2), a write the disk refused (74)."""
+    interrupted = stops.interrupted(sys.argv[1:])
+    if interrupted is not None:
+        return interrupted
+    if isinstance(err, TrainingStopped):
+        return f"error: {err}", 1
+    mistake = _config_error(err) if isinstance(err, Exception) else None
+    if mistake is not None:
+        return f"error: {mistake}", 2
+    refused = stops.refused(err, sys.argv[1:]) if isinstance(err, Exception) else None
+    if refused is None:
+        raise err
+    return refused
 
 
 def _config_error(err: BaseException | None) -> ConfigError | None:
