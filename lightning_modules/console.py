@@ -31,12 +31,18 @@ NOISE: tuple[tuple[type[Warning], str], ...] = (
     (UserWarning, r"You're using the WeightAveraging callback with a model that overrides the configure_model"),
 )
 NOISE_LOGS = ("litlogger",)  # Lightning's advertisement for its cloud logger, at every start
+# Lightning's note of a SIGTERM (its number; `Received SIGTERM: 2` for a Ctrl+C sent on): `ftlab`'s own line names it
+NOISE_SIGNAL_LOGS = ("Received SIGTERM",)
 
 
 class _DropNoise(logging.Filter):
+    def __init__(self, words: tuple[str, ...] = NOISE_LOGS) -> None:
+        super().__init__()
+        self.words = words
+
     @override
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(word in record.getMessage() for word in NOISE_LOGS)
+        return not any(word in record.getMessage() for word in self.words)
 
 
 def quiet_known_noise() -> None:
@@ -46,10 +52,14 @@ def quiet_known_noise() -> None:
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     for category, message in NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name, words in (
+        ("lightning.pytorch.utilities.rank_zero", NOISE_LOGS),
+        ("lightning.fabric.utilities.rank_zero", NOISE_LOGS),
+        ("lightning.pytorch.trainer.connectors.signal_connector", NOISE_SIGNAL_LOGS),
+    ):
         target = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in target.filters):
-            target.addFilter(_DropNoise())
+            target.addFilter(_DropNoise(words))
 
 
 class _Stderr(logging.StreamHandler):

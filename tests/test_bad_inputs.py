@@ -15,6 +15,9 @@ import json
 import os
 import pickle
 import re
+import shlex
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from PIL import Image
 from lightning_modules.cli import main as cli
 from tests.helpers import REPO
 from tests.helpers.data import image_exif, photo, write_cifar, write_class_folders, write_mnist
-from tests.helpers.runs import FAST, folder_args, ftlab
+from tests.helpers.runs import FAST, entry_point, folder_args, ftlab, inject, start_ftlab
 
 TINY = ["--model.backbone=timm/test_resnet", "--model.weights=none", "--model.image_size=32"]
 SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
@@ -282,7 +285,7 @@ def test_bad_input(
     argv = [re.sub("|".join(sorted(places, key=len, reverse=True)), lambda m: places[m.group(0)], a) for a in argv]
     before = _fingerprint(world["prior"])
     monkeypatch.chdir(world["root"])
-    code, out, err = ftlab(argv, capfd)
+    code, out, err = entry_point(argv, capfd)
     assert code == status, err[-2000:]
     assert "Traceback" not in err and "weights_only=False" not in err
     if status == 2:
@@ -307,16 +310,16 @@ def test_small_rows_failed_setup_single_file_predict_second_test_small_set_plain
     _folder(in_tmp / "small", {"a": 12, "b": 12})
     common = [*folder_args(in_tmp / "small", batch_size=8), "--trainer.enable_model_summary=false"]
     fail = [*folder_args(in_tmp / "one_each", batch_size=8), "--trainer.max_epochs=1"]
-    code, _, err = ftlab(["fit", *fail], capfd)
+    code, _, err = entry_point(["fit", *fail], capfd)
     assert code == 2 and "cannot carve test" in err
     assert not (in_tmp / "runs" / "image_folder").exists() or not list((in_tmp / "runs" / "image_folder").iterdir())
-    code, _, err = ftlab(["fit", *common, "--trainer.max_epochs=2"], capfd)
+    code, _, err = entry_point(["fit", *common, "--trainer.max_epochs=2"], capfd)
     run = in_tmp / "runs" / "image_folder" / "version_0"  # the first good run is version_0
     assert code == 0 and run.is_dir(), err[-2000:]
     assert "smaller than the logging interval" not in err  # 3 batches an epoch, the defaults log every 10 steps
 
     for _ in range(2):
-        code, out, err = ftlab(["test", *common, "--ckpt_path=best"], capfd)
+        code, out, err = entry_point(["test", *common, "--ckpt_path=best"], capfd)
         assert code == 0, err[-2000:]
     first = json.loads((run / "metrics.json").read_text())
     assert "Test report: " in out and out.strip().endswith("version_0") and (run / "report_2.md").is_file()
@@ -328,11 +331,150 @@ def test_small_rows_failed_setup_single_file_predict_second_test_small_set_plain
     image = next((in_tmp / "small" / "a").iterdir())
     plain = ["predict", "--ckpt_path", str(next((run / "checkpoints").glob("best-*.ckpt"))), *QUIET]
     for given, rows in ((str(image), 1), (f"[{image},{in_tmp / 'small' / 'b'}]", 13)):
-        code, out, err = ftlab([*plain, f"--data.init_args.predict_root={given}"], capfd)
+        code, out, err = entry_point([*plain, f"--data.init_args.predict_root={given}"], capfd)
         assert code == 0, err[-2000:]
         assert "Please add the following callbacks" not in err and "the model is built as" not in err
         written = Path(re.search(r"Predictions: (\S+)", out).group(1))  # type: ignore[union-attr]
         with written.open() as f:
             assert len(list(csv.DictReader(f))) == rows
-    code, _, err = ftlab([*plain, f"--data.init_args.predict_root={in_tmp / 'nothing.jpg'}"], capfd)
+    code, _, err = entry_point([*plain, f"--data.init_args.predict_root={in_tmp / 'nothing.jpg'}"], capfd)
     assert code == 2 and "data.init_args.predict_root" in err and "nothing.jpg: no such file or folder" in err
+
+
+@pytest.mark.slow
+def test_ckpt_path_last_names_a_checkpoint_of_the_newest_run_never_an_older_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text(BASE)
+    fit = ["fit", "--config", "base.yaml", *SHORT, *QUIET, "--trainer.logger.init_args.name=x"]
+    assert entry_point(fit, capfd)[0] == 0  # version_0: finished, with its checkpoints
+    monkeypatch.setenv("FTLAB_TEST_FAIL", "1")  # version_1: cut before its first checkpoint (a crash at epoch 0)
+    crash = ["--trainer.callbacks+=tests.helpers.faults.FailAtEpoch", "--trainer.callbacks.epoch=0"]
+    with pytest.raises(RuntimeError, match="injected crash"):
+        entry_point([*fit, *crash], capfd)
+    monkeypatch.delenv("FTLAB_TEST_FAIL")
+    runs = tmp_path / "runs" / "x"
+    assert not (runs / "version_1" / "checkpoints").exists() and (runs / "version_1" / "config.yaml").is_file()
+    finished = runs / "version_0" / "checkpoints" / "last.ckpt"
+    before = finished.read_bytes()
+
+    code, _, err = entry_point(
+        [*fit, "--ckpt_path", "last"], capfd
+    )  # Lightning's old rule resumed version_0: trained nothing
+    lines = [line for line in err.splitlines() if line.startswith("ftlab:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert lines[0] == (
+        "ftlab: error: runs/x/version_1 has no last*.ckpt (its fit stopped before its first checkpoint); older runs "
+        "with one: version_0: pass --ckpt_path runs/x/version_0/checkpoints/last.ckpt"
+    )
+    assert finished.read_bytes() == before and not (runs / "version_2").exists()  # nothing ran
+
+    assert entry_point(fit, capfd)[0] == 0  # version_2, finished; then version_0's last.ckpt is touched after it
+    newest = runs / "version_2" / "checkpoints" / "last.ckpt"
+    later = newest.stat().st_mtime + 60
+    for path in (finished, finished.parent):
+        os.utime(path, (later, later))
+    code, out, err = entry_point(
+        [
+            "test",
+            "--config",
+            "base.yaml",
+            *QUIET,
+            "--trainer.limit_test_batches=1",
+            "--trainer.logger.init_args.name=x",
+            "--ckpt_path",
+            "last",
+        ],
+        capfd,
+    )
+    assert code == 0, err[-2000:]
+    assert "Run directory: runs/x/version_2" in out  # the test ran on version_2's checkpoint, in its folder
+    assert (runs / "version_2" / "metrics.json").is_file() and not (runs / "version_0" / "metrics.json").exists()
+
+
+# a fit long enough to stop in the middle: two loader worker processes, 0.2 s a batch, 6 batches an epoch
+LONG = [*QUIET, "--data.init_args.num_workers=2", "--trainer.max_epochs=2", "--trainer.limit_train_batches=6"]
+LONG += ["--trainer.limit_val_batches=2"]
+
+
+def _one_line(err: str) -> str:
+    """The one `ftlab:` line of a run's standard error, with no traceback beside it."""
+    lines = [line for line in err.splitlines() if line.startswith("ftlab:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def _ckpt(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "to"), [(signal.SIGTERM, "process"), (signal.SIGTERM, "group"), (signal.SIGINT, "group")]
+)
+def test_a_signal_mid_fit_stops_with_one_line_naming_the_checkpoint_and_the_resume_command(
+    world: dict[str, Any], signum: int, to: str
+) -> None:
+    root, name = world["root"], f"{signal.Signals(signum).name.lower()}_to_{to}"
+    before = _fingerprint(world["prior"])
+    slow = inject(root, "slow", "tests.helpers.faults.SlowBatches", seconds=0.2)
+    fit = ["fit", "--config", "base.yaml", *LONG, f"--trainer.logger.init_args.name={name}", *slow]
+    last = root / "runs" / name / "version_0" / "checkpoints" / "last.ckpt"
+    with start_ftlab(root, *fit, start_new_session=True) as child:  # its own process group, its workers in it
+        deadline = time.monotonic() + 300
+        while not last.is_file() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert last.is_file(), child.communicate()[1][-3000:]
+        if to == "group":
+            os.killpg(child.pid, signum)  # what a terminal's Ctrl+C, CI or `kill -TERM -<pgid>` does
+        else:
+            child.send_signal(signum)  # what `kill -TERM <pid>`, SLURM and systemd do to the main process
+        _, err = child.communicate(timeout=300)
+    assert child.returncode == 128 + signum  # never 0: a stopped run is not finished
+    line = _one_line(err)
+    command = f"ftlab fit --config base.yaml {' '.join(LONG)} --trainer.logger.init_args.name={name} {' '.join(slow)}"
+    assert line.startswith(f"ftlab: interrupted by {signal.Signals(signum).name} at step "), line
+    assert line.endswith(f". Last intact checkpoint: {last.relative_to(root)}; resume: {command} --ckpt_path last")
+    for _ in range(100):  # the loader workers ended with their process, none left behind
+        try:
+            os.killpg(child.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"processes of {name}'s group still run after it ended")
+    assert _ckpt(last)["epoch"] == 0  # stopped before the end
+    assert _fingerprint(world["prior"]) == before  # the prior run's checkpoints: untouched
+
+    resumed = ftlab(root, *shlex.split(line.split("; resume: ")[1])[1:])  # the command the line gives
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Traceback" not in resumed.stderr
+    final = _ckpt(last)
+    assert (final["epoch"], final["global_step"]) == (1, 12)  # the remaining epoch, in the same run folder
+    assert [p.name for p in (root / "runs" / name).iterdir()] == ["version_0"]
+    assert _fingerprint(world["prior"]) == before
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_the_last_intact_one(
+    world: dict[str, Any],
+) -> None:
+    root, name = world["root"], "full_disk"
+    before = _fingerprint(world["prior"])
+    full = inject(root, "full", "tests.helpers.faults.FullDisk", epoch=1, only="last")  # ENOSPC writing last.ckpt
+    fit = ["fit", "--config", "base.yaml", *QUIET, f"--trainer.logger.init_args.name={name}", *full]
+    run = ftlab(root, *fit, "--trainer.max_epochs=3", "--trainer.limit_train_batches=2", *SHORT[2:])
+    assert run.returncode == 74, run.stderr[-3000:]  # EX_IOERR: free space, then resume
+    line = _one_line(run.stderr)
+    checkpoints = root / "runs" / name / "version_0" / "checkpoints"
+    assert line.startswith(
+        f"ftlab: error: cannot write checkpoint {checkpoints.relative_to(root)}/last.ckpt: No space left on device "
+        "(ENOSPC); nothing half-written was left. Last intact checkpoint: "
+    ), line
+    intact = root / line.split("Last intact checkpoint: ")[1].split(";")[0]
+    assert intact.parent == checkpoints and _ckpt(intact)["epoch"] in (0, 1)  # loads: whole
+    assert _ckpt(checkpoints / "last.ckpt")["epoch"] == 0  # the previous last.ckpt, whole
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == []  # no partial file left
+    assert "free some space, then resume: ftlab fit --config base.yaml" in line
+    assert _fingerprint(world["prior"]) == before

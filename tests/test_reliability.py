@@ -11,9 +11,6 @@ docs/reliability.md.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ import torch
 from lightning_modules.cli import main as cli
 from lightning_modules.cli.main import cli_main
 from tests.helpers import REPO
+from tests.helpers.runs import ftlab, inject
 
 pytestmark = pytest.mark.slow  # every test shares one module fixture of six fits (the kill chain)
 
@@ -53,21 +51,6 @@ MARK = "restarts from its first batch"
 
 def _fit_args(name: str, *extra: str) -> list[str]:
     return ["fit", "--config", "exp.yaml", f"--trainer.logger.init_args.name={name}", *extra]
-
-
-def _inject(root: Path, name: str, class_path: str, **init_args: Any) -> list[str]:
-    """`--config` of a file adding one callback (a fault injector from tests.helpers)."""
-    args = ", ".join(f"{k}: {v}" for k, v in init_args.items())
-    path = root / f"{name}.yaml"
-    path.write_text(f"trainer:\n  callbacks+:\n    - class_path: {class_path}\n      init_args: {{{args}}}\n")
-    return ["--config", str(path)]
-
-
-def _ftlab(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`ftlab <args>` in a child process (a SIGKILL needs a process of its own): exit code -9 when killed."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "lightning_modules.cli.main", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 class _Collect(logging.Handler):
@@ -125,22 +108,22 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         ckpts = root / "runs" / "chain" / "version_0" / "checkpoints"
         resume = ["--ckpt_path", "last", *CHAIN]
         # process 1: killed at the start of epoch 2 (the unfreeze was at epoch 1)
-        out["k1"] = _ftlab(
-            root, *_fit_args("chain", *CHAIN, *_inject(root, "k1", "tests.helpers.faults.KillAt", epoch=2))
+        out["k1"] = ftlab(
+            root, *_fit_args("chain", *CHAIN, *inject(root, "k1", "tests.helpers.faults.KillAt", epoch=2))
         )
         out["after_k1"] = _ckpt(ckpts / "last.ckpt")
         # process 2 resumes from process 1's epoch-1 checkpoint, writes epoch 2's, killed at the start of epoch 3
-        out["k2"] = _ftlab(
-            root, *_fit_args("chain", *resume, *_inject(root, "k2", "tests.helpers.faults.KillAt", epoch=3))
+        out["k2"] = ftlab(
+            root, *_fit_args("chain", *resume, *inject(root, "k2", "tests.helpers.faults.KillAt", epoch=3))
         )
         out["after_k2"] = _ckpt(ckpts / "last.ckpt")
         # process 3 resumes from process 2's checkpoint, killed before batch 2 of epoch 3
-        kill_mid = _inject(root, "k3", "tests.helpers.faults.KillAt", epoch=3, batch=2)
-        out["k3"] = _ftlab(root, *_fit_args("chain", *resume, *kill_mid))
+        kill_mid = inject(root, "k3", "tests.helpers.faults.KillAt", epoch=3, batch=2)
+        out["k3"] = ftlab(root, *_fit_args("chain", *resume, *kill_mid))
         # process 4 resumes from process 2's checkpoint again, redoes epoch 3, writes its checkpoint, and is killed
         # halfway through writing epoch 4's last.ckpt
-        kill_save = _inject(root, "k4", "tests.helpers.faults.KillDuringSave", epoch=4, only="last")
-        out["k4"] = _ftlab(root, *_fit_args("chain", *resume, *kill_save))
+        kill_save = inject(root, "k4", "tests.helpers.faults.KillDuringSave", epoch=4, only="last")
+        out["k4"] = ftlab(root, *_fit_args("chain", *resume, *kill_save))
         out["partials"] = [(p.name, p.stat().st_size, _loads(p)) for p in ckpts.glob(".*.partial")]
         out["last_size"] = (ckpts / "last.ckpt").stat().st_size
         out["after_k4"] = _ckpt(ckpts / "last.ckpt")
@@ -238,7 +221,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_the_last_good_checkpoint_is_inta
 ) -> None:
     root = runs["root"]
     monkeypatch.chdir(root)
-    poison = _inject(root, "nan", "tests.helpers.faults.PoisonBatch", step=6)  # epoch 1, batch 2
+    poison = inject(root, "nan", "tests.helpers.faults.PoisonBatch", step=6)  # epoch 1, batch 2
     monkeypatch.setattr("sys.argv", ["ftlab", *_fit_args("nan", *poison)])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
@@ -273,8 +256,8 @@ def test_ddp_two_processes_agree_with_one_and_the_checkpoint_resumes_on_one(
     # augmentation and BatchNorm frozen (train_bn: false): the only difference left is float summation order.
     config = EXPERIMENT.replace("augment: basic", "augment: none").replace("0.1}", "0.1, train_bn: false}")
     (root / "same.yaml").write_text(config)
-    dump = _inject(root, "dump", "tests.helpers.faults.DumpState", path="ddp")
-    ddp = _ftlab(root, "fit", "--config=same.yaml", "--trainer.logger.init_args.name=ddp", *DDP, *dump)
+    dump = inject(root, "dump", "tests.helpers.faults.DumpState", path="ddp")
+    ddp = ftlab(root, "fit", "--config=same.yaml", "--trainer.logger.init_args.name=ddp", *DDP, *dump)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "unused" not in ddp.stderr.lower()
     rank0, rank1 = (json.loads((root / f"ddp.rank{r}.json").read_text()) for r in (0, 1))
@@ -319,7 +302,7 @@ def test_ddp_two_processes_agree_with_one_and_the_checkpoint_resumes_on_one(
     # the test report gathers both processes' predictions (no hang in its collectives), on a test split of 363
     # digits: the sampler repeats one to give each process 182, and the report counts each digit once
     odd = "--data.init_args.test_fraction=0.202"
-    tested = _ftlab(
+    tested = ftlab(
         root, "test", "--config", "same.yaml", "--trainer.logger.init_args.name=ddp", *DDP, "--ckpt_path=last", odd
     )
     assert tested.returncode == 0, tested.stderr[-3000:]
@@ -335,8 +318,8 @@ def test_ddp_two_processes_agree_with_one_and_the_checkpoint_resumes_on_one(
 def test_ddp_a_nan_loss_on_one_process_stops_both_with_the_last_good_checkpoint(runs: dict[str, Any]) -> None:
     root = runs["root"]
     (root / "nan_ddp.yaml").write_text(EXPERIMENT.replace("augment: basic", "augment: none"))
-    poison = _inject(root, "nan_rank1", "tests.helpers.faults.PoisonBatch", step=6, rank=1)  # epoch 1, batch 2; rank 1
-    stopped = _ftlab(root, "fit", "--config=nan_ddp.yaml", "--trainer.logger.init_args.name=nan_ddp", *DDP, *poison)
+    poison = inject(root, "nan_rank1", "tests.helpers.faults.PoisonBatch", step=6, rank=1)  # epoch 1, batch 2; rank 1
+    stopped = ftlab(root, "fit", "--config=nan_ddp.yaml", "--trainer.logger.init_args.name=nan_ddp", *DDP, *poison)
     assert stopped.returncode == 1, stopped.stderr[-3000:]  # both processes ended (no hang in a collective)
     err = " ".join(stopped.stderr.split())
     assert "Traceback" not in err

@@ -21,8 +21,10 @@ from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
 from datamodules.folder import class_key
 from lightning_modules.backbones.backbone import data_config_dict
+from lightning_modules.cli.checkpoints import CKPT_SHORTCUTS, resolve_checkpoint
 from lightning_modules.cli.lr_find import describe_lr_find, find_lr, show_lr_find
 from lightning_modules.cli.parse_errors import OneLineErrorParser, check_config_files, check_numbers
+from lightning_modules.cli.stops import StopNotice
 from lightning_modules.console import CompactProgressBar, notice, setup_console
 from lightning_modules.defaults import DEFAULTS, read_defaults
 from lightning_modules.finetuning.strategies import FinetuningStrategy
@@ -32,7 +34,6 @@ from lightning_modules.reporting.checkpoint_io import read_checkpoint
 from lightning_modules.reporting.run_logs import with_run_csv
 from lightning_modules.speed.feature_cache import FeatureCache
 
-CKPT_SHORTCUTS = ("best", "last")
 # the model hyperparameters that shape the weights: a checkpoint's own replace the config's (the rest, such as
 # label_smoothing or compile, stay as configured)
 ARCHITECTURE = ("backbone", "weights", "image_size", "in_chans", "head_hidden", "head_dropout")
@@ -63,8 +64,9 @@ class FinetuneCLI(LightningCLI):
 
     Links: the DataModule's `num_classes` and `class_names` go to the model; the backbone's preprocessing
     (`resolve_data_config` of `model.backbone`, `weights`, `image_size`, `in_chans`) goes to `data.data_config`.
-    `--ckpt_path best|last` finds the newest run of the configured logger; testing or resuming from a
-    checkpoint writes into that checkpoint's run directory instead of starting a new version.
+    `--ckpt_path best|last` finds the checkpoint of the run the logger names (its newest version unless it names
+    one: `cli.checkpoints`); testing or resuming from a checkpoint writes into that checkpoint's run directory
+    instead of starting a new version.
     """
 
     @override
@@ -184,8 +186,9 @@ class FinetuneCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer, with a CSVLogger in the run directory beside whatever logger is configured, and the
-        compact progress bar unless the config names one (Lightning adds the `EXTRA_CALLBACKS` itself)."""
+        """The trainer, with a CSVLogger in the run directory beside whatever logger is configured, the compact
+        progress bar unless the config names one, and the installed `StopNotice` (Lightning adds the
+        `EXTRA_CALLBACKS` itself)."""
         init = self.config_init[self.subcommand] if self.subcommand else self.config_init
         config = {**init["trainer"], **kwargs}
         logger = config.get("logger")
@@ -196,6 +199,8 @@ class FinetuneCLI(LightningCLI):
         configured = [*callbacks, *(init.get(key) for key in EXTRA_CALLBACKS)]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks.append(CompactProgressBar())
+        if StopNotice.active is not None:  # `main` handles stop signals: the notice learns where the run is
+            callbacks.append(StopNotice.active)
         return super().instantiate_trainer(**{**kwargs, "logger": logger, "callbacks": callbacks})
 
     @override
@@ -320,19 +325,6 @@ def prepare_run_root(trainer_config: Namespace) -> None:
         ) from None
 
 
-def resolve_checkpoint(which: str, runs: tuple[Path, Any] | None) -> Path:
-    """`best` or `last` checkpoint of the newest run under `<save_dir>/<name>/version_*`."""
-    if runs is None:
-        raise ConfigError(f"--ckpt_path {which} needs a logger to find the runs (trainer.logger is false)")
-    root = runs[0]
-    found_dirs = sorted(root.glob("*/checkpoints"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for ckpt_dir in found_dirs:
-        found = sorted(ckpt_dir.glob(f"{which}*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-        if found:
-            return found[0]
-    raise ConfigError(f"no {which}*.ckpt under {root}/*/checkpoints; train first with `ftlab fit`")
-
-
 def check_checkpoint_classes(
     ckpt_path: str, num_classes: int | None, class_names: list[str] | None, data_names: list[str]
 ) -> None:
@@ -418,19 +410,35 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> FinetuneCLI:
 
 
 def main() -> None:
-    """Console entry point: user mistakes print one clear line, not a traceback."""
-    try:
-        cli_main()
-    except TrainingStopped as err:
-        print(f"ftlab: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except Exception as err:
-        mistake = _config_error(err)
-        if mistake is None:
-            raise
-        print(f"ftlab: error: {mistake}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """Console entry point: user mistakes print one clear line, not a traceback; so do a stop signal and a write the
+    disk refuses, which also name the checkpoint and the command that resumes (`cli.stops`)."""
+    stops = StopNotice()
+    with stops.installed():
+        try:
+            cli_main()
+        except BaseException as err:
+            line, status = _ending(err, stops)
+            if not stops.quiet:
+                print(f"ftlab: {line}", file=sys.stderr)
+            raise SystemExit(status) from None
     _destroy_process_group()
+
+
+def _ending(err: BaseException, stops: StopNotice) -> tuple[str, int]:
+    """The one line and the exit status for what ended the run (re-raised when it is none of these): a stop signal
+    (128 + its number), a NaN stop (1), a mistake (2), a write the disk refused (74)."""
+    interrupted = stops.interrupted(sys.argv[1:])
+    if interrupted is not None:
+        return interrupted
+    if isinstance(err, TrainingStopped):
+        return f"error: {err}", 1
+    mistake = _config_error(err) if isinstance(err, Exception) else None
+    if mistake is not None:
+        return f"error: {mistake}", 2
+    refused = stops.refused(err, sys.argv[1:]) if isinstance(err, Exception) else None
+    if refused is None:
+        raise err
+    return refused
 
 
 def _config_error(err: BaseException | None) -> ConfigError | None:

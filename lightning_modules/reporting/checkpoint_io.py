@@ -13,6 +13,19 @@ from typing_extensions import override
 from datamodules.common import ConfigError, atomic_write
 
 
+class CheckpointNotWritten(OSError):
+    """A checkpoint the filesystem refused (a full disk, a quota, a read-only folder ...): the system's errno and
+    message, and the checkpoint's path as the filename. Nothing of the new file is left; the one it was to replace
+    is whole."""
+
+
+def os_error_in(err: BaseException | None) -> OSError | None:
+    """The first OSError of `err` and the chain of causes and contexts a traceback would show, or None."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return err
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint's contents (tensors memory-mapped), or a ConfigError naming the file and why it cannot
     be read. Only tensors and plain values are ever unpickled (`weights_only=True`), whoever made the file."""
@@ -41,7 +54,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Saves each checkpoint to a hidden `.<name>.partial` in the same folder, syncs it, and renames it over the
-    target, so a process killed while writing leaves the previous checkpoint whole. Loads with
+    target, so a process killed while writing leaves the previous checkpoint whole; a write the filesystem refuses
+    removes the partial file and raises `CheckpointNotWritten` with the system's errno. Loads with
     `weights_only=True` unless told otherwise.
 
     Lightning's own save writes into the system temp folder and moves the file, which is a rename only when that
@@ -54,7 +68,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        atomic_write(Path(path), lambda partial: torch.save(checkpoint, partial))
+        partials: list[Path] = []
+
+        def write(partial: Path) -> None:
+            partials.append(partial)
+            with partial.open("wb") as file:  # through Python's file, torch's writer keeps the system's OSError
+                torch.save(checkpoint, file)  # (written to a path, it says `unexpected pos` and loses the errno)
+
+        try:
+            atomic_write(Path(path), write)
+        except Exception as err:
+            for partial in partials:  # a sync or a rename that failed after the write
+                partial.unlink(missing_ok=True)
+            refused = os_error_in(err)
+            if refused is None:
+                raise
+            raise CheckpointNotWritten(refused.errno, refused.strerror, str(path)) from err
 
     @override
     def load_checkpoint(

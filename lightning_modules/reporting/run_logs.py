@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 
@@ -30,8 +31,10 @@ class AppendingWriter(ExperimentWriter):
 
 
 def keep_metrics(logger: CSVLogger) -> CSVLogger:
-    """Give a CSVLogger the appending writer (before it writes anything)."""
-    if logger._experiment is None:
+    """Give a CSVLogger the appending writer (before it writes anything), on process zero, the one that writes.
+    Under DDP the other processes start before the run's folder is shared with them: theirs would be the next
+    version, left empty, which `--ckpt_path last` would then take for the newest run."""
+    if logger._experiment is None and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
         logger._fs.makedirs(logger.root_dir, exist_ok=True)
         logger._experiment = AppendingWriter(log_dir=logger.log_dir)
     return logger

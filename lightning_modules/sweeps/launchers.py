@@ -32,7 +32,15 @@ import torch
 import yaml
 
 from datamodules.common import ConfigError, atomic_write, cores, progress
-from lightning_modules.sweeps.plan import Launcher, Run, Sweep, process_alive, run_one, subprocess_launcher
+from lightning_modules.sweeps.plan import (
+    INTERRUPTS,
+    Launcher,
+    Run,
+    Sweep,
+    process_alive,
+    run_one,
+    subprocess_launcher,
+)
 
 SWEEP_EXTRA = "pip install -e '.[sweep]' (Optuna and submitit)"
 
@@ -109,7 +117,8 @@ def pinned(slot: Slot | None) -> Iterator[None]:
 
 def run_members(sweep: Sweep, runs: list[Run], launcher: Launcher, jobs: int = 1, gpus_per_job: int = 1) -> list[str]:
     """Run `runs` (`run_one`), `jobs` at a time; the names of those that failed. A progress line on stderr counts
-    the members done of all, with the time each takes (`Sweep.shows_progress`); the `[name]` lines print above it."""
+    the members done of all, with the time each takes (`Sweep.shows_progress`); the `[name]` lines print above it.
+    Once the sweep is interrupted (`plan.INTERRUPTS`), no member starts."""
     local = LocalLauncher() if launcher is subprocess_launcher else launcher
     parallel = jobs > 1 and len(runs) > 1
     if parallel and not isinstance(local, LocalLauncher):
@@ -118,6 +127,8 @@ def run_members(sweep: Sweep, runs: list[Run], launcher: Launcher, jobs: int = 1
     with progress("sweep", "member", len(runs), shown=sweep.shows_progress()) as bar:
 
         def member(run: Run, where: Launcher) -> None:
+            if INTERRUPTS.signum is not None:  # the sweep was interrupted: no member starts
+                return
             ok = run_one(sweep, run, where)
             with bar.get_lock():  # members end in several threads at once
                 failed.extend([] if ok else [run.name])

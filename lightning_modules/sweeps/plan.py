@@ -11,7 +11,8 @@ A sweep lives in one folder:
 
 Each run is `ftlab fit --config <base>... --config run.yaml`, then `ftlab test ... --ckpt_path best`, as
 subprocesses. A run whose `version_0/metrics.json` exists is finished and never run again; a fit that was cut
-short resumes from its `last.ckpt`.
+short (crashed, or interrupted by SIGTERM or SIGINT: exit status 143 or 130, never "done") resumes from its
+`last.ckpt`. A sweep that gets SIGINT or SIGTERM itself passes it on to the running members and starts no other.
 """
 
 from __future__ import annotations
@@ -22,18 +23,22 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import yaml
 
 from datamodules.common import ConfigError, atomic_write, close_names, say
+from lightning_modules.cli.stops import handling, stopped_by
 
 Launcher = Callable[[list[str], Path], int]  # (ftlab arguments, log file) -> exit status
 VERSION = "version_0"
@@ -218,6 +223,47 @@ def write_best(path: Path, sweep: Sweep, run: Run, note: str) -> None:
 # ------------------------------------------------------------------------------------------ running
 
 
+class Interrupts:
+    """A sweep's SIGINT and SIGTERM (while `catching`): passed on as SIGTERM to every `ftlab` child running (those
+    `run` started), which stops after its batch in progress with status 143 (a child that got the signal itself, as
+    the whole process group does at a Ctrl+C, takes the second as the same stop); no member starts after it."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.children: set[subprocess.Popen[bytes]] = set()  # set operations are atomic: no lock a handler can wait on
+
+    @contextmanager
+    def catching(self) -> Iterator[Interrupts]:
+        """Handle SIGINT and SIGTERM in this process until the block ends (`stops.handling`); `signum` holds the
+        first signal that came inside the block."""
+        self.signum = None
+        try:
+            with handling(self.handle):
+                yield self
+        finally:
+            self.signum = None
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        """The signal handler: note the first signal, pass a SIGTERM on to every child."""
+        self.signum = self.signum or signum
+        for child in list(self.children):
+            child.send_signal(signal.SIGTERM)
+
+    def run(self, cmd: list[str], **popen: Any) -> int:
+        """Run `cmd` as a child that a signal to this process reaches; its exit status."""
+        child = subprocess.Popen(cmd, **popen)
+        self.children.add(child)
+        try:
+            if self.signum is not None:  # came between the start and the line above
+                child.send_signal(signal.SIGTERM)
+            return child.wait()
+        finally:
+            self.children.discard(child)
+
+
+INTERRUPTS = Interrupts()
+
+
 def subprocess_launcher(args: list[str], log: Path, extra_env: Mapping[str, str] | None = None) -> int:
     """Run `ftlab <args>` as a child process with this checkout importable (and `extra_env`); its output goes to
     `log`."""
@@ -226,7 +272,7 @@ def subprocess_launcher(args: list[str], log: Path, extra_env: Mapping[str, str]
     env.update(extra_env or {})
     with log.open("a") as out:
         cmd = [sys.executable, "-m", "lightning_modules.cli.main", *args]
-        return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        return INTERRUPTS.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def owner() -> str:
@@ -274,7 +320,8 @@ def add_time(path: Path, key: str, seconds: float) -> None:
 
 def run_one(sweep: Sweep, run: Run, launcher: Launcher = subprocess_launcher) -> bool:
     """Fit and test one run unless it is finished; True when it is finished now. A config `ftlab` rejects
-    (exit status 2) raises ConfigError: every run of the sweep would fail the same way."""
+    (exit status 2) raises ConfigError: every run of the sweep would fail the same way. A command interrupted by a
+    signal (its own or the sweep's) leaves the run to the next run of the sweep: a fit resumes from `last.ckpt`."""
     root = sweep.root(run)
     layer = yaml.safe_dump(sweep.layer(run), sort_keys=False)
     written = root / "run.yaml"
@@ -294,6 +341,8 @@ def run_one(sweep: Sweep, run: Run, launcher: Launcher = subprocess_launcher) ->
             shutil.rmtree(root / VERSION, ignore_errors=True)  # a fit that never finished an epoch: start over
         steps.insert(0, ("fit", ["--ckpt_path", "last"] if last.is_file() else []))
     for command, extra in steps:
+        if INTERRUPTS.signum is not None:
+            return False
         say(
             f"[{run.name}] ftlab {command}" + (" (resuming from last.ckpt)" if extra == ["--ckpt_path", "last"] else "")
         )
@@ -301,6 +350,10 @@ def run_one(sweep: Sweep, run: Run, launcher: Launcher = subprocess_launcher) ->
         started = time.perf_counter()
         status = launcher([command, *configs, *extra], log)
         add_time(root / "timing.json", f"{command}_s", time.perf_counter() - started)
+        stopped = stopped_by(status)
+        if stopped is not None:
+            say(f"[{run.name}] ftlab {command} interrupted by {stopped}; the next run of this sweep {_goes_on(root)}")
+            return False
         if status == 2:
             raise ConfigError(f"run {run.name}: ftlab {command} rejected the config ({log}): {_last_lines(log)}")
         if status != 0:
@@ -309,6 +362,15 @@ def run_one(sweep: Sweep, run: Run, launcher: Launcher = subprocess_launcher) ->
         if command == "fit":
             (root / "fit.done").touch()
     return is_finished(sweep, run)
+
+
+def _goes_on(root: Path) -> str:
+    """What the next run of the sweep does with an interrupted run (`root`)."""
+    if (root / "fit.done").is_file():
+        return "tests it"
+    if (root / VERSION / "checkpoints" / "last.ckpt").is_file():
+        return "resumes its fit from last.ckpt"
+    return "starts its fit again"
 
 
 # ------------------------------------------------------------------------------------------ the scripts' CLI

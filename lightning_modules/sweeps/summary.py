@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import math
+import signal
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from typing import Any
 from datamodules.common import ConfigError, atomic_write
 from lightning_modules.sweeps.launchers import launch
 from lightning_modules.sweeps.plan import (
+    INTERRUPTS,
     VERSION,
     Launcher,
     Sweep,
@@ -263,7 +265,8 @@ def run_cli(
     launcher: Launcher = subprocess_launcher,
     after: Callable[[Sweep, list[dict[str, Any]]], str] | None = None,
 ) -> int:
-    """Parse, plan, run what is not finished, then collect the table and plot; 0 when every run finished.
+    """Parse, plan, run what is not finished, then collect the table and plot; 0 when every run finished, 128 + the
+    signal's number when a SIGINT or SIGTERM interrupted the sweep (`plan.Interrupts`).
 
     Args:
         parser: from `sweep_parser`, with the script's own options.
@@ -283,10 +286,13 @@ def run_cli(
             print("\n".join(f"{i}\t{run.name}" for i, run in enumerate(sweep.runs)))
             return 0
         chosen = [] if args.collect_only else select(sweep, args.only, args.index)
-        failed = launch(sweep, chosen, launcher, args)
+        with INTERRUPTS.catching():
+            failed = launch(sweep, chosen, launcher, args)
+            signum = INTERRUPTS.signum
         if args.only is not None or args.index is not None:
-            print(f"Run finished; the table: {sys.argv[0]} ... --collect-only --out {sweep.out}")
-            return 1 if failed else 0
+            if signum is None:
+                print(f"Run finished; the table: {sys.argv[0]} ... --collect-only --out {sweep.out}")
+            return _interrupted(signum, failed) or (1 if failed else 0)
         rows = collect(sweep)
         notes = [describe(sweep), after(sweep, rows) if after is not None and rows else ""]
         write_results(sweep, rows, note="\n\n".join(filter(None, notes)))
@@ -299,6 +305,16 @@ def run_cli(
         if failed:
             print(f"Queued or running: {', '.join(failed)}; the same command again tables them once they finish")
         return 0
-    if missing:
+    interrupted = _interrupted(signum, missing)
+    if missing and not interrupted:
         print(f"Not finished: {', '.join(missing)}" + (f" (failed now: {', '.join(failed)})" if failed else ""))
-    return 1 if missing else 0
+    return interrupted or (1 if missing else 0)
+
+
+def _interrupted(signum: int | None, missing: list[str]) -> int:
+    """When a signal interrupted the sweep: say so and what is left, and return 128 + its number; else 0."""
+    if signum is None:
+        return 0
+    left = f"; not finished: {', '.join(missing)}" if missing else ""
+    print(f"Interrupted by {signal.Signals(signum).name}{left}. The same command resumes the sweep")
+    return 128 + signum

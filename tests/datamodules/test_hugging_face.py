@@ -14,7 +14,7 @@ import pytest
 
 from datamodules import CatsVsDogsDataModule, HuggingFaceDataModule
 from tests.helpers.data import photo, write_class_folders
-from tests.helpers.runs import ftlab
+from tests.helpers.runs import entry_point
 
 CLASSES = ["cat", "dog", "owl"]
 CONFIG = {
@@ -128,24 +128,24 @@ def test_plain_labels_become_sorted_classes_and_cats_vs_dogs_reads_any_classlabe
 
 
 @pytest.mark.slow
-def test_fit_test_and_predict_a_three_class_dataset_throughftlab(
+def test_fit_test_and_predict_a_three_class_dataset_through_ftlab(
     in_tmp: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     saved = _saved(in_tmp / "saved", bad=5)
     data = ["--config", "experiments/data/hf_dataset.yaml", f"--data.init_args.path={saved}"]
     data += ["--data.init_args.num_workers=0", "--data.init_args.batch_size=8"]
-    code, _, err = ftlab(["fit", *data, *TINY, *QUIET, "--trainer.max_epochs=2"], capfd)
+    code, _, err = entry_point(["fit", *data, *TINY, *QUIET, "--trainer.max_epochs=2"], capfd)
     assert code == 0, err[-2000:]
     run = next((in_tmp / "runs").glob("*/version_0"))
     with (run / "bad_images.csv").open() as f:
         (bad,) = list(csv.DictReader(f))
     assert bad["path"] == f"{saved}:train[5]" and "not an image PIL can identify" in bad["reason"]
-    code, _, err = ftlab(["test", *data, *TINY, *QUIET, "--ckpt_path=best"], capfd)
+    code, _, err = entry_point(["test", *data, *TINY, *QUIET, "--ckpt_path=best"], capfd)
     assert code == 0, err[-2000:]
     report = json.loads((run / "metrics.json").read_text())
     assert report["samples"] == 9 and report["split_sizes"] == {"train": 24, "val": 6, "test": 9}
     assert list(report["per_class"]) == CLASSES
-    code, _, err = ftlab(["predict", *data, *TINY, *QUIET, "--ckpt_path=best"], capfd)
+    code, _, err = entry_point(["predict", *data, *TINY, *QUIET, "--ckpt_path=best"], capfd)
     assert code == 0, err[-2000:]
     with (run / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -168,7 +168,7 @@ def test_bad_input_is_one_line_and_exit_2(
 ) -> None:
     saved = _saved(in_tmp / "saved")
     argv = ["fit", "--config", "experiments/data/hf_dataset.yaml", f"--data.init_args.path={saved}", *args]
-    code, _, err = ftlab([*argv, *TINY, *QUIET, "--trainer.fast_dev_run=true"], capfd)
+    code, _, err = entry_point([*argv, *TINY, *QUIET, "--trainer.fast_dev_run=true"], capfd)
     lines = [line for line in err.splitlines() if line.startswith("ftlab: error:")]
     assert code == 2 and len(lines) == 1 and len(lines[0]) < 500 and "Traceback" not in err, err[-2000:]
     for text in expected:

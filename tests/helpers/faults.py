@@ -1,12 +1,15 @@
 """Fault injection: callbacks that tests load into `ftlab` runs (by class path, through PYTHONPATH in subprocesses)
-to kill a run, poison a batch, fail an epoch or dump its state."""
+to kill a run, fill the disk, slow it down, poison a batch, fail an epoch or dump its state."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +40,9 @@ class KillAt(pl.Callback):
             _sigkill()
 
 
-class KillDuringSave(pl.Callback):
-    """From `epoch` on, the next checkpoint write to a file whose name contains `only` is cut short: half its bytes
-    reach the file, then SIGKILL. Other writes go through."""
+class CutSave(pl.Callback):
+    """From `epoch` on, a checkpoint write to a file whose name contains `only` goes through `cut` (the fault);
+    other writes go through."""
 
     def __init__(self, epoch: int, only: str = "") -> None:
         self.epoch = epoch
@@ -53,16 +56,72 @@ class KillDuringSave(pl.Callback):
         def cut_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
             if self.only not in str(getattr(f, "name", f)):
                 return real_save(obj, f, *args, **kwargs)
-            buffer = io.BytesIO()
-            real_save(obj, buffer, *args, **kwargs)
-            data = buffer.getvalue()
-            with open(f, "wb") if isinstance(f, str | Path) else f as out:  # a path (atomic_write) or a file
-                out.write(data[: len(data) // 2])
-                out.flush()
-                os.fsync(out.fileno())
-            _sigkill()
+            return self.cut(lambda target: real_save(obj, target, *args, **kwargs), f)
 
         torch.save = cut_save
+
+    def cut(self, save: Callable[[Any], None], f: Any) -> None:
+        """Write the checkpoint (`save(target)` writes it to a path or a binary file) to `f`, or fail to."""
+        raise NotImplementedError
+
+
+class KillDuringSave(CutSave):
+    """From `epoch` on, the next checkpoint write to a file whose name contains `only` is cut short: half its bytes
+    reach the file, then SIGKILL. Other writes go through."""
+
+    def cut(self, save: Callable[[Any], None], f: Any) -> None:
+        buffer = io.BytesIO()
+        save(buffer)
+        data = buffer.getvalue()
+        with open(f, "wb") if isinstance(f, str | Path) else f as out:  # a path or a file (AtomicCheckpointIO's)
+            out.write(data[: len(data) // 2])
+            out.flush()
+            os.fsync(out.fileno())
+        _sigkill()
+
+
+class FullDisk(CutSave):
+    """From `epoch` on, a checkpoint write to a file whose name contains `only` fills the disk: its first `room`
+    bytes reach the file, then the file's write fails with the system's OSError (ENOSPC, "No space left on
+    device"), under torch's own writer, as on a disk that is full."""
+
+    def __init__(self, epoch: int, only: str = "", room: int = 100_000) -> None:
+        super().__init__(epoch, only)
+        self.room = room
+
+    def cut(self, save: Callable[[Any], None], f: Any) -> None:
+        save(_Filling(f, self.room))
+
+
+class _Filling:
+    """A binary file that takes `room` bytes, then fails each write with ENOSPC."""
+
+    def __init__(self, file: Any, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data: bytes) -> int:
+        fits = bytes(data[: self.room])
+        self.file.write(fits)
+        self.room -= len(fits)
+        if len(fits) < len(data):
+            self.file.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return len(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+class SlowBatches(pl.Callback):
+    """Sleep `seconds` after every training batch: epochs long enough to send a signal in the middle of one."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        time.sleep(self.seconds)
 
 
 class PoisonBatch(pl.Callback):

@@ -1,10 +1,17 @@
 """Running `ftlab` from a test: the overrides that make any experiment tiny, the own-images recipe on a tiny
-backbone, `ftlab` in this process."""
+backbone, a fault injected by config, `ftlab` in this process or in a child process."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
+
+from tests.helpers import REPO
 
 # Overrides that make any experiment tiny: fast_dev_run, no workers, no progress bar.
 FAST = [
@@ -49,21 +56,40 @@ def in_process(args: list[str], log: Path) -> int:
     return 0
 
 
-def ftlab(argv: list[str], capfd: Any) -> tuple[int, str, str]:
-    """`ftlab <argv>` through the console entry point (`cli.main`, what the installed script runs), in this process:
-    its exit status, stdout and stderr (`capfd`: pytest's fixture, emptied first)."""
-    import sys
-
+def entry_point(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`ftlab <argv>` through the console entry point (`cli.main`) in this process: exit status, stdout, stderr."""
     from lightning_modules.cli import main as cli
 
     capfd.readouterr()
-    saved, sys.argv = sys.argv, ["ftlab", *argv]
     try:
-        cli.main()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("sys.argv", ["ftlab", *argv])
+            cli.main()
         code = 0
     except SystemExit as exit_info:
         code = exit_info.code if isinstance(exit_info.code, int) else 1
-    finally:
-        sys.argv = saved
     out, err = capfd.readouterr()
     return code, out, err
+
+
+def inject(root: Path, name: str, class_path: str, **init_args: Any) -> list[str]:
+    """`--config` of a file adding one callback (a fault injector of `tests.helpers.faults`)."""
+    args = ", ".join(f"{k}: {v}" for k, v in init_args.items())
+    path = root / f"{name}.yaml"
+    path.write_text(f"trainer:\n  callbacks+:\n    - class_path: {class_path}\n      init_args: {{{args}}}\n")
+    return ["--config", str(path)]
+
+
+def start_ftlab(cwd: Path, *args: str, **popen: Any) -> subprocess.Popen[str]:
+    """`ftlab <args>` started in a child process (a signal needs a process of its own), with this checkout importable
+    and its output captured."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "lightning_modules.cli.main", *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def ftlab(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`ftlab <args>` in a child process, to its end: exit code -9 when it was killed by SIGKILL."""
+    with start_ftlab(cwd, *args) as child:
+        out, err = child.communicate(timeout=600)
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)

@@ -304,7 +304,7 @@ def test_ckpt_shortcut_without_runs_is_a_clear_error(
         cli.main()
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "no best*.ckpt under runs/quickstart/*/checkpoints" in err
+    assert "no run under runs/quickstart yet (no version_* folder); train first with `ftlab fit`" in err
     assert "Traceback" not in err
 
 

@@ -7,6 +7,9 @@ import csv
 import importlib.util
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -16,8 +19,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_modules.sweeps.launchers import LocalLauncher, run_members, slots
-from lightning_modules.sweeps.plan import Run, Sweep
+from lightning_modules.sweeps import launchers
+from lightning_modules.sweeps.launchers import LocalLauncher, Member, run_members, slots
+from lightning_modules.sweeps.plan import INTERRUPTS, Run, Sweep
 from tests.helpers import REPO
 
 TINY = """
@@ -163,3 +167,62 @@ def test_members_run_as_submitit_jobs_and_are_collected(in_tmp: Path, monkeypatc
     assert compare.main(args) == 0  # the same command: nothing to submit, the table
     assert json.loads((in_tmp / "cmp" / "submitit" / "jobs.json").read_text()) == jobs  # nothing resubmitted
     _check_rows_match_runs(in_tmp / "cmp")
+
+
+# stands for `ftlab fit`: says it runs, and ends with status 143 on SIGTERM, as ftlab does
+MEMBER = "import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
+MEMBER += "pathlib.Path(sys.argv[1]).touch(); time.sleep(60)"
+
+
+def test_a_signal_to_the_sweep_stops_its_running_member_and_starts_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text(TINY)
+    started: list[str] = []
+
+    def member(args: list[str], log: Path) -> int:  # a child process, started as the sweep starts ftlab
+        started.append(log.parent.name)
+        return INTERRUPTS.run([sys.executable, "-c", MEMBER, str(log.with_suffix(".running"))])
+
+    def ctrl_c() -> None:  # once the first member runs: SIGINT to the sweep's process alone
+        running = tmp_path / "seeds" / "runs" / "seed1" / "fit.running"
+        deadline = time.monotonic() + 60
+        while not running.is_file() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    sender = threading.Thread(target=ctrl_c)
+    sender.start()
+    status = scripts_module("multi_seed").main(["--config", "base.yaml", "--seeds", "1", "2", "--out", "seeds"], member)
+    sender.join()
+    out = capsys.readouterr().out
+    assert status == 130  # 128 + SIGINT: the sweep was interrupted, not finished
+    assert started == ["seed1"]  # the member running got the signal (as SIGTERM: it exited 143); none started after
+    assert "[seed1] ftlab fit interrupted by SIGTERM; the next run of this sweep starts its fit again" in out
+    assert "Interrupted by SIGINT; not finished: seed1, seed2. The same command resumes the sweep" in out
+    assert not (tmp_path / "seeds" / "runs" / "seed1" / "fit.done").exists()
+
+
+def test_a_requeued_submitit_member_resumes_its_fit_from_last_ckpt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("submitit", reason="the sweep extra (pip install -e '.[sweep]') is not installed")
+    run = Run("a", {})
+    sweep = Sweep(tmp_path, [], [run])
+    (sweep.root(run) / "version_0" / "checkpoints").mkdir(parents=True)
+    (sweep.root(run) / "version_0" / "checkpoints" / "last.ckpt").touch()  # what the preempted job's fit left
+    calls: list[list[str]] = []
+
+    class Recording(LocalLauncher):
+        def __call__(self, args: list[str], log: Path) -> int:
+            calls.append(args)
+            if args[0] == "test":
+                (sweep.root(run) / "version_0" / "metrics.json").write_text("{}")
+            return 0
+
+    monkeypatch.setattr(launchers, "LocalLauncher", Recording)
+    requeued = Member().checkpoint(sweep, run)  # what submitit pickles and runs again after the requeue
+    assert requeued.function(*requeued.args, **requeued.kwargs) is True
+    config = ["--config", str(sweep.root(run) / "run.yaml")]
+    assert calls == [["fit", *config, "--ckpt_path", "last"], ["test", *config, "--ckpt_path", "best"]]

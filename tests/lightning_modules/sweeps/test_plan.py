@@ -133,3 +133,33 @@ def test_scalars_come_from_metrics_csv_and_older_fits_from_their_events(tmp_path
     # a run with its fit in metrics.csv: the CSV alone, a step logged twice (a resume) keeps its last value
     (tmp_path / "metrics.csv").write_text("epoch,step,val/acc,test/acc\n0,10,0.6,\n1,20,0.65,\n1,20,0.8,\n1,20,,0.9\n")
     assert scalars(tmp_path) == {"val/acc": [0.6, 0.8], "test/acc": [0.9]}
+
+
+@pytest.mark.parametrize(("status", "name"), [(143, "SIGTERM"), (130, "SIGINT"), (-15, "SIGTERM")])
+def test_an_interrupted_member_is_never_done_and_its_fit_resumes_from_last_ckpt_on_the_next_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int, name: str
+) -> None:
+    run = Run("a", {"lr": 0.1})
+    sweep = Sweep(tmp_path, [], [run])
+    calls: list[list[str]] = []
+
+    def stopped(args: list[str], log: Path) -> int:  # the fit wrote a checkpoint, then a signal ended it
+        calls.append(args)
+        (sweep.root(run) / "version_0" / "checkpoints").mkdir(parents=True)
+        (sweep.root(run) / "version_0" / "checkpoints" / "last.ckpt").touch()
+        return status  # -15: killed by SIGTERM before ftlab could answer (while importing torch)
+
+    assert run_one(sweep, run, stopped) is False
+    assert f"[a] ftlab fit interrupted by {name}; the next run of this sweep resumes its fit from last.ckpt" in (
+        capsys.readouterr().out
+    )
+    assert [c[0] for c in calls] == ["fit"] and not (sweep.root(run) / "fit.done").exists()  # not done, not tested
+
+    def finishing(args: list[str], log: Path) -> int:
+        calls.append(args)
+        if args[0] == "test":
+            (sweep.root(run) / "version_0" / "metrics.json").write_text("{}")
+        return 0
+
+    assert run_one(sweep, run, finishing) is True
+    assert [c[0] for c in calls] == ["fit", "fit", "test"] and calls[1][-2:] == ["--ckpt_path", "last"]
