@@ -417,28 +417,27 @@ def main() -> None:
         try:
             cli_main()
         except BaseException as err:
-            line, status = _ending(err, stops)
+            ending = _ending(err, stops)
+            if ending is None:
+                raise
             if not stops.quiet:
-                print(f"ftlab: {line}", file=sys.stderr)
-            raise SystemExit(status) from None
+                print(f"ftlab: {ending[0]}", file=sys.stderr)
+            raise SystemExit(ending[1]) from None
     _destroy_process_group()
 
 
-def _ending(err: BaseException, stops: StopNotice) -> tuple[str, int]:
-    """The one line and the exit status for what ended the run (re-raised when it is none of these): a stop signal
-    (128 + its number), a NaN stop (1), a mistake (2), a write the disk refused (74)."""
+def _ending(err: BaseException, stops: StopNotice) -> tuple[str, int] | None:
+    """The one line and the exit status for what ended the run: a stop signal (128 + its number), a NaN stop (1), a
+    mistake (2), a write the disk refused (74); None for anything else."""
     interrupted = stops.interrupted(sys.argv[1:])
     if interrupted is not None:
         return interrupted
     if isinstance(err, TrainingStopped):
         return f"error: {err}", 1
-    mistake = _config_error(err) if isinstance(err, Exception) else None
-    if mistake is not None:
-        return f"error: {mistake}", 2
-    refused = stops.refused(err, sys.argv[1:]) if isinstance(err, Exception) else None
-    if refused is None:
-        raise err
-    return refused
+    if not isinstance(err, Exception):  # SystemExit (--help, a parser's own exit)
+        return None
+    mistake = _config_error(err)
+    return (f"error: {mistake}", 2) if mistake is not None else stops.refused(err, sys.argv[1:])
 
 
 def _config_error(err: BaseException | None) -> ConfigError | None:

@@ -83,7 +83,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             refused = os_error_in(err)
             if refused is None:
                 raise
-            raise CheckpointNotWritten(refused.errno, refused.strerror, str(path)) from err
+            raise CheckpointNotWritten(refused.errno, refused.strerror or str(refused), str(path)) from err
 
     @override
     def load_checkpoint(

@@ -32,8 +32,8 @@ import torch
 import yaml
 
 from datamodules.common import ConfigError, atomic_write, cores, progress
+from lightning_modules.sweeps.interrupts import INTERRUPTS
 from lightning_modules.sweeps.plan import (
-    INTERRUPTS,
     Launcher,
     Run,
     Sweep,
@@ -118,7 +118,7 @@ def pinned(slot: Slot | None) -> Iterator[None]:
 def run_members(sweep: Sweep, runs: list[Run], launcher: Launcher, jobs: int = 1, gpus_per_job: int = 1) -> list[str]:
     """Run `runs` (`run_one`), `jobs` at a time; the names of those that failed. A progress line on stderr counts
     the members done of all, with the time each takes (`Sweep.shows_progress`); the `[name]` lines print above it.
-    Once the sweep is interrupted (`plan.INTERRUPTS`), no member starts."""
+    Once the sweep is interrupted (`interrupts.INTERRUPTS`), no member starts."""
     local = LocalLauncher() if launcher is subprocess_launcher else launcher
     parallel = jobs > 1 and len(runs) > 1
     if parallel and not isinstance(local, LocalLauncher):

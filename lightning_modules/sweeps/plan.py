@@ -23,22 +23,20 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import yaml
 
 from datamodules.common import ConfigError, atomic_write, close_names, say
-from lightning_modules.cli.stops import handling, stopped_by
+from lightning_modules.cli.stops import stopped_by
+from lightning_modules.sweeps.interrupts import INTERRUPTS
 
 Launcher = Callable[[list[str], Path], int]  # (ftlab arguments, log file) -> exit status
 VERSION = "version_0"
@@ -221,47 +219,6 @@ def write_best(path: Path, sweep: Sweep, run: Run, note: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ running
-
-
-class Interrupts:
-    """A sweep's SIGINT and SIGTERM (while `catching`): passed on as SIGTERM to every `ftlab` child running (those
-    `run` started), which stops after its batch in progress with status 143 (a child that got the signal itself, as
-    the whole process group does at a Ctrl+C, takes the second as the same stop); no member starts after it."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.children: set[subprocess.Popen[bytes]] = set()  # set operations are atomic: no lock a handler can wait on
-
-    @contextmanager
-    def catching(self) -> Iterator[Interrupts]:
-        """Handle SIGINT and SIGTERM in this process until the block ends (`stops.handling`); `signum` holds the
-        first signal that came inside the block."""
-        self.signum = None
-        try:
-            with handling(self.handle):
-                yield self
-        finally:
-            self.signum = None
-
-    def handle(self, signum: int, frame: FrameType | None) -> None:
-        """The signal handler: note the first signal, pass a SIGTERM on to every child."""
-        self.signum = self.signum or signum
-        for child in list(self.children):
-            child.send_signal(signal.SIGTERM)
-
-    def run(self, cmd: list[str], **popen: Any) -> int:
-        """Run `cmd` as a child that a signal to this process reaches; its exit status."""
-        child = subprocess.Popen(cmd, **popen)
-        self.children.add(child)
-        try:
-            if self.signum is not None:  # came between the start and the line above
-                child.send_signal(signal.SIGTERM)
-            return child.wait()
-        finally:
-            self.children.discard(child)
-
-
-INTERRUPTS = Interrupts()
 
 
 def subprocess_launcher(args: list[str], log: Path, extra_env: Mapping[str, str] | None = None) -> int:

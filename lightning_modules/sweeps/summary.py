@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.common import ConfigError, atomic_write
+from lightning_modules.sweeps.interrupts import INTERRUPTS
 from lightning_modules.sweeps.launchers import launch
 from lightning_modules.sweeps.plan import (
-    INTERRUPTS,
     VERSION,
     Launcher,
     Sweep,
@@ -266,7 +266,7 @@ def run_cli(
     after: Callable[[Sweep, list[dict[str, Any]]], str] | None = None,
 ) -> int:
     """Parse, plan, run what is not finished, then collect the table and plot; 0 when every run finished, 128 + the
-    signal's number when a SIGINT or SIGTERM interrupted the sweep (`plan.Interrupts`).
+    signal's number when a SIGINT or SIGTERM interrupted the sweep (`interrupts.Interrupts`).
 
     Args:
         parser: from `sweep_parser`, with the script's own options.

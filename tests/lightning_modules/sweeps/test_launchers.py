@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from lightning_modules.sweeps import launchers
+from lightning_modules.sweeps.interrupts import INTERRUPTS
 from lightning_modules.sweeps.launchers import LocalLauncher, Member, run_members, slots
-from lightning_modules.sweeps.plan import INTERRUPTS, Run, Sweep
+from lightning_modules.sweeps.plan import Run, Sweep
 from tests.helpers import REPO
 
 TINY = """
