@@ -249,12 +249,12 @@ class FinetuneCLI(LightningCLI):
             print(f"Best checkpoint: {best}")
         self._print_run_dir()
         if self.config["fit"].get("test_after_fit") and not self.trainer.interrupted:
-            if not best:
-                raise ConfigError("--test_after_fit: the fit wrote no best checkpoint to test (checkpointing is off)")
+            if not best and not self.trainer.fast_dev_run:  # type: ignore[attr-defined]
+                notice("--test_after_fit: the fit wrote no best checkpoint; testing the weights it ended with")
             for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
                 if isinstance(callback, RunConfigCallback):
                     callback.already_saved = False  # config_test.yaml, as `ftlab test` writes it
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
             self._print_run_dir()
 
     after_validate = after_test = after_predict = _print_run_dir
