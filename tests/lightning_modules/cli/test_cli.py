@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_modules.cli import main as cli
 from lightning_modules.cli.main import cli_main
 from tests.helpers import REPO
 from tests.helpers.data import write_cifar, write_class_folders, write_mnist
 from tests.helpers.runs import FAST, folder_args
+from tests.helpers.tensorboard import events
 
 EXPERIMENTS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
 DATA = [e for e in EXPERIMENTS if e.startswith("experiments/data/")]
@@ -200,17 +200,14 @@ def test_fit_saves_config_and_test_best_reuses_the_run_directory(in_tmp: Path) -
     hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
     assert hparams["data_config"]["input_size"] == [3, 32, 32]  # the linked preprocessing is recorded
     assert hparams["class_names"] == [str(d) for d in range(10)]
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(next(run_dir.glob("events.out.tfevents.*"))))
-    events.Reload()
-    scalars = events.Tags()["scalars"]
+    tensorboard = events(run_dir)  # the quickstart tests after fitting: two event files, in no fixed order
+    scalars = tensorboard.Tags()["scalars"]
     assert {"lr/head", "lr/blocks.6", "lr/stem", "trainable_params", "val/acc", "train/loss_epoch"} <= set(scalars)
-    counts = [e.value for e in events.Scalars("trainable_params")]
+    counts = [e.value for e in tensorboard.Scalars("trainable_params")]
     assert len(counts) == 2 and counts[1] > counts[0]  # the head alone, then the unfrozen backbone too
     # unfrozen at epoch 1: the head's 3e-3 after one epoch of the quickstart's 20-epoch cosine, times 0.1
     head_lr = 0.003 * (1 + math.cos(math.pi / 20)) / 2
-    assert [e.value for e in events.Scalars("lr/blocks.6")] == pytest.approx([head_lr * 0.1])
+    assert [e.value for e in tensorboard.Scalars("lr/blocks.6")] == pytest.approx([head_lr * 0.1])
     best = list((run_dir / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 1 and (run_dir / "checkpoints" / "last.ckpt").is_file()
     run = cli_main(
@@ -382,10 +379,9 @@ def test_lr_find_takes_all_its_steps_on_a_short_budget_and_applies_its_suggestio
     # the figure: in the run folder, and in TensorBoard's IMAGES, read back by TensorBoard's own reader
     log_dir = Path(str(run.trainer.log_dir))
     assert (log_dir / "lr_find.png").is_file()
-    events = EventAccumulator(str(log_dir), size_guidance={"images": 0})
-    events.Reload()
-    assert "lr_find" in events.Tags()["images"]  # beside the dashboard's pictures
-    assert events.Images("lr_find")[0].encoded_image_string.startswith(b"\x89PNG")
+    tensorboard = events(log_dir)
+    assert "lr_find" in tensorboard.Tags()["images"]  # beside the dashboard's pictures
+    assert tensorboard.Images("lr_find")[0].encoded_image_string.startswith(b"\x89PNG")
 
 
 def test_the_experiment_lists_are_found() -> None:
