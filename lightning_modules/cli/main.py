@@ -63,7 +63,8 @@ class FinetuneCLI(LightningCLI):
     """LightningCLI for FineTuneModule and any ImageClassificationDataModule.
 
     Links: the DataModule's `num_classes` and `class_names` go to the model; the backbone's preprocessing
-    (`resolve_data_config` of `model.backbone`, `weights`, `image_size`, `in_chans`) goes to `data.data_config`.
+    (`resolve_data_config` of `model.backbone`, `weights`, `image_size`, `in_chans`) goes to `data.data_config`
+    when the config leaves it out (it is recorded in the DataModule's hparams; config.yaml keeps it out).
     `--ckpt_path best|last` finds the checkpoint of the run the logger names (its newest version unless it names
     one: `cli.checkpoints`); testing or resuming from a checkpoint writes into that checkpoint's run directory
     instead of starting a new version.
@@ -71,7 +72,7 @@ class FinetuneCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Link data -> model (classes) at instantiation and model -> data (preprocessing) at parse time."""
+        """The extra options; link data -> model (classes) at instantiation."""
         for key, callback in EXTRA_CALLBACKS.items():  # `early_stopping.patience: 3`, `feature_cache: {store: disk}`
             parser.add_lightning_class_args(callback, key)
         parser.add_argument(
@@ -95,12 +96,9 @@ class FinetuneCLI(LightningCLI):
         )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.link_arguments(
-            ("model.backbone", "model.weights", "model.image_size", "model.in_chans"),
-            "data.init_args.data_config",
-            compute_fn=data_config_dict,
-            apply_on="parse",
-        )
+        # The preprocessing goes model -> data in `before_instantiate_classes`, not by a parse-time link: jsonargparse
+        # evaluates such a link while it reads the defaults, so `ftlab fit --help` would import timm to resolve the
+        # default backbone's (docs/performance.md, "Start-up").
 
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
@@ -174,13 +172,18 @@ class FinetuneCLI(LightningCLI):
 
     @override
     def before_instantiate_classes(self) -> None:
-        """Put back the checkpoint path `parse_arguments` held aside; one finetuning strategy at most; skip
-        pretrained downloads that a checkpoint overrides."""
+        """Put back the checkpoint path `parse_arguments` held aside; one finetuning strategy at most; the
+        model's preprocessing to the DataModule; skip pretrained downloads that a checkpoint overrides."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         if getattr(self, "_ckpt_path", None):
             config.ckpt_path = self._ckpt_path  # what trainer.fit/test/predict and the saved config.yaml read
         check_one_strategy(config.trainer.get("callbacks") or [])
         check_numbers(config)
+        data = config.data.init_args
+        self._linked_preprocessing = not data.get("data_config")
+        if self._linked_preprocessing:  # one given that differs from the model's is a ConfigError at setup
+            model = config.model
+            data.data_config = data_config_dict(model.backbone, model.weights, model.image_size, model.in_chans)
         if config.get("ckpt_path"):  # the checkpoint holds every weight: build the backbone empty, download nothing
             config.model.load_weights = False  # (the preprocessing still follows model.weights)
 
@@ -206,13 +209,16 @@ class FinetuneCLI(LightningCLI):
     @override
     def after_instantiate_classes(self) -> None:
         """Check the checkpoint against the data and the model built; undo the instantiation-only
-        `load_weights: false` of `before_instantiate_classes` in the saved config (a later fit from it loads them)."""
+        `load_weights: false` and linked `data_config` of `before_instantiate_classes` in the saved config (a later
+        fit from it loads the weights and takes its model's preprocessing)."""
         super().after_instantiate_classes()
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("ckpt_path"):
             check_checkpoint_classes(config.ckpt_path, *self._trained_classes, self.datamodule.class_names)
             check_checkpoint_fits(config.ckpt_path, self._trained_weights, self.model)
             config.model.load_weights = True
+        if self._linked_preprocessing:  # config.yaml keeps following the model: a fit from it at 64 px takes 64 px
+            config.data.init_args.data_config = None
 
     def before_fit(self) -> None:
         """`--lr_find print|apply`: run the learning-rate finder with the finetuning strategy in place, say what it

@@ -28,7 +28,6 @@ UNKNOWN_KEY = re.compile(
     r"does not accept option '([^']+)'|Key \"([^\"]+)\" is not expected|[Uu]nrecognized arguments: --([\w.]+)"
 )
 KEY = re.compile(r'Parser key "([^"]+)"')
-LINK_FAILED = re.compile(r"Call to compute_fn of link '[^']*' with args \(.*?\) failed: (.*)", re.DOTALL)
 EXPECTED = re.compile(r"Expected a <class '(\w+)'>")
 GIVEN = re.compile(r"Given value: (.*)")
 # a bad init arg of a class, reported inside the Union error of its parent key
@@ -103,8 +102,6 @@ def _public_classes(module: str) -> list[str]:
 
 def summarize(message: str, keys: list[str]) -> str:
     """The one line of a jsonargparse error message that says what is wrong, with the closest names."""
-    if found := LINK_FAILED.search(message):  # our own check inside a link (model.image_size): its line alone
-        return found.group(1).strip().splitlines()[0]
     key_match = KEY.search(message)
     key = key_match.group(1) if key_match else None
     prefix = f"{key}: " if key else ""

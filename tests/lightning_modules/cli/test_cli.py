@@ -155,7 +155,9 @@ def test_defaults_are_read_before_experiment_and_last_config_wins(in_tmp: Path) 
         "PredictionWriter",
         "FreezeUnfreeze",
     ]
-    assert config.data.init_args.data_config["input_size"] == [3, 32, 32]
+    assert run.datamodule.data_config.input_size == (3, 32, 32)  # the model's preprocessing, given before building
+    assert run.datamodule.hparams["data_config"]["input_size"] == [3, 32, 32]  # and recorded in hparams.yaml
+    assert config.data.init_args.data_config is None  # config.yaml follows the model: a fit from it at 64 px takes 64
     # monitor from defaults.yaml, patience from the quickstart
     assert (config.early_stopping.monitor, config.early_stopping.patience) == ("val/acc", 20)
     assert (config.feature_cache.store, config.feature_cache.force) == ("memory", True)  # defaults, then quickstart

@@ -15,10 +15,11 @@ from tests.helpers import REPO
 
 # Heavy libraries that `ftlab fit --help` does not use, and who imports them when they are needed (lazily, inside the
 # function). Not counted: what `import lightning.pytorch` loads itself (matplotlib, scipy and torchvision, through
-# torchmetrics). Loaded and needed today: timm (with huggingface_hub), because the parse-time link of
-# `model.backbone` to `data.init_args.data_config` resolves the default backbone's preprocessing while jsonargparse
-# reads the defaults; tensorboard, because jsonargparse reads the default logger's signature down to SummaryWriter.
+# torchmetrics). Loaded and needed: tensorboard, because jsonargparse reads the default logger's signature down to
+# SummaryWriter.
 NOT_NEEDED = {
+    "timm": "backbones/sources/timm.py, resolving a backbone's preprocessing or building it",
+    "huggingface_hub": "timm's, and reporting/model_card.py",
     "sklearn": "datamodules/splits.py, carving a split",
     "pandas": "sklearn's",
     "pyarrow": "pandas' and datasets'",
