@@ -30,6 +30,7 @@ from lightning_modules.backbones.backbone import build_backbone
 from lightning_modules.finetuning.batch_augment import TTA_MODES, BatchMixer, averaged_log_probabilities, tta_views
 from lightning_modules.finetuning.strategies import FinetuningStrategy
 from lightning_modules.speed.engines import ONNX_DIR, BatchRunner, check_engine, chosen_engine, frozen_pass
+from lightning_modules.speed.memory import keep_freed_memory
 
 STAGES = ("train", "val", "test")
 
@@ -240,7 +241,9 @@ class FineTuneModule(LightningModule):
 
     @override
     def configure_model(self) -> None:
-        """SyncBatchNorm when asked and running on more than one process; channels-last and compilation."""
+        """SyncBatchNorm when asked and running on more than one process; channels-last and compilation; glibc told
+        to keep freed memory for the next step (`speed.memory`)."""
+        keep_freed_memory()
         if self.hparams["sync_batchnorm"] and world_size(self) > 1:
             self.backbone.body = sync_batchnorm(self.backbone.body)
         if self.hparams["channels_last"]:

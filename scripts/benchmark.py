@@ -11,8 +11,9 @@ Prints markdown tables of ratios (and the raw figures behind them):
 - on CPU, the frozen backbone's forward pass on ONNX Runtime / torch for EfficientNet-Lite0, MobileNetV2 and
   ResNet18 (goals >= 3.0, >= 2.0, >= 0.95), and FeatureCache's pass / a bare InferenceSession loop (>= 0.9);
 - on CPU, fit + test of the own-images recipe on the dev cats-vs-dogs photos (its frozen Lite0 probe, and the whole
-  recipe), the previous defaults (torch, two commands) against today's (`auto`, `test_after_fit`), caches cold and
-  warm (goals: the probe >= 2.0x, the recipe >= 1.3x, the same accuracy);
+  recipe), the previous defaults (torch, glibc's allocator as it comes, two commands) against today's (`auto`, freed
+  memory kept, `test_after_fit`), caches cold and warm (goals: the probe >= 2.0x, the recipe >= 1.3x, the same
+  accuracy);
 - what the dashboard's pictures cost: the time inside the `Dashboard` callback's hooks during a fit of the
   own-images recipe on the dev cats-vs-dogs photos, per epoch and at the end, against the epoch's time.
 
@@ -65,6 +66,7 @@ from lightning_modules.reporting.dashboard import Dashboard
 from lightning_modules.reporting.report import PredictionWriter
 from lightning_modules.speed.engines import onnxruntime_pass, torch_pass
 from lightning_modules.speed.feature_cache import FeatureCache, compute_features
+from lightning_modules.speed.memory import OFF, keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -419,12 +421,14 @@ def engine_rows(setup: Setup, root: Path) -> list[str]:
     return rows
 
 
-# The end-to-end rows: the previous defaults (torch engines; fit, then `ftlab test` in a second process) against
-# today's (`auto` engines, `test_after_fit`: one process), both with finetune-lab's caches emptied (no ONNX export,
-# no cached feature: ~/.cache/finetune-lab removed), and today's again with them warm. HOME stays the user's: a fresh
+# The end-to-end rows: the previous defaults (torch engines, glibc's allocator as it comes; fit, then `ftlab test` in
+# a second process) against today's (`auto` engines, freed memory kept, `test_after_fit`: one process), both with
+# finetune-lab's caches emptied (no ONNX export, no cached feature: ~/.cache/finetune-lab removed), and today's again
+# with them warm. HOME stays the user's: a fresh
 # HOME would also rebuild matplotlib's font cache and timm's, which no second run of a user pays.
 FTLAB_CACHE = Path.home() / ".cache" / "finetune-lab"
 OLD_DEFAULTS = ["--feature_cache.engine=torch", "--model.inference_engine=torch", "--test_after_fit=false"]
+OLD_ENV = {OFF: "0"}  # and glibc's allocator as it comes (speed/memory.py)
 
 
 def probe_rows(data: Path, root: Path) -> list[str]:
@@ -449,7 +453,7 @@ def probe_rows(data: Path, root: Path) -> list[str]:
             name = f"e{epochs}-row{len(rows)}"
             if cold:
                 shutil.rmtree(FTLAB_CACHE, ignore_errors=True)
-            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            env = {**os.environ, "PYTHONPATH": str(REPO), **(OLD_ENV if extra else {})}
             common = [
                 "--config",
                 str(REPO / "experiments" / "data" / "image_folder.yaml"),
@@ -644,6 +648,7 @@ def main(argv: list[str] | None = None) -> None:
         "--data", type=Path, default=REPO.parent / "shared" / "data", help="the dev data, for the probe"
     )
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as every model's setup does: the hand-written loops share the fit's allocator setting
     setup = QUICK if args.quick else Setup()
     if DEVICE.type == "cuda":
         setup = replace(setup, image_size=224, batch_size=128)
