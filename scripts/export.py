@@ -37,6 +37,7 @@ from torch import nn
 from datamodules.common import ConfigError, atomic_write, progress, say
 from lightning_modules.module import FineTuneModule
 from lightning_modules.reporting.model_card import FIGURES, model_card
+from lightning_modules.speed.engines import write_onnx
 
 STAGES = ("model.onnx", "model.pt2", "timm/")  # each written, read back and compared with the eager model
 
@@ -65,16 +66,7 @@ def export_onnx(model: nn.Module, x: torch.Tensor, path: Path, output: str, prop
     import onnx
 
     def write(tmp: Path) -> None:
-        torch.onnx.export(
-            model,
-            (x,),
-            str(tmp),
-            dynamo=True,
-            input_names=["images"],
-            output_names=[output],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-            external_data=False,
-        )
+        write_onnx(model, x, tmp, output)
         proto = onnx.load(str(tmp))
         for key, value in props.items():
             proto.metadata_props.add(key=key, value=value)

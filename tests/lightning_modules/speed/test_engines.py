@@ -48,7 +48,7 @@ def test_onnxruntime_features_equal_torch_within_the_tolerance(tmp_path: Path) -
     assert not torch.equal(by_ort.features, by_torch.features)  # really another engine, not torch twice
 
 
-def test_the_export_is_cached_under_its_weights_and_input(tmp_path: Path) -> None:
+def test_the_export_is_cached_under_its_weights_and_input(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     x = torch.rand(4, 3, 32, 32)
     backbone = _backbone()
     key = onnx_key(backbone, x)
@@ -56,6 +56,7 @@ def test_the_export_is_cached_under_its_weights_and_input(tmp_path: Path) -> Non
     assert key != onnx_key(_backbone(seed=1), x)  # other weights
     assert key != onnx_key(backbone, torch.rand(4, 3, 40, 40))  # another input size
     frozen_pass(backbone, CPU, "onnxruntime", x, tmp_path)
+    assert "[torch.onnx]" not in capfd.readouterr().out  # the exporter's step lines would break the progress line
     (path,) = tmp_path.glob("*.onnx")
     stamp = path.stat().st_mtime_ns
     frozen_pass(backbone, CPU, "onnxruntime", x, tmp_path)
