@@ -55,7 +55,7 @@ class ImageClassificationDataModule(LightningDataModule):
             `trivialaugment`); torchvision's default 0.08 suits training from scratch on ImageNet.
         train_subset: train on part of the train split (after val and test are carved, so they do not change):
             a fraction (`0.1`) or a number of images per class (`500`), stratified and seeded by `split_seed`.
-        data_config: the backbone's preprocessing, linked from the model by the CLI; left out, taken at setup
+        data_config: the backbone's preprocessing, given from the model by the CLI; left out, taken at setup
             from the trainer's model. Given and different from the model's, it is a ConfigError.
         pin_memory: default: on when CUDA is available.
         predict_root: what `ftlab predict` predicts: a folder of images (any layout), one image file, or a list of
@@ -197,7 +197,7 @@ class ImageClassificationDataModule(LightningDataModule):
         return self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
 
     def link_preprocessing(self, model_config: DataConfig) -> None:
-        """Take the model's preprocessing (what the CLI's link does at parse time); a ConfigError when this
+        """Take the model's preprocessing (what the CLI gives before building the objects); a ConfigError when this
         DataModule was given another, or already built its splits with another."""
         if model_config == self.data_config:
             return

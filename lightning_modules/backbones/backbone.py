@@ -111,7 +111,7 @@ def resolve_data_config(
     backbone: str, weights: str = "pretrained", image_size: int | None = None, in_chans: int = 3
 ) -> DataConfig:
     """The preprocessing of a backbone's pretrained weights, without building the network or using the network
-    (once per process and arguments: the CLI's link and the model's build share it)."""
+    (once per process and arguments: the CLI's and the model's build share it)."""
     module, arch = source(backbone)
     own = module.data_config(arch, weights, in_chans)
     floor = getattr(module, "MIN_IMAGE_SIZE", MIN_IMAGE_SIZE)
@@ -122,7 +122,7 @@ def resolve_data_config(
 def data_config_dict(
     backbone: str, weights: str = "pretrained", image_size: int | None = None, in_chans: int = 3
 ) -> dict[str, Any]:
-    """`resolve_data_config` as a plain dict: the value the CLI links from the model to the DataModule."""
+    """`resolve_data_config` as a plain dict: the value the CLI gives the DataModule from the model."""
     return resolve_data_config(backbone, weights, image_size, in_chans).to_dict()
 
 
