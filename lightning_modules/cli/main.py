@@ -179,8 +179,8 @@ class FinetuneCLI(LightningCLI):
             config.ckpt_path = self._ckpt_path  # what trainer.fit/test/predict and the saved config.yaml read
         check_one_strategy(config.trainer.get("callbacks") or [])
         check_numbers(config)
-        data = config.data.init_args
-        self._linked_preprocessing = not data.get("data_config")
+        data = config.data.init_args  # (holds the key when the class takes it: not a DataModule of its own signature)
+        self._linked_preprocessing = "data_config" in data and not data.get("data_config")
         if self._linked_preprocessing:  # one given that differs from the model's is a ConfigError at setup
             model = config.model
             data.data_config = data_config_dict(model.backbone, model.weights, model.image_size, model.in_chans)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from datamodules import DigitsDataModule
 from lightning_modules.cli import main as cli
 from lightning_modules.cli.main import cli_main
 from tests.helpers import REPO
@@ -28,6 +29,21 @@ TRAINER = [e for e in EXPERIMENTS if e.startswith("experiments/trainer/")]
 RUNNABLE = [e for e in EXPERIMENTS if not e.endswith("defaults.yaml") and e not in DATA + TRAINER]
 DATASETS = ("cats_vs_dogs", "cifar10", "mnist", "pet_expressions")
 TINY_MODEL = ["--model.backbone=timm/test_resnet", "--model.weights=none", "--model.image_size=32"]
+
+
+class OwnSignature(DigitsDataModule):
+    """A user's DataModule with a signature of its own, without `data_config`: it takes the model's at setup."""
+
+    def __init__(self, batch_size: int = 16) -> None:
+        super().__init__(batch_size=batch_size, num_workers=0)
+
+
+def test_a_datamodule_without_a_data_config_argument_takes_the_models_at_setup(in_tmp: Path) -> None:
+    no_workers = [arg for arg in FAST if "num_workers" not in arg]  # (its signature has none: it sets 0 itself)
+    run = cli_main(["fit", *TINY_MODEL, f"--data={__name__}.OwnSignature", *no_workers])
+    assert run.trainer.state.finished
+    assert run.datamodule.data_config == run.model.backbone.data_config
+    assert run.datamodule.data_config.input_size == (3, 32, 32)
 
 
 def _tiny_data(name: str, root: Path) -> Path:
@@ -199,6 +215,7 @@ def test_fit_saves_config_and_test_best_reuses_the_run_directory(in_tmp: Path) -
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["backbone"] == "timm/tf_efficientnet_lite0"
     assert saved["model"]["image_size"] == 32
+    assert saved["data"]["init_args"]["data_config"] is None  # follows the model when the file is used again
     hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
     assert hparams["data_config"]["input_size"] == [3, 32, 32]  # the linked preprocessing is recorded
     assert hparams["class_names"] == [str(d) for d in range(10)]
