@@ -167,6 +167,7 @@ class ImageClassificationDataModule(LightningDataModule):
             self.skipped |= {(split, b.path, b.reason) for b in getattr(dataset, "rejected", [])}
             self.others.update(getattr(dataset, "others", {}))
         train = raw["train"]
+        self._require_every_class(train)
         if "test" not in raw:
             train, raw["test"] = stratified_split(
                 train, self.test_fraction, self.split_seed, self.groups(train), "test", self.class_names
@@ -187,6 +188,24 @@ class ImageClassificationDataModule(LightningDataModule):
             "test": Transformed(raw["test"], evaluation),
         }
         rank_zero_info(self.describe(self._write_skipped()))
+
+    def _require_every_class(self, train: LabeledDataset) -> None:
+        """A ConfigError naming the classes without a single readable image in `train` (after the header check
+        left out the unreadable files, which are written to `bad_images.csv` first): a class no image teaches."""
+        present = set(train.targets)
+        missing = [name for label, name in enumerate(self.class_names) if label not in present]
+        if not missing:
+            return
+        listed = self._write_skipped()
+        bad = sorted((path, reason) for split, path, reason in self.skipped if split == "train")
+        why = ""
+        if bad:  # without a trainer (a notebook) there is no run directory to list them in: the first is named
+            where = f"listed with their reasons in {listed}" if listed else f"the first: {bad[0][0]} ({bad[0][1]})"
+            why = f": {len(bad)} unreadable file(s) of train are left out, {where}"
+        raise ConfigError(
+            f"train has no readable image of class(es) {missing[:10]}{why}. Add readable images of each class, or "
+            "list the classes to keep in data.init_args.class_names"
+        )
 
     def shows_progress(self) -> bool:
         """Whether the long steps of this DataModule (the header check of every file) show a progress line on

@@ -3,7 +3,7 @@
 Class folders are matched and ordered by `class_key` (Unicode NFC, case-folded), so `happy` and `Sad` sort as a
 person expects, `Happy/` in one split is the same class as `happy/` in another (torchvision's ImageFolder sorts
 `Sad` before `happy`), and `Café crème` written decomposed by a macOS archive is the same class as the one typed.
-Hidden folders are ignored; non-image files are left out and counted in the data summary.
+Hidden folders and `__pycache__` are ignored; non-image files are left out and counted in the data summary.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from typing_extensions import override
 from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
 from datamodules.datasets import ImageFiles, LabeledDataset
-from datamodules.images import list_images
+from datamodules.images import list_images, skipped_folder
 
 SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
 
 
 def find_split_dirs(root: Path) -> dict[str, Path]:
     """The split folders of `root` (`train`, `val`/`valid`, `test`, any casing); empty if there is no `train`."""
-    children = {class_key(p.name): p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    children = {class_key(p.name): p for p in root.iterdir() if p.is_dir() and not skipped_folder(p.name)}
     found = {split: children[n] for split, names in SPLIT_NAMES.items() for n in names if n in children}
     return found if "train" in found else {}
 
@@ -38,10 +38,10 @@ def class_key(name: str) -> str:
 
 
 def class_dirs(folder: Path) -> dict[str, Path]:
-    """Class folders of `folder` keyed by `class_key` (hidden folders skipped)."""
+    """Class folders of `folder` keyed by `class_key` (hidden folders and `__pycache__` skipped: `skipped_folder`)."""
     dirs: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.is_dir() and not p.name.startswith("."):
+        if p.is_dir() and not skipped_folder(p.name):
             if class_key(p.name) in dirs:
                 raise ConfigError(
                     f"{folder} has class folders {dirs[class_key(p.name)].name!r} and {p.name!r}: merge them"

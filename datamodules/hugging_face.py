@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,14 @@ from typing_extensions import override
 from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError, digest
 from datamodules.datasets import LabeledDataset
-from datamodules.images import BadSample, bad_reason, load_image, read_rgb
+from datamodules.images import IMAGE_EXTENSIONS, BadSample, bad_reason, load_image, read_rgb, skipped_folder
 
 # The names a split goes by on the Hub, for each of ours (the first one found is taken).
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "valid", "val", "dev"), "test": ("test",)}
 IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("label", "labels", "fine_label")
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes (a DatasetDict, a Dataset)
+DATA_FILES = (".parquet", ".arrow", ".csv", ".json", ".jsonl")  # what `load_dataset` reads from a local folder
 DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
@@ -41,9 +43,13 @@ def load_hf(path: str, name: str | None, revision: str | None, data_dir: str | N
             f"{key} {local}: no such folder; give a Hub id, a save_to_disk folder, or a folder of parquet files or "
             "of class folders"
         )
+    if local.is_dir() and data_dir is None and data_files is None:
+        require_dataset_files(local, key)
     try:
         return datasets.load_dataset(path, name, revision=revision, data_dir=data_dir, data_files=data_files)
     except (ConnectionError, FileNotFoundError) as err:  # not cached and not reachable (offline, or no such id)
+        if local.is_dir():  # a local folder of files that datasets does not take as data (a stray JSON ...)
+            require_dataset_files(local, key, found=True)
         why = "offline (HF_HUB_OFFLINE is set)" if datasets.config.HF_HUB_OFFLINE else _first_line(err)
         folder = Path(path).name
         raise ConfigError(
@@ -52,6 +58,29 @@ def load_hf(path: str, name: str | None, revision: str | None, data_dir: str | N
         ) from None
     except ValueError as err:  # a config name missing or unknown, a revision that does not exist ...
         raise ConfigError(f"{key} {path!r}: {_first_line(err)}") from None
+    except datasets.exceptions.DatasetGenerationError as err:  # a data file that its builder cannot parse
+        cause = err.__cause__ or err.__context__ or err
+        raise ConfigError(f"{key} {path!r}: datasets cannot read its files ({_first_line(cause)})") from None
+
+
+def require_dataset_files(folder: Path, key: str, found: bool = False) -> None:
+    """A ConfigError saying what `folder` lacks when it holds nothing `datasets` can load (or, `found`, when
+    `datasets` found nothing to load in what it holds): no `save_to_disk` files (checked before), no parquet, arrow,
+    CSV or JSON files, no images. The walk stops at the first file it can load."""
+    others: Counter[str] = Counter()
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not skipped_folder(d)]
+        for name in files:
+            suffix = Path(name).suffix.lower()
+            if not found and (suffix in DATA_FILES or suffix in IMAGE_EXTENSIONS):
+                return
+            others[suffix or "(none)"] += 1
+    held = f"{sum(others.values())} file(s): {', '.join(sorted(others))}" if others else "it is empty"
+    held = f"datasets finds no data in its {held}" if found else held
+    raise ConfigError(
+        f"{key} {folder} holds no dataset ({held}): it needs the files of `save_to_disk` ({', '.join(SAVED_MARKERS)}), "
+        f"data files ({', '.join(DATA_FILES)}), or images in class folders (<folder>/<class>/*.jpg)"
+    )
 
 
 def _first_line(err: BaseException) -> str:

@@ -112,10 +112,19 @@ def bad_reason(err: BaseException) -> str:
 PATH_ERRORS = "surrogateescape"
 
 
+# never data: Python's byte-code cache, the resource forks of a zip archive made on macOS
+SKIPPED_FOLDERS = ("__pycache__", "__MACOSX")
+
+
+def skipped_folder(name: str) -> bool:
+    """True for a folder that never holds data: hidden (`.ipynb_checkpoints`, `.git`) or `SKIPPED_FOLDERS`."""
+    return name.startswith(".") or name in SKIPPED_FOLDERS
+
+
 def list_images(folder: Path, others: Counter[str] | None = None) -> list[Path]:
-    """Image files under `folder`, sorted; hidden files and folders (`.ipynb_checkpoints`) skipped. Symlinked folders
-    are followed, each real folder read once (a link back up the tree is not a loop). Files of other extensions are
-    left out and, with `others`, counted by extension (`.txt`, `.db`, or `(none)`)."""
+    """Image files under `folder`, sorted; hidden files and `skipped_folder`s (`.ipynb_checkpoints`, `__pycache__`)
+    skipped. Symlinked folders are followed, each real folder read once (a link back up the tree is not a loop).
+    Files of other extensions are left out and, with `others`, counted by extension (`.txt`, `.db`, or `(none)`)."""
     found = []
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -124,7 +133,7 @@ def list_images(folder: Path, others: Counter[str] | None = None) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not skipped_folder(d))
         for name in filenames:
             if name.startswith("."):
                 continue

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -19,8 +20,25 @@ from datamodules.images import list_images, to_rgb
 from datamodules.transforms import eval_transform
 from lightning_modules.backbones.weights import load_state_dict_file
 from lightning_modules.module import FineTuneModule
+from lightning_modules.reporting.checkpoint_io import load_module
 
-ImageInput = str | Path | Image.Image
+ImageInput = str | Path | Image.Image | np.ndarray
+
+
+IMAGE_INPUTS = "Predictor takes image files, folders of images, PIL images or H x W x 3 uint8 arrays, or a list"
+
+
+def image_from_array(array: np.ndarray, position: int) -> Image.Image:
+    """A PIL image of an H x W x 3 (RGB), H x W x 4 (RGBA) or H x W (grayscale) uint8 array; a ConfigError saying
+    what it takes otherwise (a float array, channels first, a batch)."""
+    channels_last = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))
+    if array.dtype != np.uint8 or not channels_last:
+        raise ConfigError(
+            f"{IMAGE_INPUTS}; the array at position {position} is {array.dtype} of shape {array.shape}. Convert it "
+            "with (array * 255).clip(0, 255).astype(np.uint8) from floats in [0, 1], array.transpose(1, 2, 0) from "
+            "channels first; pass a batch as a list of arrays"
+        )
+    return Image.fromarray(array)
 
 
 @dataclass(frozen=True)
@@ -56,12 +74,9 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> Predictor:
-        """The model of a `.ckpt` file (nothing downloaded: the checkpoint holds every weight)."""
-        if not Path(path).is_file():
-            raise ConfigError(
-                f"checkpoint {path} does not exist; pass a .ckpt file (runs/<name>/version_N/checkpoints)"
-            )
-        return cls(FineTuneModule.load_from_checkpoint(path, map_location="cpu", weights_only=True), device, **kwargs)
+        """The model of a `.ckpt` file (nothing downloaded: the checkpoint holds every weight); a ConfigError naming
+        the file when it is missing, damaged or not a checkpoint of `ftlab fit`."""
+        return cls(load_module(path), device, **kwargs)
 
     @classmethod
     def from_timm_folder(cls, folder: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> Predictor:
@@ -89,8 +104,9 @@ class Predictor:
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> list[Prediction]:
         """Predictions for a file, a folder (every image file under it, sorted, as `ftlab predict`), a PIL image,
-        or a list of these; an unreadable file is a prediction with an `error`, never left out or replaced."""
-        items = [images] if isinstance(images, str | Path | Image.Image) else list(images)
+        an image array (H x W x 3 or H x W, uint8, RGB: OpenCV's BGR after `cvtColor`), or a list of these; an
+        unreadable file is a prediction with an `error`, never left out or replaced."""
+        items = [images] if isinstance(images, str | Path | Image.Image | np.ndarray) else list(images)
         samples: list[tuple[str, Sample]] = []
         for item in items:
             samples += self._samples(item, len(samples))
@@ -102,11 +118,15 @@ class Predictor:
     def _samples(self, item: ImageInput, position: int) -> list[tuple[str, Sample]]:
         """(source, sample) pairs of one input: through `ImageFiles` for files (header check, decoding,
         EXIF, RGB, as the DataModule reads them), `to_rgb` for a PIL image."""
+        if isinstance(item, np.ndarray):
+            item = image_from_array(item, position)
         if isinstance(item, Image.Image):
             return [(f"image {position}", Sample(self.transform(to_rgb(item)), -1, position))]
+        if not isinstance(item, str | Path):
+            raise ConfigError(f"{IMAGE_INPUTS}; got {type(item).__name__} at position {position}")
         path = Path(item)
         if not path.exists():
-            raise ConfigError(f"{path} does not exist: pass image files, a folder of images or PIL images")
+            raise ConfigError(f"{path} does not exist; {IMAGE_INPUTS}")
         paths = list_images(path) if path.is_dir() else [path]
         files = ImageFiles([(p, -1) for p in paths])
         out = [(str(bad.path), Sample(bad, -1, -1)) for bad in files.rejected]

@@ -36,6 +36,7 @@ from torch import nn
 
 from datamodules.common import ConfigError, atomic_write, progress, say
 from lightning_modules.module import FineTuneModule
+from lightning_modules.reporting.checkpoint_io import load_module
 from lightning_modules.reporting.model_card import FIGURES, model_card
 from lightning_modules.speed.engines import write_onnx
 
@@ -43,11 +44,9 @@ STAGES = ("model.onnx", "model.pt2", "timm/")  # each written, read back and com
 
 
 def load_model(ckpt: Path) -> FineTuneModule:
-    """The model of a checkpoint, in eval mode, loaded with `weights_only=True` and no weight download."""
-    if not ckpt.is_file():
-        raise ConfigError(f"checkpoint {ckpt} does not exist")
-    model = FineTuneModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    return model.eval()
+    """The model of a checkpoint, in eval mode, loaded with `weights_only=True` and no weight download; a ConfigError
+    naming the file when it is missing, damaged or not a checkpoint."""
+    return load_module(ckpt).eval()
 
 
 def metadata(model: FineTuneModule, output: str) -> dict[str, str]:

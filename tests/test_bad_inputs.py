@@ -16,7 +16,9 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +29,11 @@ import pytest
 import torch
 from PIL import Image
 
+from datamodules.common import ConfigError
+from datamodules.folder import discover_classes, folder_files
 from lightning_modules.cli import main as cli
+from lightning_modules.module import FineTuneModule
+from lightning_modules.predictor import Predictor
 from tests.helpers import REPO
 from tests.helpers.data import image_exif, photo, write_cifar, write_class_folders, write_mnist
 from tests.helpers.runs import FAST, entry_point, folder_args, ftlab, inject, start_ftlab
@@ -83,6 +89,15 @@ def _build_world(root: Path) -> dict[str, str]:
     _folder(root / "empty_class", {"a": 4, "b": 4})
     (root / "empty_class" / "c").mkdir()
     _folder(root / "one_each", {"a": 1, "b": 1})
+    unreadable = _folder(root / "unreadable_class", {"a": 4})
+    zeros = root / "zero_bytes"
+    for folder, count in ((unreadable / "b", 5), (zeros / "a", 3), (zeros / "b", 3)):
+        folder.mkdir(parents=True)
+        for i in range(count):
+            (folder / f"{i}.jpg").write_bytes(b"")  # 0 bytes: the header check leaves each out
+    (root / "hf_empty").mkdir()
+    (root / "hf_not_a_dataset").mkdir()
+    (root / "hf_not_a_dataset" / "dataset_info.json").write_text("{}")  # metadata only: datasets finds no data
     _folder(root / "two_each", {"a": 2, "b": 2})
     loops = _folder(root / "loops", {"a": 4, "b": 4})
     (loops / "a" / "cycle").symlink_to(loops / "a")  # a folder loop
@@ -115,7 +130,10 @@ def _build_world(root: Path) -> dict[str, str]:
         **place,
         **{
             k: str(root / k.lower())
-            for k in ("AB", "EMPTY_ROOT", "ONE_CLASS", "EMPTY_CLASS", "LOOPS", "ONE_EACH", "TWO_EACH")
+            for k in (
+                *("AB", "EMPTY_ROOT", "ONE_CLASS", "EMPTY_CLASS", "LOOPS", "ONE_EACH", "TWO_EACH"),
+                *("UNREADABLE_CLASS", "ZERO_BYTES", "HF_EMPTY", "HF_NOT_A_DATASET"),
+            )
         },
     }
 
@@ -139,6 +157,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     places.update({"CKPT": str(last.resolve()), **{f"{n.upper()}_CKPT": str(root / f"{n}.ckpt") for n in bad}})
     places.update({k: str(root / v) for k, v in [("CUT_CKPT", "cut.ckpt"), ("PAYLOAD_CKPT", "payload.ckpt")]})
     places.update({"NAMELESS_CKPT": str(root / "nameless.ckpt"), "A_FILE": str(root / "a_file")})
+    damaged = root / "runs" / "damaged" / "version_0"  # a copy of the prior run whose last.ckpt was cut short
+    shutil.copytree(ckpts.parent, damaged)
+    cut = damaged / "checkpoints" / "last.ckpt"
+    cut.write_bytes(cut.read_bytes()[:50000])
+    (best,) = (damaged / "checkpoints").glob("best-*.ckpt")
+    places["DAMAGED_BEST"] = str(best.relative_to(root))
     yield {"root": root, "places": places, "prior": ckpts}
 
 
@@ -150,6 +174,7 @@ FIT = ["fit", "--config", "base.yaml", *FAST]
 TEST = ["test", "--config", "base.yaml", *QUIET, "--trainer.limit_test_batches=1"]
 PREDICT = ["predict", *QUIET, "--ckpt_path", "CKPT"]
 FOLDER = "--data=datamodules.ImageFolderDataModule"
+HF = "--data=datamodules.HuggingFaceDataModule"
 CIFAR = [*FIT, "--data=datamodules.CIFAR10DataModule", "--data.init_args.download=false"]
 MNIST = [*FIT, "--data=datamodules.MNISTDataModule", "--data.init_args.download=false"]
 RESUME_PRIOR = ["--trainer.logger.init_args.name=prior", "--ckpt_path", "last"]
@@ -182,6 +207,26 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
         2,
         ["cannot carve val from train: class(es) ['a', 'b'] have a single image left"],
     ),
+    "a class whose files are all unreadable": (
+        ["fit", "--config", "base.yaml", *SHORT, *QUIET, FOLDER, "--data.init_args.root=UNREADABLE_CLASS"],
+        2,
+        ["train has no readable image of class(es) ['b']", "5 unreadable file(s)", "bad_images.csv"],
+    ),
+    "every file 0 bytes": (
+        [*FIT, FOLDER, "--data.init_args.root=ZERO_BYTES"],
+        2,
+        ["train has no readable image of class(es) ['a', 'b']", "6 unreadable file(s)"],
+    ),
+    "Hugging Face: an empty folder": (
+        [*FIT, HF, "--data.init_args.path=HF_EMPTY"],
+        2,
+        ["hf_empty holds no dataset (it is empty)", "save_to_disk"],
+    ),
+    "Hugging Face: a folder that is not a dataset": (
+        [*FIT, HF, "--data.init_args.path=HF_NOT_A_DATASET"],
+        2,
+        ["hf_not_a_dataset holds no dataset (datasets finds no data in its 1 file(s): .json)"],
+    ),
     "CIFAR batch not a pickle": ([*CIFAR, "--data.init_args.root=cifar_garbage"], 2, ["cifar_garbage", "data_batch_1"]),
     "CIFAR batch without data": ([*CIFAR, "--data.init_args.root=cifar_no_data"], 2, ["data_batch_1 has no 'data'"]),
     "CIFAR batch of wrong shape": ([*CIFAR, "--data.init_args.root=cifar_bad_shape"], 2, ["N x 3072", "data_batch_1"]),
@@ -197,6 +242,12 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
         ["train-images-idx3-ubyte.gz cannot be read"],
     ),
     "missing checkpoint": ([*TEST, "--ckpt_path", "no/such.ckpt"], 2, ["no/such.ckpt does not exist"]),
+    "checkpoint path is a folder": ([*TEST, "--ckpt_path", "AB"], 2, ["ab is a folder, not a checkpoint file"]),
+    "truncated last checkpoint": (
+        [*TEST, "--trainer.logger.init_args.name=damaged", "--ckpt_path", "last"],
+        2,
+        ["damaged/version_0/checkpoints/last.ckpt cannot be read", "the newest intact checkpoint is DAMAGED_BEST"],
+    ),
     "garbage checkpoint": ([*TEST, "--ckpt_path", "GARBAGE_CKPT"], 2, ["garbage.ckpt cannot be read"]),
     "empty checkpoint": ([*TEST, "--ckpt_path", "EMPTY_CKPT"], 2, ["empty.ckpt is empty"]),
     "truncated checkpoint": ([*TEST, "--ckpt_path", "CUT_CKPT"], 2, ["cut.ckpt cannot be read", "truncated"]),
@@ -282,7 +333,8 @@ def test_bad_input(
 ) -> None:
     argv, status, expected = CASES[case]
     places = world["places"]
-    argv = [re.sub("|".join(sorted(places, key=len, reverse=True)), lambda m: places[m.group(0)], a) for a in argv]
+    names = "|".join(sorted(places, key=len, reverse=True))
+    argv, expected = ([re.sub(names, lambda m: places[m.group(0)], a) for a in texts] for texts in (argv, expected))
     before = _fingerprint(world["prior"])
     monkeypatch.chdir(world["root"])
     code, out, err = entry_point(argv, capfd)
@@ -478,3 +530,56 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_the_last_
     assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == []  # no partial file left
     assert "free some space, then resume: ftlab fit --config base.yaml" in line
     assert _fingerprint(world["prior"]) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["CUT_CKPT", "base.yaml", "A_FILE", "AB"])
+def test_export_and_the_predictor_name_a_file_that_is_no_checkpoint_in_one_line(
+    name: str, world: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated checkpoint, a YAML, a text file or a folder: scripts/export.py ends with status 2 and one line
+    naming the file; `Predictor.from_checkpoint` raises the project's ConfigError naming it, never KeyError."""
+    path = Path(world["places"].get(name) or world["root"] / name)
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from export import main as export_main
+    finally:
+        sys.path.pop(0)
+    capsys.readouterr()
+    assert export_main([str(path), "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith(f"export: error: checkpoint {path} "), err
+    assert "a .ckpt file written by `ftlab fit`" in err and not out
+    with pytest.raises(ConfigError, match=f"checkpoint {re.escape(str(path))} .*a .ckpt file written by `ftlab fit`"):
+        Predictor.from_checkpoint(path)
+
+
+def test_a_failed_command_leaves_no_empty_runs_folder(in_tmp: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (in_tmp / "cut.ckpt").write_text("not a checkpoint")
+    photo(5, (20, 20)).save(in_tmp / "new.jpg")
+    predict = ["predict", *QUIET, "--data.init_args.predict_root=new.jpg", "--ckpt_path"]
+    for ckpt, said in (("no/such.ckpt", "does not exist"), ("cut.ckpt", "cannot be read")):
+        code, _, err = entry_point([*predict, ckpt], capfd)
+        assert code == 2 and f"{ckpt} {said}" in err, err[-2000:]
+    assert not (in_tmp / "runs").exists()
+
+
+def test_a_pycache_folder_is_no_class(tmp_path: Path) -> None:
+    _folder(tmp_path, {"a": 2, "b": 2, "__pycache__": 2, ".ipynb_checkpoints": 2})
+    assert discover_classes(tmp_path) == ["a", "b"]
+    assert len(folder_files(tmp_path, ["a", "b"]).paths) == 4
+
+
+def test_the_predictor_takes_image_arrays_and_says_what_it_takes_otherwise(tmp_path: Path) -> None:
+    model = FineTuneModule("scratch/simple_cnn", "none", num_classes=2, class_names=["a", "b"], image_size=16)
+    predictor = Predictor(model)
+    image = photo(4, (20, 12))
+    (from_array,), (from_pil,) = predictor(np.asarray(image)), predictor(image)
+    assert from_array.probabilities == from_pil.probabilities and from_array.source == "image 0"
+    gray = predictor([np.asarray(image.convert("L"))])
+    assert gray[0].label in ("a", "b")
+    for bad, shown in ((np.zeros((3, 12, 20), np.uint8), "(3, 12, 20)"), (np.zeros((12, 20, 3)), "float64")):
+        with pytest.raises(ConfigError, match=re.escape(shown) + ".*channels first"):
+            predictor(bad)
+    with pytest.raises(ConfigError, match=r"Predictor takes image files.*got int at position 0"):
+        predictor([3])  # type: ignore[list-item]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.common import ConfigError
+from lightning_modules.reporting.checkpoint_io import read_checkpoint
 
 CKPT_SHORTCUTS = ("best", "last")
 VERSION = re.compile(r"version_(\d+)")
@@ -58,3 +59,23 @@ def resolve_checkpoint(which: str, runs: tuple[Path, Any] | None) -> Path:
         f"{run} has no {which}*.ckpt ({why}); {kind} with one: {', '.join(path.name for path, _ in others)}: "
         f"pass --ckpt_path {others[0][1][0]}"
     )
+
+
+def intact_instead(bad: Path) -> str:
+    """What `--ckpt_path` to pass instead of the unusable checkpoint `bad`: the newest checkpoint that reads whole
+    in its run (the best one when `last` is damaged), else in the experiment's other runs (an earlier version's
+    last), newest run first; without one, what to do."""
+    run = bad.parent.parent if bad.parent.name == "checkpoints" else None
+    runs = [] if run is None else [run, *(other for other in versions(run.parent) if other != run)]
+    for folder in runs:
+        for candidate in run_checkpoints(folder, ""):
+            if candidate.name.startswith(".") or candidate.resolve() == bad.resolve():
+                continue
+            try:
+                read_checkpoint(candidate)
+            except ConfigError:
+                continue
+            return f"the newest intact checkpoint is {candidate}: pass --ckpt_path {candidate}"
+    if run is not None:
+        return f"no other checkpoint of {run.parent} reads whole: train again with `ftlab fit`"
+    return "pass --ckpt_path best, last or a .ckpt file written by `ftlab fit`"

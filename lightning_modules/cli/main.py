@@ -21,7 +21,7 @@ from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError
 from datamodules.folder import class_key
 from lightning_modules.backbones.backbone import data_config_dict
-from lightning_modules.cli.checkpoints import CKPT_SHORTCUTS, resolve_checkpoint
+from lightning_modules.cli.checkpoints import CKPT_SHORTCUTS, intact_instead, resolve_checkpoint
 from lightning_modules.cli.lr_find import describe_lr_find, find_lr, show_lr_find
 from lightning_modules.cli.parse_errors import OneLineErrorParser, check_config_files, check_numbers
 from lightning_modules.cli.stops import StopNotice
@@ -129,8 +129,7 @@ class FinetuneCLI(LightningCLI):
             return
         runs = run_root(config.trainer)
         ckpt_path = resolve_checkpoint(ckpt, runs) if ckpt in CKPT_SHORTCUTS else Path(ckpt)
-        if not ckpt_path.is_file():
-            raise ConfigError(f"checkpoint {ckpt_path} does not exist; pass --ckpt_path best, last or a .ckpt file")
+        checkpoint = read_checkpoint(ckpt_path, intact_instead)
         run_dir = ckpt_path.parent.parent
         if (  # no run named, a checkpoint of a run folder: test, validate and predict write there
             subcommand != "fit"
@@ -146,7 +145,6 @@ class FinetuneCLI(LightningCLI):
             self._run_version = run_dir.name  # test, validate or resume into the checkpoint's run directory
             if runs[1] is not None:
                 runs[1].version = run_dir.name
-        checkpoint = read_checkpoint(ckpt_path)
         saved = checkpoint.get("hyper_parameters") or {}
         self._trained_classes = (saved.get("num_classes"), saved.get("class_names"))
         self._trained_weights = checkpoint["state_dict"]  # memory-mapped: compared with the model once it is built
@@ -306,7 +304,8 @@ def run_root(trainer_config: Namespace) -> tuple[Path, Namespace | None] | None:
 
 def prepare_run_root(trainer_config: Namespace) -> None:
     """Anchor a relative logger `save_dir` at `trainer.default_root_dir` when that is given (Lightning would ignore
-    it: the logger decides where runs go), and make sure the runs folder can be written, naming the key if not."""
+    it: the logger decides where runs go), and make sure the runs folder can be written, naming the key if not. It makes
+    no folder: a command that fails before its run starts leaves none."""
     root_dir = trainer_config.get("default_root_dir")
     runs = run_root(trainer_config)
     if runs is None:
@@ -320,15 +319,12 @@ def prepare_run_root(trainer_config: Namespace) -> None:
             runs = run_root(trainer_config)
             assert runs is not None
     folder = runs[0]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".ftlab-write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            f"{key}: cannot write runs to {folder} ({err.strerror}); choose a folder you can write"
-        ) from None
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # nothing is made: a failed command leaves
+    why = "" if existing.is_dir() else f"{existing} is not a folder"  # no empty run folder behind
+    if not why and not os.access(existing, os.W_OK | os.X_OK):  # a read-only filesystem too (EROFS)
+        why = f"{existing} is not writable"
+    if why:
+        raise ConfigError(f"{key}: cannot write runs to {folder} ({why}); choose a folder you can write")
 
 
 def check_checkpoint_classes(

@@ -1,8 +1,9 @@
-"""Checkpoint files that survive a kill: written beside their target, then renamed into place."""
+"""Checkpoint files: read safely (tensors and plain values only, a damaged file named), written atomically."""
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
 from datamodules.common import ConfigError, atomic_write
+from lightning_modules.module import FineTuneModule
 
 
 class CheckpointNotWritten(OSError):
@@ -26,30 +28,51 @@ def os_error_in(err: BaseException | None) -> OSError | None:
     return err
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint's contents (tensors memory-mapped), or a ConfigError naming the file and why it cannot
-    be read. Only tensors and plain values are ever unpickled (`weights_only=True`), whoever made the file."""
+CHECKPOINT_FILE = "a .ckpt file written by `ftlab fit` (runs/<name>/version_N/checkpoints/)"
+
+
+def pass_a_checkpoint(path: Path) -> str:
+    """What to do about an unusable checkpoint `path`, where no better one is known."""
+    return f"pass {CHECKPOINT_FILE}"
+
+
+def read_checkpoint(path: str | Path, instead: Callable[[Path], str] = pass_a_checkpoint) -> dict[str, Any]:
+    """A Lightning checkpoint's contents (tensors memory-mapped), or a ConfigError naming the file, why it cannot
+    be read, and what to pass instead (`instead(path)`). Only tensors and plain values are ever unpickled
+    (`weights_only=True`), whoever made the file."""
     path = Path(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise ConfigError(f"checkpoint {path} is empty (0 bytes); pick another, e.g. --ckpt_path last")
+    if path.is_dir():
+        raise ConfigError(f"checkpoint {path} is a folder, not a checkpoint file; {instead(path)}")
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist; {instead(path)}")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"checkpoint {path} is empty (0 bytes); {instead(path)}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:  # torch's message advises turning the safe mode off: wrong for an unknown file
         raise ConfigError(
             f"checkpoint {path} holds objects other than tensors and plain values, which finetune-lab never loads "
-            "(it reads checkpoints with weights_only=True); use a checkpoint written by `ftlab fit`"
+            f"(it reads checkpoints with weights_only=True); {instead(path)}"
         ) from None
     except Exception as err:  # torch raises RuntimeError, KeyError, EOFError ... for damaged files
         reason = str(err).split(". ")[0].split("\n")[0][:160] or type(err).__name__
-        if "mmap" in reason:  # what torch says of any file that is not in its zip format
+        if "mmap" in reason or isinstance(err, KeyError):  # what torch says of a file not in its zip format
             reason = "not in PyTorch's zip format"
         raise ConfigError(
-            f"checkpoint {path} cannot be read: it is truncated or not a PyTorch checkpoint ({reason}); "
-            "pick another, e.g. --ckpt_path last"
+            f"checkpoint {path} cannot be read: it is truncated or not a PyTorch checkpoint ({reason}); {instead(path)}"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"checkpoint {path} holds no state_dict: it is not a Lightning checkpoint of `ftlab fit`")
+        raise ConfigError(
+            f"checkpoint {path} holds no state_dict: it is not a Lightning checkpoint of `ftlab fit`; {instead(path)}"
+        )
     return checkpoint
+
+
+def load_module(path: str | Path) -> FineTuneModule:
+    """The FineTuneModule of a checkpoint file, on the CPU, nothing downloaded; a ConfigError naming the file when it
+    is missing, a folder, damaged or not a checkpoint of `ftlab fit` (`read_checkpoint`)."""
+    read_checkpoint(path)
+    return FineTuneModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
