@@ -18,7 +18,8 @@ from lightning_modules.reporting.callbacks import (
 )
 from lightning_modules.reporting.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.reporting.dashboard import Dashboard
-from lightning_modules.reporting.report import PredictionWriter, TestReport
+from lightning_modules.reporting.predictions import PredictionWriter
+from lightning_modules.reporting.report import TestReport
 from lightning_modules.speed import FeatureCache
 
 __all__ = [
