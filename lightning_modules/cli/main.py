@@ -33,6 +33,7 @@ from lightning_modules.reporting.callbacks import TrainingStopped
 from lightning_modules.reporting.checkpoint_io import read_checkpoint
 from lightning_modules.reporting.explain import check_method
 from lightning_modules.reporting.predictions import PredictionWriter
+from lightning_modules.reporting.report import TestReport
 from lightning_modules.reporting.run_logs import with_run_csv
 from lightning_modules.speed.feature_cache import FeatureCache
 
@@ -100,6 +101,12 @@ class FinetuneCLI(LightningCLI):
             "--explain", action=ActionYesNo, default=False, help="predict only: a class activation map per image"
         )
         parser.add_argument("--explain_method", type=str, default="gradcam", help="predict only: the CAM method")
+        parser.add_argument(
+            "--cam_images",
+            type=int | None,
+            default=None,
+            help="the test report's CAM grid: this many confident mistakes and unsure right answers; 0: no grid",
+        )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         # The preprocessing goes model -> data in `before_instantiate_classes`, not by a parse-time link: jsonargparse
@@ -210,6 +217,9 @@ class FinetuneCLI(LightningCLI):
             callbacks.append(CompactProgressBar())
         if StopNotice.active is not None:  # `main` handles stop signals: the notice learns where the run is
             callbacks.append(StopNotice.active)
+        cams = (self.config[self.subcommand] if self.subcommand else self.config).get("cam_images")
+        for report in (c for c in callbacks if isinstance(c, TestReport) and cams is not None):
+            report.cam_images = cams  # `--cam_images 0`: the report without its CAM grid
         return super().instantiate_trainer(**{**kwargs, "logger": logger, "callbacks": callbacks})
 
     @override
