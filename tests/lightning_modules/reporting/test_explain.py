@@ -52,7 +52,8 @@ def test_the_map_covers_the_image_at_its_size_and_the_model_is_left_as_it_was() 
     model = FineTuneModule("scratch/simple_cnn", "none", image_size=32, num_classes=3)
     for p in model.backbone.parameters():
         p.requires_grad_(False)
-    model.head[-1].weight.grad = torch.ones_like(model.head[-1].weight)
+    last: torch.nn.Linear = model.head[-1]  # type: ignore[assignment]
+    last.weight.grad = torch.ones_like(last.weight)
     predictor = Predictor(model)
     model.head.train()  # a mode of its own, to be found again
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
@@ -64,8 +65,8 @@ def test_the_map_covers_the_image_at_its_size_and_the_model_is_left_as_it_was() 
     assert not heatmap[:, :8].any() and not heatmap[:, -8:].any()  # cropped away: 0
     assert all(m.training for m in model.head.modules()) and not any(m.training for m in model.backbone.modules())
     assert not any(p.requires_grad for p in model.backbone.parameters())
-    assert all(p.requires_grad for p in model.head.parameters()) and model.head[-1].weight.grad is not None
-    assert bool((model.head[-1].weight.grad == 1).all())
+    assert all(p.requires_grad for p in model.head.parameters()) and last.weight.grad is not None
+    assert bool((last.weight.grad == 1).all())
 
 
 def test_the_grid_keeps_the_surest_mistakes_and_the_least_sure_right_answers() -> None:
