@@ -8,7 +8,7 @@ from lightning_modules.backbones import Backbone, build_backbone
 from lightning_modules.defaults import default_callbacks, default_loggers, trainer_defaults
 from lightning_modules.finetuning import FinetuningStrategy, Freeze, FreezeUnfreeze, Milestones, NoFreeze
 from lightning_modules.module import FineTuneModule
-from lightning_modules.predictor import Prediction, Predictor
+from lightning_modules.predictor import Explanation, Prediction, Predictor
 from lightning_modules.reporting.callbacks import (
     BestCheckpoint,
     PruneTrial,
@@ -18,7 +18,8 @@ from lightning_modules.reporting.callbacks import (
 )
 from lightning_modules.reporting.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.reporting.dashboard import Dashboard
-from lightning_modules.reporting.report import PredictionWriter, TestReport
+from lightning_modules.reporting.predictions import PredictionWriter
+from lightning_modules.reporting.report import TestReport
 from lightning_modules.speed import FeatureCache
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "Backbone",
     "BestCheckpoint",
     "Dashboard",
+    "Explanation",
     "FeatureCache",
     "FineTuneModule",
     "FinetuningStrategy",

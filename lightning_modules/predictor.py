@@ -4,8 +4,9 @@ or an exported timm folder, with exactly the preprocessing and model path of `ft
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +14,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datamodules.batches import Sample, Transformed, collate
-from datamodules.common import ConfigError
-from datamodules.datasets import ImageFiles
+from datamodules.batches import Sample, collate
+from datamodules.common import ConfigError, close_names
+from datamodules.datasets import BadSample, ImageFiles
 from datamodules.images import list_images, to_rgb
 from datamodules.transforms import eval_transform
 from lightning_modules.backbones.weights import load_state_dict_file
 from lightning_modules.module import FineTuneModule
 from lightning_modules.reporting.checkpoint_io import load_module
+from lightning_modules.reporting.explain import check_method, explain_images
 
 ImageInput = str | Path | Image.Image | np.ndarray
+Decoded = Image.Image | torch.Tensor | BadSample  # an input decoded (PIL or a uint8 tensor), or why it could not be
 
 
 IMAGE_INPUTS = "Predictor takes image files, folders of images, PIL images or H x W x 3 uint8 arrays, or a list"
@@ -51,6 +54,20 @@ class Prediction:
     label: str | None
     probability: float
     probabilities: dict[str, float]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One image's class activation map: `source` as in `Prediction`, the class explained and the model's
+    probability of it, `heatmap` (float32, the image's height x width, in [0, 1]: 0 where the crop left the image
+    out) and `overlay` (the map over the image, an RGB PIL image of its size); for an unreadable file, `error`."""
+
+    source: str
+    label: str | None
+    probability: float
+    heatmap: np.ndarray | None
+    overlay: Image.Image | None
     error: str | None = None
 
 
@@ -106,22 +123,64 @@ class Predictor:
         """Predictions for a file, a folder (every image file under it, sorted, as `ftlab predict`), a PIL image,
         an image array (H x W x 3 or H x W, uint8, RGB: OpenCV's BGR after `cvtColor`), or a list of these; an
         unreadable file is a prediction with an `error`, never left out or replaced."""
-        items = [images] if isinstance(images, str | Path | Image.Image | np.ndarray) else list(images)
-        samples: list[tuple[str, Sample]] = []
-        for item in items:
-            samples += self._samples(item, len(samples))
-        predictions = []
-        for start in range(0, len(samples), self.batch_size):
-            predictions += self._predict(samples[start : start + self.batch_size])
-        return predictions
+        return [p for chunk in self._chunks(images) for p in self._predict(chunk)]
 
-    def _samples(self, item: ImageInput, position: int) -> list[tuple[str, Sample]]:
-        """(source, sample) pairs of one input: through `ImageFiles` for files (header check, decoding,
-        EXIF, RGB, as the DataModule reads them), `to_rgb` for a PIL image."""
+    def explain(
+        self, images: ImageInput | Sequence[ImageInput], target: str | int | None = None, method: str = "gradcam"
+    ) -> list[Explanation]:
+        """Class activation maps (pytorch-grad-cam's `method`: `gradcam`, `gradcam++`, `eigencam` ...) for the
+        images `__call__` takes, one per image in its order: for `target` (a class name or index; None: the
+        predicted class, as `__call__` predicts it, TTA included). The same preprocessing; the CAM pass runs the
+        torch network whatever the inference engine. A ConfigError for a backbone without a spatial map."""
+        check_method(method)
+        names = self.class_names
+        if isinstance(target, str) and target not in names:
+            raise ConfigError(f"no class {target!r} to explain; did you mean {close_names(target, names, n=1)}?")
+        if isinstance(target, int) and not 0 <= target < len(names):
+            raise ConfigError(f"class index {target} to explain: the model has classes 0 to {len(names) - 1}")
+        fixed = names.index(target) if isinstance(target, str) else target
+        out = []
+        for chunk in self._chunks(images):
+            predictions = self._predict(chunk)
+            readable = [i for i, p in enumerate(predictions) if p.error is None]
+            targets = [fixed if fixed is not None else names.index(str(predictions[i].label)) for i in readable]
+            maps = self._maps([chunk[i][1] for i in readable], targets, method)
+            by_index = dict(zip(readable, zip(targets, maps, strict=True), strict=True))
+            for i, p in enumerate(predictions):
+                if i not in by_index:
+                    out.append(Explanation(p.source, None, float("nan"), None, None, p.error))
+                    continue
+                k, (heatmap, image) = by_index[i]
+                out.append(Explanation(p.source, names[k], p.probabilities[names[k]], heatmap, image))
+        return out
+
+    def _maps(self, decoded: list[Decoded], targets: list[int], method: str) -> list[tuple[np.ndarray, Image.Image]]:
+        """Heat map and overlay of each decoded image for its target class (none for no image)."""
+        if not decoded:
+            return []
+        inputs = torch.stack([self._input(d) for d in decoded]).to(self.device)
+        module = self.module
+        return explain_images(module.backbone, module.head, inputs, decoded, targets, self.transform, method)  # type: ignore[arg-type]
+
+    def _chunks(self, images: ImageInput | Sequence[ImageInput]) -> list[list[tuple[str, Decoded]]]:
+        """The inputs in batches of (source, decoded image or BadSample), decoded one batch at a time."""
+        items = [images] if isinstance(images, str | Path | Image.Image | np.ndarray) else list(images)
+        sources: list[tuple[str, Callable[[], Decoded]]] = []
+        for item in items:
+            sources += self._sources(item, len(sources))
+        return [
+            [(source, load()) for source, load in sources[start : start + self.batch_size]]
+            for start in range(0, len(sources), self.batch_size)
+        ]
+
+    def _sources(self, item: ImageInput, position: int) -> list[tuple[str, Callable[[], Decoded]]]:
+        """(source, decoder) pairs of one input: through `ImageFiles` for files (header check, decoding, EXIF, RGB,
+        as the DataModule reads them), `to_rgb` for a PIL image or an image array."""
         if isinstance(item, np.ndarray):
             item = image_from_array(item, position)
         if isinstance(item, Image.Image):
-            return [(f"image {position}", Sample(self.transform(to_rgb(item)), -1, position))]
+            image = item
+            return [(f"image {position}", lambda: to_rgb(image))]
         if not isinstance(item, str | Path):
             raise ConfigError(f"{IMAGE_INPUTS}; got {type(item).__name__} at position {position}")
         path = Path(item)
@@ -129,15 +188,19 @@ class Predictor:
             raise ConfigError(f"{path} does not exist; {IMAGE_INPUTS}")
         paths = list_images(path) if path.is_dir() else [path]
         files = ImageFiles([(p, -1) for p in paths])
-        out = [(str(bad.path), Sample(bad, -1, -1)) for bad in files.rejected]
-        dataset = Transformed(files, self.transform)
-        return out + [(files.paths[i], dataset[i]) for i in range(len(files))]
+        out: list[tuple[str, Callable[[], Decoded]]] = [(str(bad.path), partial(_same, bad)) for bad in files.rejected]
+        return out + [(files.paths[i], partial(_decoded, files, i)) for i in range(len(files))]
+
+    def _input(self, decoded: Decoded) -> Any:
+        """The model's input of a decoded image (the eval transform); an unreadable one as it is."""
+        return decoded if isinstance(decoded, BadSample) else self.transform(decoded)
 
     @torch.no_grad()
-    def _predict(self, chunk: Iterable[tuple[str, Sample]]) -> list[Prediction]:
+    def _predict(self, chunk: Sequence[tuple[str, Decoded]]) -> list[Prediction]:
         """One batch through the module's `predict_step`, the predictions in input order."""
-        sources, samples = zip(*chunk, strict=True)
-        batch = collate([s._replace(position=i) for i, s in enumerate(samples)], split="predict")
+        sources = [source for source, _ in chunk]
+        samples = [Sample(self._input(d), -1, i) for i, (_, d) in enumerate(chunk)]
+        batch = collate(samples, split="predict")
         batch = batch._replace(inputs=batch.inputs.to(self.device))
         probs = self.module.predict_step(batch, 0).float().cpu()
         by_position = dict(zip(batch.indices.tolist(), probs.tolist(), strict=True))
@@ -153,3 +216,12 @@ class Predictor:
             best = max(range(len(p)), key=p.__getitem__)
             predictions.append(Prediction(source, names[best], p[best], dict(zip(names, p, strict=True))))
         return predictions
+
+
+def _same(bad: BadSample) -> Decoded:
+    return bad
+
+
+def _decoded(files: ImageFiles, index: int) -> Decoded:
+    image: Decoded = files[index][0]
+    return image

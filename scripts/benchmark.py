@@ -63,7 +63,7 @@ from lightning_modules.finetuning.strategies import Freeze
 from lightning_modules.module import FineTuneModule
 from lightning_modules.reporting.callbacks import TrainingStateLogger
 from lightning_modules.reporting.dashboard import Dashboard
-from lightning_modules.reporting.report import PredictionWriter
+from lightning_modules.reporting.predictions import PredictionWriter
 from lightning_modules.speed.engines import onnxruntime_pass, torch_pass
 from lightning_modules.speed.feature_cache import FeatureCache, compute_features
 from lightning_modules.speed.memory import OFF, keep_freed_memory

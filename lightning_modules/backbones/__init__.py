@@ -2,6 +2,6 @@
 
 from lightning_modules.backbones.backbone import Backbone, build_backbone, resolve_data_config
 from lightning_modules.backbones.embedded import EMBEDDED
-from lightning_modules.backbones.stages import Stage
+from lightning_modules.backbones.stages import CamLayer, Stage
 
-__all__ = ["EMBEDDED", "Backbone", "Stage", "build_backbone", "resolve_data_config"]
+__all__ = ["EMBEDDED", "Backbone", "CamLayer", "Stage", "build_backbone", "resolve_data_config"]

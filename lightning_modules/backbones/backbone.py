@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from datamodules.common import ConfigError, DataConfig, check_range, close_names
 from lightning_modules.backbones import sources
-from lightning_modules.backbones.stages import Stage, check_stages_cover
+from lightning_modules.backbones.stages import CamLayer, Stage, check_stages_cover
 
 SOURCES = tuple(sorted(m.name for m in pkgutil.iter_modules(sources.__path__)))  # the name prefixes
 # the smallest `model.image_size` of a pretrained family (a source may set its own MIN_IMAGE_SIZE): smaller, their
@@ -33,12 +33,20 @@ MIN_IMAGE_SIZE = 16
 class Backbone(nn.Module):
     """A network that maps images to `num_features`-dim vectors, with ordered stages and its data config."""
 
-    def __init__(self, name: str, body: nn.Module, stages: Sequence[Stage], data_config: DataConfig) -> None:
+    def __init__(
+        self,
+        name: str,
+        body: nn.Module,
+        stages: Sequence[Stage],
+        data_config: DataConfig,
+        cam_layer: CamLayer | None = None,
+    ) -> None:
         super().__init__()
         self.name = name
         self.body = body
         self.stages = list(stages)
         self.data_config = data_config
+        self.cam_layer = cam_layer
         self.num_features = _feature_size(body, data_config)
         check_stages_cover(body, self.stages, name)
 
@@ -57,6 +65,16 @@ class Backbone(nn.Module):
         close = close_names(str(key), self.stage_names(), n=3)
         hint = f"did you mean {close}? " if close else ""
         raise ConfigError(f"backbone {self.name} has no stage {key!r}; {hint}its stages are: {self.stage_names()}")
+
+    def cam_target(self) -> tuple[nn.Module, CamLayer]:
+        """The module a class activation map looks at (the source's `cam_layer`) and its output layout; a
+        ConfigError when the backbone has no spatial feature map."""
+        if self.cam_layer is None:
+            raise ConfigError(
+                f"backbone {self.name} has no spatial feature map, so no class activation map (CAM) can be drawn: "
+                "CAMs need a convolutional network or a vision transformer"
+            )
+        return self.body.get_submodule(self.cam_layer.module), self.cam_layer
 
     def stage_names(self) -> list[str]:
         """Stage names from input to output."""
@@ -103,7 +121,7 @@ def build_backbone(
     data_config = resolve_data_config(name, weights, image_size, in_chans)
     options: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
     body, stages = module.build(arch, weights if load_weights else "none", data_config, **options)
-    return Backbone(name, body, stages, data_config)
+    return Backbone(name, body, stages, data_config, module.cam_layer(body))
 
 
 @functools.lru_cache(maxsize=64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
@@ -14,6 +15,17 @@ class Stage:
 
     name: str
     params: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CamLayer:
+    """Where a class activation map looks: the module (a path in the backbone's body) whose output is the last
+    spatial feature map, and that output's layout: `nchw` (convolutions), `nhwc` (Swin, MambaOut) or `tokens`
+    (a vision transformer's (batch, prefix + height * width, channels), its first `prefix_tokens` not spatial)."""
+
+    module: str
+    layout: Literal["nchw", "nhwc", "tokens"] = "nchw"
+    prefix_tokens: int = 0
 
 
 def stages_from_blocks(model: nn.Module, blocks: Sequence[str | Sequence[str]]) -> list[Stage]:

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from jsonargparse import Namespace
+from jsonargparse import ActionYesNo, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ProgressBar
@@ -31,6 +31,9 @@ from lightning_modules.finetuning.strategies import FinetuningStrategy
 from lightning_modules.module import FineTuneModule
 from lightning_modules.reporting.callbacks import TrainingStopped
 from lightning_modules.reporting.checkpoint_io import read_checkpoint
+from lightning_modules.reporting.explain import check_method
+from lightning_modules.reporting.predictions import PredictionWriter
+from lightning_modules.reporting.report import TestReport
 from lightning_modules.reporting.run_logs import with_run_csv
 from lightning_modules.speed.feature_cache import FeatureCache
 
@@ -93,6 +96,16 @@ class FinetuneCLI(LightningCLI):
             type=bool,
             default=False,
             help="predict only: allow predicting without --ckpt_path (configured weights, untrained head)",
+        )
+        parser.add_argument(
+            "--explain", action=ActionYesNo, default=False, help="predict only: a class activation map per image"
+        )
+        parser.add_argument("--explain_method", type=str, default="gradcam", help="predict only: the CAM method")
+        parser.add_argument(
+            "--cam_images",
+            type=int | None,
+            default=None,
+            help="the test report's CAM grid: this many confident mistakes and unsure right answers; 0: no grid",
         )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
@@ -202,6 +215,9 @@ class FinetuneCLI(LightningCLI):
             callbacks.append(CompactProgressBar())
         if StopNotice.active is not None:  # `main` handles stop signals: the notice learns where the run is
             callbacks.append(StopNotice.active)
+        cams = (self.config[self.subcommand] if self.subcommand else self.config).get("cam_images")
+        for report in (c for c in callbacks if isinstance(c, TestReport) and cams is not None):
+            report.cam_images = cams  # `--cam_images 0`: the report without its CAM grid
         return super().instantiate_trainer(**{**kwargs, "logger": logger, "callbacks": callbacks})
 
     @override
@@ -260,6 +276,15 @@ class FinetuneCLI(LightningCLI):
                     callback.already_saved = False  # config_test.yaml, as `ftlab test` writes it
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
             self._print_run_dir()
+
+    def before_predict(self) -> None:
+        """`--explain`: the prediction writer draws each image's class activation map (`--explain_method`)."""
+        config = self.config["predict"]
+        if config.get("explain"):
+            method = check_method(config.get("explain_method") or "gradcam", "--explain_method")
+            for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
+                if isinstance(callback, PredictionWriter):
+                    callback.explain = method
 
     after_validate = after_test = after_predict = _print_run_dir
 

@@ -117,3 +117,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if map_location is None:
             return super().load_checkpoint(path, weights_only=weights_only)
         return super().load_checkpoint(path, map_location, weights_only)
+
+
+def free_name(path: Path, *companions: Path) -> Path:
+    """`path`, or `<stem>_2<suffix>`, `_3` ... when it (or a `companion` numbered alike) exists: an earlier file
+    (another checkpoint's predictions or report, perhaps) is never overwritten."""
+
+    def numbered(file: Path, n: int) -> Path:
+        return file if n == 1 else file.with_name(f"{file.stem}_{n}{file.suffix}")
+
+    n = 1
+    while any(numbered(f, n).exists() for f in (path, *companions)):
+        n += 1
+    return numbered(path, n)

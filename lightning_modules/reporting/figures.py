@@ -59,9 +59,8 @@ def confusion_figure(matrix: np.ndarray, class_names: list[str], title: str = "c
     return fig
 
 
-def tiles_figure(images: list[torch.Tensor], titles: list[str], colors: list[str], title: str) -> Any:
-    """Images (3, H, W in [0, 1]) four to a row, each with its title (in its color)."""
-    cols = 4
+def tiles_figure(images: list[torch.Tensor], titles: list[str], colors: list[str], title: str, cols: int = 4) -> Any:
+    """Images (3, H, W in [0, 1]) `cols` to a row, each with its title (in its color)."""
     rows = max(1, (len(images) + cols - 1) // cols)
     fig = new_figure(cols * 2.4, rows * 2.6)
     axes = fig.subplots(rows, cols, squeeze=False)

@@ -1,4 +1,5 @@
-"""The test report: metrics.json, report.md, a confusion matrix and image grids in the run directory and TensorBoard."""
+"""The test report: metrics.json, report.md, a confusion matrix, image grids and class activation maps in the run
+directory and TensorBoard."""
 
 from __future__ import annotations
 
@@ -17,19 +18,23 @@ from typing_extensions import override
 
 from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError, atomic_write, gather_lists
-from datamodules.images import PATH_ERRORS
 from lightning_modules.backbones.backbone import Backbone
+from lightning_modules.console import notice
+from lightning_modules.reporting.checkpoint_io import free_name
 from lightning_modules.reporting.dashboard import tensorboards
+from lightning_modules.reporting.explain import CamCandidates, cam_panels, check_method, normalize
 from lightning_modules.reporting.figures import (
     confusion_figure,
     denormalize,
     first_layer_figures,
     grid_figure,
     pr_curves_figure,
+    tiles_figure,
 )
 from lightning_modules.reporting.metrics import classification_report
 
 GRID = 16  # images per grid
+CAM_IMAGES = 6  # the CAM grid's confident mistakes, and as many unsure correct answers
 
 
 @runtime_checkable
@@ -37,6 +42,7 @@ class ReportedModel(Protocol):
     """What the report and the prediction writer read from the model (FineTuneModule has it)."""
 
     backbone: Backbone
+    head: torch.nn.Module
     class_names: list[str]
 
 
@@ -54,11 +60,23 @@ class TestReport(pl.Callback):
     Args:
         grid_size: images per grid.
         layer_figures: also draw the first layer's kernels and its feature maps for one test image.
+        cam_images: the class activation maps' grid (`cam.png`, `test/cam`): this many of the most confident
+            mistakes and as many of the least confident correct answers, each with its CAM for the predicted class
+            and for the true class (a correct answer's: the runner-up class); 0: no grid.
+        cam_method: the CAM's method, a key of `explain.METHODS` (`gradcam`, `gradcam++`, `eigencam` ...).
     """
 
-    def __init__(self, grid_size: int = GRID, layer_figures: bool = True) -> None:
+    def __init__(
+        self,
+        grid_size: int = GRID,
+        layer_figures: bool = True,
+        cam_images: int = CAM_IMAGES,
+        cam_method: str = "gradcam",
+    ) -> None:
         self.grid_size = grid_size
         self.layer_figures = layer_figures
+        self.cam_images = cam_images
+        self.cam_method = check_method(cam_method, "TestReport cam_method")
         self._reset()
 
     def _reset(self) -> None:
@@ -69,6 +87,7 @@ class TestReport(pl.Callback):
         self.wrong: list[tuple[torch.Tensor, int, int, float, float]] = []
         self.top_losses: list[tuple[torch.Tensor, int, int, float, float]] = []
         self.step_seconds, self.step_images = 0.0, 0
+        self.cam_candidates = CamCandidates(self.cam_images)
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -105,6 +124,7 @@ class TestReport(pl.Callback):
         self.indices.append(batch.indices.cpu())
         cfg = reported(pl_module).backbone.data_config
         images = denormalize(batch.inputs, cfg.mean, cfg.std)
+        self.cam_candidates.add(images, probs, y)
         conf, pred = probs.max(1)
         for i in range(len(y)):
             sample = (images[i].clone(), int(y[i]), int(pred[i]), float(conf[i]), float(losses[i]))
@@ -118,12 +138,14 @@ class TestReport(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Gather every process's predictions, then (rank 0) compute, draw and write the report."""
         gathered = self._gather(trainer, pl_module)
+        wrong, right = self.cam_candidates.gathered(gather_lists)  # a collective too: rank zero draws them all
         log_dir = trainer.log_dir  # a collective under DDP: every process asks
         if gathered is None or not trainer.is_global_zero or not log_dir:
             return
         model = reported(pl_module)
         report = self._metrics(trainer, pl_module, *gathered)
         figures = self._figures(report, model, *gathered)
+        figures |= self._cam_figure(report, model, wrong + right)
         written = self._write(Path(log_dir), report, figures, model.class_names)
         self._to_tensorboard(trainer, figures, model.class_names, *gathered)
         print(f"Test report: {written}")
@@ -180,14 +202,25 @@ class TestReport(pl.Callback):
         }
         if self.layer_figures and self.correct + self.wrong:
             cfg = model.backbone.data_config
-            first = (self.correct + self.wrong)[0][0]
-            channels = first.shape[0]
-            mean, std = (
-                torch.tensor(cfg.mean).view(-1, 1, 1)[:channels],
-                torch.tensor(cfg.std).view(-1, 1, 1)[:channels],
-            )
-            figures |= first_layer_figures(model.backbone, ((first - mean) / std)[: cfg.input_size[0]])
+            first = normalize((self.correct + self.wrong)[0][0][None], cfg.mean, cfg.std)[0]
+            figures |= first_layer_figures(model.backbone, first[: cfg.input_size[0]])
         return figures
+
+    def _cam_figure(self, report: dict[str, Any], model: ReportedModel, candidates: list[Any]) -> dict[str, Any]:
+        """The CAM grid as `cam` (its seconds in the report as `cam_seconds`); none when off, without candidates,
+        or for a backbone without a spatial map (one line says so)."""
+        if not candidates:
+            return {}
+        start = time.perf_counter()
+        try:
+            tiles = cam_panels(model.backbone, model.head, candidates, model.class_names, self.cam_method)
+        except ConfigError as err:
+            notice(f"test report: no CAM grid ({err})")
+            return {}
+        title = f"{self.cam_method}: confident mistakes, then unsure correct answers"
+        figure = tiles_figure(*tiles, title, cols=6)
+        report["cam_seconds"] = round(time.perf_counter() - start, 3)
+        return {"cam": figure}
 
     @staticmethod
     def _write(run: Path, report: dict[str, Any], figures: dict[str, Any], class_names: list[str]) -> Path:
@@ -272,83 +305,19 @@ def render_markdown(report: dict[str, Any], class_names: list[str], run: Path, s
         f"![precision-recall per class](pr_curves{suffix}.png)",
         "",
     ]
+    if "cam_seconds" in report:
+        lines += [
+            "## Where the model looked",
+            "",
+            "Class activation maps of the most confident mistakes and the least confident correct answers: each "
+            "image, its map for the predicted class, then for the true class (a correct answer: the runner-up).",
+            "",
+            f"![class activation maps](cam{suffix}.png)",
+            "",
+        ]
     if (run / "learning_curves.png").is_file():  # drawn at the end of the fit that wrote this run
         lines += ["## Training", "", "![learning curves](learning_curves.png)", ""]
     config = run / "config.yaml"
     if config.is_file():
         lines += ["## Config", "", "```yaml", config.read_text().rstrip(), "```", ""]
     return "\n".join(lines)
-
-
-class PredictionWriter(pl.Callback):
-    """`ftlab predict` writes `predictions.csv` in the run directory (`predictions_2.csv` ... when one is already
-    there: nothing is overwritten): one row per file (or sample) with the predicted class and one probability column
-    per class; files that could not be read are rows with an error."""
-
-    @override
-    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Start empty."""
-        self.rows: list[list[Any]] = []
-
-    @override
-    def on_predict_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """One row per sample of the batch."""
-        dataset = getattr(trainer.datamodule, "predict_set", None)  # type: ignore[attr-defined]
-        if dataset is None or outputs is None:
-            return
-        names = reported(pl_module).class_names
-        rows = zip(batch.indices.tolist(), batch.targets.tolist(), outputs.float().cpu().tolist(), strict=True)
-        for index, label, probs in rows:
-            true = names[label] if label >= 0 else ""  # -1: a file to predict, class unknown
-            best = max(range(len(probs)), key=probs.__getitem__)
-            self.rows.append([dataset.name(index), true, names[best], *(f"{p:.6f}" for p in probs), ""])
-
-    @override
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Add the unreadable files and write the CSV (rank 0)."""
-        import csv
-
-        rows = gather_lists(getattr(self, "rows", []))  # every process's share (collectives first)
-        skipped = gather_lists(sorted(getattr(trainer.datamodule, "skipped", set())))  # type: ignore[attr-defined]
-        log_dir = trainer.log_dir
-        if not trainer.is_global_zero or not log_dir:
-            return
-        names = reported(pl_module).class_names
-        errors: list[list[Any]] = [
-            [path, "", "", *([""] * len(names)), reason]
-            for split, path, reason in sorted({tuple(r) for r in skipped})
-            if split == "predict"
-        ]
-        header = ["path", "true", "predicted", *(f"prob_{n}" for n in names), "error"]
-
-        def write(tmp: Path) -> None:
-            with tmp.open("w", newline="", errors=PATH_ERRORS) as f:  # non-UTF-8 file names, byte for byte
-                writer = csv.writer(f)
-                writer.writerow(header)
-                writer.writerows(sorted(rows + errors, key=lambda row: str(row[0])))  # type: ignore[index]
-
-        path = free_name(Path(log_dir) / "predictions.csv")
-        atomic_write(path, write)
-        source = f" by {trainer.ckpt_path}" if trainer.ckpt_path else " by the untrained model"
-        print(f"Predictions: {path} ({len(rows)} predicted, {len(errors)} unreadable){source}")
-
-
-def free_name(path: Path, *companions: Path) -> Path:
-    """`path`, or `<stem>_2<suffix>`, `_3` ... when it (or a `companion` numbered alike) exists: an earlier file
-    (another checkpoint's predictions or report, perhaps) is never overwritten."""
-
-    def numbered(file: Path, n: int) -> Path:
-        return file if n == 1 else file.with_name(f"{file.stem}_{n}{file.suffix}")
-
-    n = 1
-    while any(numbered(f, n).exists() for f in (path, *companions)):
-        n += 1
-    return numbered(path, n)

@@ -128,3 +128,20 @@ def test_the_python_predictor_matches_ftlab_predict(trained: dict[str, Any], mon
     (from_pil,) = predictor(Image.open(png))
     (from_file,) = predictor(png)
     assert from_pil.source == "image 0" and from_pil.probabilities == pytest.approx(from_file.probabilities, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_predict_explain_writes_a_map_over_each_image(trained: dict[str, Any], monkeypatch: Any) -> None:
+    """`--explain`: one PNG per image at the image's own size in `<csv>_cam/` beside the CSV, named in its `cam`
+    column; the Predictor explains the same class it predicts."""
+    monkeypatch.chdir(trained["root"])
+    inbox = f"--data.init_args.predict_root={trained['inbox']}"
+    run = cli_main(["predict", "--ckpt_path", str(trained["ckpt"]), inbox, "--explain"])
+    written = max(Path(str(run.trainer.log_dir)).glob("predictions*.csv"), key=lambda p: p.stat().st_mtime_ns)
+    rows = _rows(written)
+    assert len(rows) == 3 and all(r["cam"].startswith(f"{written.stem}_cam/") for r in rows)
+    for row in rows:
+        with Image.open(written.parent / row["cam"]) as cam, Image.open(row["path"]) as photo:
+            assert cam.size == photo.size
+    explained = Predictor.from_checkpoint(trained["ckpt"]).explain([r["path"] for r in rows])
+    assert [e.label for e in explained] == [r["predicted"] for r in rows]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from datamodules.common import ConfigError, DataConfig
-from lightning_modules.backbones.stages import Stage, has_params, stages_from_blocks
+from lightning_modules.backbones.stages import CamLayer, Stage, has_params, stages_from_blocks
 from lightning_modules.backbones.weights import is_weights_file, load_state_dict_file, load_weights
 
 OPTIONS: tuple[str, ...] = ()
@@ -48,3 +48,8 @@ def build(arch: str, weights: str, data_config: DataConfig) -> tuple[nn.Module, 
     if is_weights_file(weights):
         load_weights(body, load_state_dict_file(weights), weights, optional=())
     return body, stages_from_blocks(body, [n for n, m in body.named_children() if has_params(m)])
+
+
+def cam_layer(body: nn.Module) -> CamLayer | None:
+    """The CNN's second convolution block; the MLP flattens the image first and has no spatial map."""
+    return CamLayer("conv2") if "conv2" in dict(body.named_children()) else None

@@ -13,7 +13,7 @@ from torch import nn
 
 from datamodules.common import ConfigError, DataConfig, close_names
 from lightning_modules.backbones.embedded import embedded_arch, embedded_weights
-from lightning_modules.backbones.stages import Stage, name_groups
+from lightning_modules.backbones.stages import CamLayer, Stage, name_groups
 from lightning_modules.backbones.weights import is_weights_file, load_state_dict_file, load_weights
 
 OPTIONS = ("drop_path_rate",)
@@ -60,6 +60,21 @@ def build(arch: str, weights: str, data_config: DataConfig, **options: Any) -> t
     model.reset_classifier(0)
     groups = group_parameters(model, model.group_matcher(coarse=True))
     return model, name_groups(list(groups.values()))
+
+
+def cam_layer(body: nn.Module) -> CamLayer | None:
+    """The module of timm's own last `feature_info` entry (the deepest feature map it offers as features: `layer4`,
+    `blocks.6`, `stages.3`), in its output format: tokens for vision transformers, NHWC where timm says so."""
+    info: Any = getattr(body, "feature_info", None)
+    entries = info.get_dicts() if hasattr(info, "get_dicts") else info
+    if not entries or not entries[-1].get("module"):
+        return None
+    prefix = getattr(body, "num_prefix_tokens", None)
+    if prefix is not None:
+        return CamLayer(entries[-1]["module"], "tokens", int(prefix))
+    fmt = getattr(body, "output_fmt", "NCHW")
+    nhwc = str(getattr(fmt, "value", fmt)).upper() == "NHWC"  # a string or timm's `Format` enum
+    return CamLayer(entries[-1]["module"], "nhwc" if nhwc else "nchw")
 
 
 def _pretrained_cfg(arch: str) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from datamodules.common import ConfigError, DataConfig, close_names
-from lightning_modules.backbones.stages import Stage, has_params, stages_from_blocks
+from lightning_modules.backbones.stages import CamLayer, Stage, has_params, stages_from_blocks
 from lightning_modules.backbones.weights import is_weights_file, load_state_dict_file, load_weights
 
 OPTIONS: tuple[str, ...] = ()
@@ -83,6 +83,26 @@ def stages(model: Any) -> list[Stage]:
     else:
         blocks = [n for n, m in children.items() if has_params(m)]
     return stages_from_blocks(model, blocks)
+
+
+# torchvision families whose last spatial map is one named module (the rest: `layer4`, `features`, ViT's last layer)
+NAMED_CAM_LAYERS = ("trunk_output", "conv5", "Mixed_7c", "inception5b")  # RegNet, ShuffleNet, Inception, GoogLeNet
+
+
+def cam_layer(body: nn.Module) -> CamLayer | None:
+    """ResNets' `layer4`; `features` (EfficientNet, MobileNet, VGG, DenseNet, ConvNeXt; NHWC for Swin); the last
+    encoder layer of a ViT (tokens after the class token); RegNet, ShuffleNet, Inception and GoogLeNet by name;
+    None for the others (MaxViT)."""
+    children = dict(body.named_children())
+    if "layer4" in children:
+        return CamLayer("layer4")
+    if isinstance(children.get("features"), nn.Sequential):
+        swin = isinstance(body, torchvision.models.SwinTransformer)
+        return CamLayer("features", "nhwc" if swin else "nchw")
+    if isinstance(body, torchvision.models.VisionTransformer):
+        last = list(body.encoder.layers.named_children())[-1][0]  # `encoder_layer_11`
+        return CamLayer(f"encoder.layers.{last}", "tokens", 1)
+    return next((CamLayer(name) for name in NAMED_CAM_LAYERS if name in children), None)
 
 
 def _weights_enum(arch: str, weights: str) -> Any:

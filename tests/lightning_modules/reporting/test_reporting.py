@@ -25,7 +25,7 @@ from lightning_modules.module import PresentClassesAUROC
 from tests.helpers.data import write_class_folders
 from tests.helpers.runs import folder_args
 
-FIGURES = ("confusion_matrix", "correct", "misclassified", "top_losses", "first_layer_kernels", "feature_maps")
+FIGURES = ("confusion_matrix", "correct", "misclassified", "top_losses", "first_layer_kernels", "feature_maps", "cam")
 
 
 def _fit_and_test(tmp: Path, classes: dict[str, int]) -> tuple[Path, np.ndarray, np.ndarray]:
@@ -84,6 +84,7 @@ def test_report_matches_sklearn(in_tmp: Path, classes: dict[str, int]) -> None:
     for name in names:
         assert f"| {name} | {report['per_class'][name]['precision']:.4f} |" in markdown
     assert "![confusion matrix](confusion_matrix.png)" in markdown and "model:" in markdown
+    assert "![class activation maps](cam.png)" in markdown and report["cam_seconds"] > 0  # the grid's cost
     for figure in FIGURES:
         with Image.open(run_dir / f"{figure}.png") as img:
             img.verify()
