@@ -4,7 +4,6 @@ in the loader workers from the memory-mapped Arrow table; `datasets`' own cache 
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,13 @@ from typing_extensions import override
 from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError, digest
 from datamodules.datasets import LabeledDataset
-from datamodules.images import BadSample, bad_reason, load_image, read_rgb
+from datamodules.images import DECODE_ERRORS, BadSample, bad_reason, load_image
 
 # The names a split goes by on the Hub, for each of ours (the first one found is taken).
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "valid", "val", "dev"), "test": ("test",)}
 IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("label", "labels", "fine_label")
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes (a DatasetDict, a Dataset)
-DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def load_hf(path: str, name: str | None, revision: str | None, data_dir: str | None, data_files: Any, key: str) -> Any:
@@ -94,7 +92,7 @@ class HFImages(LabeledDataset):
         data, path = cell.get("bytes"), cell.get("path")
         try:
             if data:
-                return read_rgb(io.BytesIO(data)), self.targets[index]
+                return load_image(data), self.targets[index]
             if path and os.path.isfile(path):
                 return load_image(path), self.targets[index]
             raise ValueError("the row holds no image (no bytes, no readable file)")
