@@ -26,12 +26,14 @@ from datamodules.images import list_images
 from lightning_modules.serving.client import multipart, post, start_server
 
 CLIENTS = (1, 8, 32)
-# (name, ftlab serve options): no batching, the defaults, larger batches, and two workers on the one CPU
+# (name, ftlab serve options): the defaults (a worker per core, batches of what is waiting), a batch that waits 10 ms
+# for more, larger batches, one worker, and one worker without batching
 SETTINGS = (
-    ("no batching", ("--max_batch_size=1",)),
-    ("batch 8, 10 ms (default)", ()),
-    ("batch 16, 20 ms", ("--max_batch_size=16", "--batch_timeout=0.02")),
-    ("batch 8, 10 ms, 2 workers", ("--workers_per_device=2",)),
+    ("a worker per core, batch 8, 0 ms (default)", ()),
+    ("a worker per core, batch 8, 10 ms", ("--batch_timeout=0.01",)),
+    ("a worker per core, batch 32, 0 ms", ("--max_batch_size=32",)),
+    ("1 worker, batch 8, 0 ms", ("--workers_per_device=1",)),
+    ("1 worker, no batching", ("--workers_per_device=1", "--max_batch_size=1")),
 )
 PHOTOS = 200  # distinct photos sent round-robin
 REPO = Path(__file__).resolve().parent.parent

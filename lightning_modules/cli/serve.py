@@ -35,7 +35,7 @@ def serve_parser() -> argparse.ArgumentParser:
     add("--engine", default="auto", choices=ENGINES, help="auto: ONNX Runtime on CPU where it is faster")
     add("--accelerator", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     add("--devices", default="auto", help="how many GPUs (auto: all); a CPU is one device")
-    add("--workers_per_device", type=int, default=1, help="inference processes per device")
+    add("--workers_per_device", type=int, help="inference processes per device (default: one per CPU core, or per GPU)")
     return parser
 
 

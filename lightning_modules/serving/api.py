@@ -10,6 +10,7 @@ answers it alone, with its 4xx.
 """
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from typing_extensions import override
 
 from datamodules.images import DECODE_ERRORS, bad_reason
 from lightning_modules.predictor import Predictor
+from lightning_modules.serving.batching import WaitingBatchedLoop
 from lightning_modules.serving.requests import (
     BadRequest,
     ImageRequest,
@@ -34,6 +36,15 @@ from lightning_modules.serving.requests import (
 logger = logging.getLogger("finetune_lab.serve")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 WARMUP_IMAGES = 2  # a first batch through the model at setup: the engine (an ONNX export, checked) is built then
+
+
+def share_cores(worker: int, workers: int) -> None:
+    """Pin CPU worker `worker` of `workers` to its share of this process's cores (every `workers`-th one), so that
+    its torch and ONNX Runtime threads (`cores()`) do not outnumber the cores."""
+    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if workers > 1 and len(available) >= workers:
+        os.sched_setaffinity(0, available[worker % workers :: workers])
+        torch.set_num_threads(len(available[worker % workers :: workers]))
 
 
 @dataclass
@@ -62,6 +73,7 @@ class ImageClassifierAPI(ls.LitAPI):
         engine: `torch`, `onnxruntime` or `auto` (ONNX Runtime on CPU for the families where it is faster).
         max_batch_size: the most requests in one forward pass.
         batch_timeout: seconds a batch waits for more requests after its first.
+        workers: inference workers on each device; on a CPU each takes its share of the cores.
     """
 
     def __init__(
@@ -71,22 +83,29 @@ class ImageClassifierAPI(ls.LitAPI):
         version: str,
         engine: str = "auto",
         max_batch_size: int = 8,
-        batch_timeout: float = 0.01,
+        batch_timeout: float = 0.0,
+        workers: int = 1,
     ) -> None:
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+        loop = WaitingBatchedLoop() if max_batch_size > 1 else "auto"  # 1: LitServe's own loop, unbatched
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, loop=loop)
         self.model_path = model_path
         self.model_name = model_name
         self.version = version
         self.engine = engine
+        self.workers = workers
 
     @override
     def setup(self, device: str) -> None:
         """Load the model once per worker on `device` and run a first batch, so the engine is ready."""
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # a worker is a fresh (spawned) process
+        if device == "cpu":
+            share_cores(int(os.environ.get("LITSERVE_WORKER_ID", "0")), self.workers)
         self.predictor = Predictor.from_path(self.model_path, device, engine=self.engine, images=None)
         self.classes = self.predictor.class_names
         size = self.predictor.module.data_config.input_size
         self.predictor.probabilities(torch.randn(WARMUP_IMAGES, *size, generator=torch.Generator().manual_seed(0)))
+        if device == "cpu" and self.predictor.engine != "torch":
+            torch.set_num_threads(1)  # torch only preprocesses: its idle OpenMP threads spun against ONNX Runtime's
         logger.info("worker ready on %s: %s, engine %s", device, self.model_name, self.predictor.engine)
 
     @override

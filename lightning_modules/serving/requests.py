@@ -4,8 +4,8 @@
 `ImageRequests` is an ASGI middleware in LitServe's HTTP processes. It answers the mistakes of the envelope (wrong
 content type, empty or oversized body, JSON that does not parse or lacks the key, a form without the field) and
 hands every other request on as JSON `{"image": "<base64>"}`, the one shape the inference workers read. LitServe
-alone would answer those mistakes with a 500 and a traceback (it parses any non-form body as JSON), and it pickles
-a parsed form to its workers: an upload above 1 MB (Starlette spools it to a temporary file) cannot be pickled.
+alone would answer those mistakes with a 500 and a traceback (it parses any body that is not a form as JSON, and a
+hook that raises fails every request of its batch).
 """
 
 from __future__ import annotations

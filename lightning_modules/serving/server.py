@@ -21,6 +21,7 @@ from typing import Any
 import litserve as ls
 import torch
 
+from datamodules.common import cores
 from lightning_modules.predictor import Predictor
 from lightning_modules.serving.api import LOG_FORMAT, ImageClassifierAPI, logger
 from lightning_modules.serving.requests import ImageRequests
@@ -28,7 +29,7 @@ from lightning_modules.speed.engines import auto_engine
 
 # measured with scripts/benchmark.py --parts serve on the own-images Lite0 model (docs/benchmark.md, serving)
 MAX_BATCH_SIZE = 8
-BATCH_TIMEOUT = 0.01  # seconds
+BATCH_TIMEOUT = 0.0  # seconds: a batch takes what is waiting when it starts, and waits for nothing more
 REQUEST_TIMEOUT = 30.0  # seconds a request may wait in the queue before a 504
 
 
@@ -44,7 +45,8 @@ class ServeOptions:
         engine: `torch`, `onnxruntime` or `auto`.
         accelerator: `auto`, `cpu`, `cuda` or `mps`.
         devices: how many GPUs (`auto`: all); one CPU is one device.
-        workers_per_device: inference processes per device.
+        workers_per_device: inference processes per device; None: one per CPU core (each pinned to its core),
+            one per GPU.
     """
 
     host: str = "127.0.0.1"
@@ -54,7 +56,7 @@ class ServeOptions:
     engine: str = "auto"
     accelerator: str = "auto"
     devices: int | str = "auto"
-    workers_per_device: int = 1
+    workers_per_device: int | None = None
 
 
 def weights_digest(path: Path) -> str:
@@ -79,7 +81,7 @@ def describe(predictor: Predictor, path: Path, options: ServeOptions) -> dict[st
     """What `GET /info` says of the model: name, version, backbone, classes, preprocessing, engine, batching."""
     module = predictor.module
     backbone = str(module.hparams["backbone"])
-    device = torch.device("cuda" if options.accelerator in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = serving_device(options)
     engine, why = (options.engine, "as asked") if options.engine != "auto" else auto_engine(backbone, device)
     config = module.data_config
     return {
@@ -101,19 +103,39 @@ def describe(predictor: Predictor, path: Path, options: ServeOptions) -> dict[st
         "engine_reason": why,
         "max_batch_size": options.max_batch_size,
         "batch_timeout": options.batch_timeout,
+        "workers_per_device": workers_per_device(options),
     }
+
+
+def serving_device(options: ServeOptions) -> torch.device:
+    """What the workers run on: a GPU when the accelerator allows one and there is one, else the CPU."""
+    gpu = options.accelerator in ("auto", "cuda") and torch.cuda.is_available()
+    return torch.device("cuda" if gpu else "mps" if options.accelerator == "mps" else "cpu")
+
+
+def workers_per_device(options: ServeOptions) -> int:
+    """The workers on each device: as given, else one per CPU core (a CPU is one device to LitServe) or per GPU."""
+    if options.workers_per_device is not None:
+        return options.workers_per_device
+    return cores() if serving_device(options).type == "cpu" else 1
 
 
 def build_server(path: Path, info: dict[str, Any], options: ServeOptions) -> ls.LitServer:
     """The LitServer of the model at `path`: `POST /predict` behind `ImageRequests`, `GET /health`, `GET /info`."""
     api = ImageClassifierAPI(
-        str(path), info["name"], info["version"], options.engine, options.max_batch_size, options.batch_timeout
+        str(path),
+        info["name"],
+        info["version"],
+        options.engine,
+        options.max_batch_size,
+        options.batch_timeout,
+        workers_per_device(options),
     )
     return ls.LitServer(
         api,
         accelerator=options.accelerator,
         devices=options.devices,
-        workers_per_device=options.workers_per_device,
+        workers_per_device=workers_per_device(options),
         timeout=REQUEST_TIMEOUT,
         model_metadata=info,
         middlewares=[(ImageRequests, {"path": api.api_path})],

@@ -69,11 +69,12 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def servers(model: dict[str, Any]) -> Iterator[dict[str, ServerProcess]]:
-    """One server of the checkpoint, one of the timm folder (started together: most of a start is imports)."""
+    """One server of the checkpoint (one worker, batches that wait 50 ms for more), one of the timm folder (the
+    defaults: a worker per core), started together: most of a start is imports."""
     root = model["root"]
     started: dict[str, ServerProcess] = {}
     try:
-        options = ("--max_batch_size=8", "--batch_timeout=0.05")
+        options = ("--max_batch_size=8", "--batch_timeout=0.05", "--workers_per_device=1")
         started["ckpt"] = client.start_server(model["ckpt"], root / "ckpt.log", *options, cwd=root)
         started["timm"] = client.start_server(model["timm"], root / "timm.log", cwd=root)
         yield {kind: server.wait_ready() for kind, server in started.items()}
