@@ -182,11 +182,13 @@ def test_a_model_that_cannot_load_is_one_line_and_status_2(tmp_path: Path, capsy
     broken.write_bytes(b"not a checkpoint at all")
     folder = tmp_path / "not_timm"
     folder.mkdir()
-    for path, words in [
-        (broken, "cannot load the model"),
-        (folder, "is not a timm folder"),
-        (tmp_path / "no.ckpt", "does not exist"),
-    ]:
-        assert serve_main(["--ckpt_path", str(path), "--port", "8123"]) == 2
+    cases = [
+        ([str(broken)], "cannot load the model"),
+        ([str(folder)], "is not a timm folder"),
+        ([str(tmp_path / "no.ckpt")], "does not exist"),
+        (["best", "--runs", str(tmp_path / "runs")], "no run under"),
+    ]
+    for given, words in cases:
+        assert serve_main(["--ckpt_path", *given, "--port", "8123"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("ftlab: error:") and words in err[0], err
