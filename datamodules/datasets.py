@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from datamodules.common import digest, progress
-from datamodules.images import BadSample, bad_reason, check_header, load_image
+from datamodules.images import DECODE_ERRORS, BadSample, bad_reason, check_header, load_image
 
 
 class LabeledDataset(Dataset):
@@ -61,7 +61,7 @@ class ImageFiles(LabeledDataset):
         path = self.paths[index]
         try:
             return load_image(path), self.targets[index]
-        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        except DECODE_ERRORS as err:
             return BadSample(path, bad_reason(err)), self.targets[index]
 
     @override

@@ -4,7 +4,6 @@ in the loader workers from the memory-mapped Arrow table; `datasets`' own cache 
 
 from __future__ import annotations
 
-import io
 import os
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing_extensions import override
 from datamodules.base import ImageClassificationDataModule
 from datamodules.common import ConfigError, digest
 from datamodules.datasets import LabeledDataset
-from datamodules.images import IMAGE_EXTENSIONS, BadSample, bad_reason, load_image, read_rgb, skipped_folder
+from datamodules.images import DECODE_ERRORS, IMAGE_EXTENSIONS, BadSample, bad_reason, load_image, skipped_folder
 
 # The names a split goes by on the Hub, for each of ours (the first one found is taken).
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "valid", "val", "dev"), "test": ("test",)}
@@ -25,7 +24,6 @@ IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("label", "labels", "fine_label")
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes (a DatasetDict, a Dataset)
 DATA_FILES = (".parquet", ".arrow", ".csv", ".json", ".jsonl")  # what `load_dataset` reads from a local folder
-DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def load_hf(path: str, name: str | None, revision: str | None, data_dir: str | None, data_files: Any, key: str) -> Any:
@@ -123,7 +121,7 @@ class HFImages(LabeledDataset):
         data, path = cell.get("bytes"), cell.get("path")
         try:
             if data:
-                return read_rgb(io.BytesIO(data)), self.targets[index]
+                return load_image(data), self.targets[index]
             if path and os.path.isfile(path):
                 return load_image(path), self.targets[index]
             raise ValueError("the row holds no image (no bytes, no readable file)")

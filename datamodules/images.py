@@ -8,6 +8,7 @@ DataModule writes every skipped file with its reason to `bad_images.csv` in the 
 from __future__ import annotations
 
 import csv
+import io
 import os
 import warnings
 from collections import Counter
@@ -23,6 +24,8 @@ from pillow_heif import register_heif_opener
 from datamodules.common import atomic_write
 
 register_heif_opener()  # PIL opens HEIC/HEIF (pillow-heif); AVIF is Pillow's own
+# what decoding a file can raise: an empty, cut or foreign file (OSError), a bad value inside one, too many pixels
+DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 IMAGE_EXTENSIONS = (
     *(".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"),
     *(".avif", ".heic", ".heif"),
@@ -52,24 +55,35 @@ def read_rgb(path: str | Path | BinaryIO) -> Image.Image:
             return to_rgb(raw)
 
 
-def load_image(path: str | Path) -> Image.Image | torch.Tensor:
-    """`read_rgb`, faster for baseline RGB or grayscale JPEGs: those are decoded by TorchCodec (libjpeg-turbo)
-    straight to a (3, H, W) uint8 tensor, EXIF orientation applied, skipping PIL's decode and the PIL-to-tensor
-    copy (measured by `scripts/benchmark_decode.py`). Anything else, or a file that decoder refuses (truncated),
-    goes through PIL, which reports the problem."""
+ImageSource = str | Path | bytes | Image.Image  # a file, its bytes (an upload), or an image already opened
+
+
+def load_image(source: ImageSource) -> Image.Image | torch.Tensor:
+    """The one decoding of every image the models see (the loaders, `Predictor`, `ftlab serve`): a file, the bytes
+    of one or a PIL image to 8-bit RGB with EXIF orientation applied. Baseline RGB or grayscale JPEGs are decoded by
+    TorchCodec (libjpeg-turbo) straight to a (3, H, W) uint8 tensor, skipping PIL's decode and the PIL-to-tensor
+    copy (measured by `scripts/benchmark_decode.py`); anything else, or a file that decoder refuses (truncated),
+    goes through PIL (`read_rgb`, `to_rgb`), which reports the problem.
+
+    Raises:
+        OSError: the file is empty, truncated, not an image, or larger than PIL's decompression-bomb limit.
+    """
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    opened = io.BytesIO(source) if isinstance(source, bytes) else source
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as raw:  # header only: format, mode and the decompression-bomb check
+        with Image.open(opened) as raw:  # header only: format, mode and the decompression-bomb check
             plain_jpeg = raw.format == "JPEG" and raw.mode in ("RGB", "L")
     if plain_jpeg:
         from torchcodec.decoders import decode_jpeg  # it loads its FFmpeg libraries: at the first JPEG, not at start-up
 
         try:
-            decoded: torch.Tensor = decode_jpeg(str(path), mode="RGB")  # type: ignore[assignment]  # one source
-            return decoded
+            decoded = decode_jpeg(source if isinstance(source, bytes) else str(source), mode="RGB")
+            return decoded  # type: ignore[return-value]  # one source, one tensor
         except RuntimeError:  # "Image is incomplete or truncated": let PIL say what is wrong
             pass
-    return read_rgb(path)
+    return read_rgb(io.BytesIO(source) if isinstance(source, bytes) else source)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -93,7 +107,7 @@ def check_header(path: str | Path) -> str | None:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.size  # noqa: B018 - parsing the header is the check
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except DECODE_ERRORS as err:
         return bad_reason(err)
     return None
 

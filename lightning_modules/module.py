@@ -172,6 +172,7 @@ class FineTuneModule(LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "load_weights"])
         self._inference: BatchRunner | None = None  # the test or predict engine, built at the first batch
         self._engine: str | None = None  # its name (torch: the module itself runs)
+        self.pass_images: int | None = 0  # images of a pass outside a trainer, for `auto` (None: no end, a server)
         self.backbone = build_backbone(backbone, weights, image_size, in_chans, drop_path_rate, load_weights)
         self._run_seed = 0  # the run's seed (torch's at the start of the fit): mixing draws from it and the step
         self.lr = lr
@@ -284,12 +285,17 @@ class FineTuneModule(LightningModule):
             return run(batch.inputs)
         return averaged_log_probabilities(run, tta_views(batch.inputs, tta))
 
-    def _pass_images(self) -> int:
-        """The images of the test or predict pass under way (0 outside a trainer's: the Predictor's few photos)."""
+    @property
+    def engine(self) -> str | None:
+        """What runs test and predict (`torch`, `onnxruntime`), chosen at the first batch of the run; None before."""
+        return self._engine
+
+    def _pass_images(self) -> int | None:
+        """The images of the test or predict pass under way (outside a trainer's: `pass_images`)."""
         try:
             trainer = self.trainer
         except RuntimeError:  # not attached to a trainer
-            return 0
+            return self.pass_images
         loaders = trainer.test_dataloaders if trainer.testing else trainer.predict_dataloaders
         listed = loaders if isinstance(loaders, list | tuple) else [loaders]
         return sum(len(loader.dataset) for loader in listed if loader is not None and hasattr(loader, "dataset"))

@@ -14,15 +14,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datamodules.batches import Sample, collate
+from datamodules.batches import Batch, Sample
 from datamodules.common import ConfigError, close_names
-from datamodules.datasets import BadSample, ImageFiles
-from datamodules.images import list_images, to_rgb
+from datamodules.datasets import ImageFiles
+from datamodules.images import BadSample, ImageSource, list_images, load_image
 from datamodules.transforms import eval_transform
 from lightning_modules.backbones.weights import load_state_dict_file
 from lightning_modules.module import FineTuneModule
 from lightning_modules.reporting.checkpoint_io import load_module
 from lightning_modules.reporting.explain import check_method, explain_images
+from lightning_modules.speed.engines import check_engine
 
 ImageInput = str | Path | Image.Image | np.ndarray
 Decoded = Image.Image | torch.Tensor | BadSample  # an input decoded (PIL or a uint8 tensor), or why it could not be
@@ -80,13 +81,26 @@ class Predictor:
         model: a trained module (its `class_names` name the classes).
         device: where the model runs.
         batch_size: images per forward pass.
+        engine: what runs the model (`torch`, `onnxruntime`, `auto`); None: the module's `inference_engine`.
+        images: how many images it will see in all, which `auto` weighs against the cost of an ONNX export (a few
+            photos: torch); None when there is no end to them (a server).
     """
 
-    def __init__(self, model: FineTuneModule, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model: FineTuneModule,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        engine: str | None = None,
+        images: int | None = 0,
+    ) -> None:
         self.module = model.to(device).eval()
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.transform = eval_transform(model.data_config)
+        if engine is not None:
+            self.module.hparams["inference_engine"] = check_engine(engine, "engine")
+        self.module.pass_images = images
         self.module.on_predict_start()  # a fresh inference engine for these weights
 
     @classmethod
@@ -94,6 +108,13 @@ class Predictor:
         """The model of a `.ckpt` file (nothing downloaded: the checkpoint holds every weight); a ConfigError naming
         the file when it is missing, damaged or not a checkpoint of `ftlab fit`."""
         return cls(load_module(path), device, **kwargs)
+
+    @classmethod
+    def from_path(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> Predictor:
+        """The model of a `.ckpt` file or of a timm folder (`scripts/export.py`), by what `path` is."""
+        if Path(path).is_dir():
+            return cls.from_timm_folder(path, device, **kwargs)
+        return cls.from_checkpoint(path, device, **kwargs)
 
     @classmethod
     def from_timm_folder(cls, folder: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> Predictor:
@@ -118,6 +139,25 @@ class Predictor:
     def class_names(self) -> list[str]:
         """The classes, in the order of each prediction's probabilities."""
         return list(self.module.class_names)
+
+    @property
+    def engine(self) -> str | None:
+        """What runs the model (`torch`, `onnxruntime`), once the first batch has chosen it; None before."""
+        return self.module.engine
+
+    def preprocess(self, image: ImageSource) -> torch.Tensor:
+        """One image (a file, its bytes, a PIL image) as the model's input: `load_image` then the eval transform,
+        as every loader reads it. Raises what `load_image` raises (`DECODE_ERRORS`)."""
+        return self.transform(load_image(image))
+
+    @torch.no_grad()
+    def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (batch, classes) on the CPU of preprocessed images stacked (batch, C, H, W), by the
+        module's `predict_step`."""
+        n = len(inputs)
+        unlabeled, positions = torch.full((n,), -1, dtype=torch.long), torch.arange(n)
+        batch = Batch(inputs.to(self.device), unlabeled, positions, [], "predict")
+        return self.module.predict_step(batch, 0).float().cpu()
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> list[Prediction]:
         """Predictions for a file, a folder (every image file under it, sorted, as `ftlab predict`), a PIL image,
@@ -175,12 +215,12 @@ class Predictor:
 
     def _sources(self, item: ImageInput, position: int) -> list[tuple[str, Callable[[], Decoded]]]:
         """(source, decoder) pairs of one input: through `ImageFiles` for files (header check, decoding, EXIF, RGB,
-        as the DataModule reads them), `to_rgb` for a PIL image or an image array."""
+        as the DataModule reads them), `load_image` for a PIL image or an image array."""
         if isinstance(item, np.ndarray):
             item = image_from_array(item, position)
         if isinstance(item, Image.Image):
             image = item
-            return [(f"image {position}", lambda: to_rgb(image))]
+            return [(f"image {position}", lambda: load_image(image))]
         if not isinstance(item, str | Path):
             raise ConfigError(f"{IMAGE_INPUTS}; got {type(item).__name__} at position {position}")
         path = Path(item)
@@ -195,21 +235,18 @@ class Predictor:
         """The model's input of a decoded image (the eval transform); an unreadable one as it is."""
         return decoded if isinstance(decoded, BadSample) else self.transform(decoded)
 
-    @torch.no_grad()
     def _predict(self, chunk: Sequence[tuple[str, Decoded]]) -> list[Prediction]:
-        """One batch through the module's `predict_step`, the predictions in input order."""
+        """One batch of the readable images through `probabilities`, the predictions in input order."""
         sources = [source for source, _ in chunk]
         samples = [Sample(self._input(d), -1, i) for i, (_, d) in enumerate(chunk)]
-        batch = collate(samples, split="predict")
-        batch = batch._replace(inputs=batch.inputs.to(self.device))
-        probs = self.module.predict_step(batch, 0).float().cpu()
-        by_position = dict(zip(batch.indices.tolist(), probs.tolist(), strict=True))
-        errors = {bad.path: bad.reason for bad in batch.skipped}
+        readable = [i for i, s in enumerate(samples) if not isinstance(s.image, BadSample)]
+        rows = self.probabilities(torch.stack([samples[i].image for i in readable])).tolist() if readable else []
+        by_position = dict(zip(readable, rows, strict=True))
         names = self.class_names
         predictions = []
         for i, (source, sample) in enumerate(zip(sources, samples, strict=True)):
             if i not in by_position:
-                reason = errors.get(source) or getattr(sample.image, "reason", "unreadable")
+                reason = sample.image.reason if isinstance(sample.image, BadSample) else "unreadable"
                 predictions.append(Prediction(source, None, float("nan"), {}, reason))
                 continue
             p = by_position[i]

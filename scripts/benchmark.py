@@ -15,7 +15,9 @@ Prints markdown tables of ratios (and the raw figures behind them):
   memory kept, `test_after_fit`), caches cold and warm (goals: the probe >= 2.0x, the recipe >= 1.3x, the same
   accuracy);
 - what the dashboard's pictures cost: the time inside the `Dashboard` callback's hooks during a fit of the
-  own-images recipe on the dev cats-vs-dogs photos, per epoch and at the end, against the epoch's time.
+  own-images recipe on the dev cats-vs-dogs photos, per epoch and at the end, against the epoch's time;
+- `ftlab serve` of the own-images model under 1, 8 and 32 concurrent clients (`benchmark_serve.py`; goals: 2x the
+  sequential throughput, p99 <= 1 s at 8 clients).
 
 Uses the GPU when there is one. Usage:
 
@@ -47,6 +49,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
+from benchmark_serve import fit_own_images, serve_rows  # scripts/, beside this file
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -88,7 +91,7 @@ class Setup:
 QUICK = Setup("timm/test_resnet", "none", 32, 16, 8, 2, 2, 48, 64, False)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("framework", "engines", "probe", "dashboard")
+PARTS = ("framework", "engines", "probe", "dashboard", "serve")
 
 
 def sync() -> None:
@@ -554,7 +557,7 @@ def csv_rows(path: Path) -> list[dict[str, str]]:
 # ------------------------------------------------------------------------------------------ report
 
 
-def run(setup: Setup, parts: list[str], data: Path) -> str:
+def run(setup: Setup, parts: list[str], data: Path, serve_model: Path | None = None) -> str:
     """The measurements of `parts`; the markdown report."""
     command = f"python scripts/benchmark.py{' --quick' if setup == QUICK else ''} --parts {' '.join(parts)}"
     lines = ["# Benchmarks", "", f"Written by `{command}` on {datetime.date.today()}; machine: {machine()}.", ""]
@@ -565,6 +568,9 @@ def run(setup: Setup, parts: list[str], data: Path) -> str:
             lines += [*probe_rows(data, Path(tmp)), ""]
         if "dashboard" in parts and setup != QUICK:  # a fit of a few minutes on real photos
             lines += [*dashboard_rows(data, Path(tmp)), ""]
+        if "serve" in parts and setup != QUICK:  # a fit of a few minutes, unless given the model; 4 servers
+            photos = data / "cats_vs_dogs" / "PetImages"
+            lines += [*serve_rows(serve_model or fit_own_images(photos, Path(tmp) / "fit"), photos), ""]
         if "framework" in parts:
             lines += [
                 f"Model: {setup.backbone} ({setup.weights}) at {setup.image_size} px.",
@@ -647,12 +653,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--data", type=Path, default=REPO.parent / "shared" / "data", help="the dev data, for the probe"
     )
+    parser.add_argument("--serve_model", type=Path, help="serve: this checkpoint (else the recipe is fitted first)")
     args = parser.parse_args(argv)
     keep_freed_memory()  # as every model's setup does: the hand-written loops share the fit's allocator setting
     setup = QUICK if args.quick else Setup()
     if DEVICE.type == "cuda":
         setup = replace(setup, image_size=224, batch_size=128)
-    report = run(setup, args.parts, args.data)
+    report = run(setup, args.parts, args.data, args.serve_model)
     print(report)
     if args.out:
         write_generated(args.out, report)

@@ -19,7 +19,7 @@ from tests.helpers import REPO
 PACKAGES = ("datamodules", "lightning_modules", "scripts")
 # lightning_modules' concerns from the bottom up (sub-packages, and `module`/`console` at its root; `api`: the
 # other root files, which tie model, data and trainer together for a notebook): each imports only those before it
-LAYERS = ("console", "backbones", "finetuning", "speed", "module", "reporting", "api", "cli", "sweeps")
+LAYERS = ("console", "backbones", "finetuning", "speed", "module", "reporting", "api", "serving", "cli", "sweeps")
 
 
 # the list of another library's private names in use, with why: one home, parsed by the test below
