@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import runpy
 import sys
 import warnings
 from pathlib import Path
@@ -24,7 +25,6 @@ from lightning_modules.backbones.backbone import data_config_dict
 from lightning_modules.cli.checkpoints import CKPT_SHORTCUTS, intact_instead, resolve_checkpoint
 from lightning_modules.cli.lr_find import describe_lr_find, find_lr, show_lr_find
 from lightning_modules.cli.parse_errors import OneLineErrorParser, check_config_files, check_numbers
-from lightning_modules.cli.serve import serve_main
 from lightning_modules.cli.stops import StopNotice
 from lightning_modules.console import CompactProgressBar, notice, setup_console
 from lightning_modules.defaults import DEFAULTS, read_defaults
@@ -440,8 +440,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> FinetuneCLI:
 def main() -> None:
     """Console entry point: user mistakes print one clear line, not a traceback; so do a stop signal and a write the
     disk refuses, which also name the checkpoint and the command that resumes (`cli.stops`)."""
-    if sys.argv[1:2] == ["serve"]:  # not a Trainer command: its own parser (`cli.serve`)
-        raise SystemExit(serve_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["serve"]:  # not a Trainer command: `cli.serve` runs as `python -m` runs it, with its own
+        del sys.argv[1]  # parser; LitServe's imports (0.25 s, docs/serving.md) load for it alone, not for `ftlab fit`
+        runpy.run_module("lightning_modules.cli.serve", run_name="__main__", alter_sys=True)
     stops = StopNotice()
     with stops.installed():
         try:

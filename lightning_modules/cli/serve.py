@@ -83,3 +83,7 @@ def load(path: Path) -> Predictor:
     except Exception as err:  # a cut, foreign or mismatched file fails anywhere in torch, timm or Lightning
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise ConfigError(f"cannot load the model at {path}: {type(err).__name__}: {first}") from None
+
+
+if __name__ == "__main__":  # `ftlab serve ...` (cli.main runs this module), or `python -m lightning_modules.cli.serve`
+    raise SystemExit(serve_main(sys.argv[1:]))

@@ -16,18 +16,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from pytorch_grad_cam import (
-    EigenCAM,
-    EigenGradCAM,
-    GradCAM,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    ScoreCAM,
-    XGradCAM,
-)
-from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 from typing_extensions import override
 
@@ -35,16 +23,18 @@ from datamodules.common import ConfigError, DataConfig, close_names
 from lightning_modules.backbones.backbone import Backbone
 from lightning_modules.backbones.stages import CamLayer
 
-# `method` names -> pytorch-grad-cam's classes (the gradient-free EigenCAM and the many-pass ScoreCAM among them)
-METHODS: dict[str, Any] = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "hirescam": HiResCAM,
-    "xgradcam": XGradCAM,
-    "layercam": LayerCAM,
-    "eigencam": EigenCAM,
-    "eigengradcam": EigenGradCAM,
-    "scorecam": ScoreCAM,
+# `method` names -> pytorch-grad-cam's classes (the gradient-free EigenCAM and the many-pass ScoreCAM among them).
+# pytorch-grad-cam brings OpenCV, scikit-learn and pandas: it is imported at the first map, not when `ftlab` starts
+# (tests/lightning_modules/cli/test_startup.py).
+METHODS: dict[str, str] = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "hirescam": "HiResCAM",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "eigencam": "EigenCAM",
+    "eigengradcam": "EigenGradCAM",
+    "scorecam": "ScoreCAM",
 }
 
 
@@ -118,9 +108,13 @@ def class_activation_maps(
     layer_module, layer = backbone.cam_target()
     classifier = ImageClassifier(backbone, head)
     device = next(classifier.parameters()).device
+    import pytorch_grad_cam  # at the first map (METHODS)
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     with explaining(classifier):
         x = images.detach().clone().float().to(device).requires_grad_(True)  # a clone outside inference mode
-        cam = METHODS[check_method(method)](classifier, [layer_module], reshape_transform=reshape_for(layer))
+        method_class = getattr(pytorch_grad_cam, METHODS[check_method(method)])
+        cam = method_class(classifier, [layer_module], reshape_transform=reshape_for(layer))
         try:
             maps = cam(x, [ClassifierOutputTarget(int(t)) for t in targets])
         finally:
@@ -179,6 +173,8 @@ def to_image_size(
 
 def overlay(rgb: np.ndarray, heatmap: np.ndarray) -> Image.Image:
     """The heat map (jet) over the image, half each: pytorch-grad-cam's `show_cam_on_image`."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image  # at the first map (METHODS)
+
     return Image.fromarray(show_cam_on_image(rgb.astype(np.float32), heatmap, use_rgb=True, image_weight=0.5))
 
 

@@ -417,7 +417,7 @@ def _numbers(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
             flat |= _numbers(value, f"{prefix}{key}.")
         elif isinstance(value, list):
             flat |= {f"{prefix}{key}.{i}": float(v) for i, v in enumerate(np.ravel(value))}
-        elif isinstance(value, int | float) and key != "images_per_s":
+        elif isinstance(value, int | float) and key not in ("images_per_s", "cam_seconds"):  # timings
             flat[f"{prefix}{key}"] = float(value)
     return flat
 
