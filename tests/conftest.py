@@ -17,6 +17,10 @@ import torch
 
 from tests.helpers import REPO
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers (pytest-xdist) on this 2-core machine: one
+    os.environ["OMP_NUM_THREADS"] = "1"  # thread each, and for the `ftlab` children they start, instead of two
+    torch.set_num_threads(1)  # threads each fighting for the cores (docs/development.md: 1.49x over one process)
+
 
 @pytest.fixture(autouse=True)
 def restore_torch_state() -> Iterator[None]:

@@ -20,6 +20,7 @@ from tests.helpers.tensorboard import events, hparams_api, sessions_by, text
 PICTURES = ("train_batch", "val_confusion_matrix", "val_misclassified", "learning_curves")
 
 
+@pytest.mark.slow
 def test_a_fit_and_its_test_fill_every_tab_and_the_run_folder(in_tmp: Path) -> None:
     write_class_folders(in_tmp / "imgs", {"cat": 12, "dog": 12, "owl": 12})
     common = [*folder_args(in_tmp / "imgs", batch_size=8), "--trainer.enable_model_summary=false"]

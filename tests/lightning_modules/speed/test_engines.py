@@ -48,6 +48,7 @@ def test_onnxruntime_features_equal_torch_within_the_tolerance(tmp_path: Path) -
     assert not torch.equal(by_ort.features, by_torch.features)  # really another engine, not torch twice
 
 
+@pytest.mark.slow
 def test_the_export_is_cached_under_its_weights_and_input(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     x = torch.rand(4, 3, 32, 32)
     backbone = _backbone()
