@@ -275,7 +275,8 @@ class FinetuneCLI(LightningCLI):
             for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
                 if isinstance(callback, RunConfigCallback):
                     callback.already_saved = False  # config_test.yaml, as `ftlab test` writes it
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
+            # the path itself: "best" makes Lightning warn that the defaults hold two ModelCheckpoints (best, last)
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
             self._print_run_dir()
 
     def before_predict(self) -> None:
