@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.common import ConfigError
-from lightning_modules.reporting.checkpoint_io import read_checkpoint
+from lightning_modules.reporting.checkpoint_io import CHECKPOINT_FILE, read_checkpoint
 
 CKPT_SHORTCUTS = ("best", "last")
 VERSION = re.compile(r"version_(\d+)")
@@ -78,4 +78,4 @@ def intact_instead(bad: Path) -> str:
             return f"the newest intact checkpoint is {candidate}: pass --ckpt_path {candidate}"
     if run is not None:
         return f"no other checkpoint of {run.parent} reads whole: train again with `ftlab fit`"
-    return "pass --ckpt_path best, last or a .ckpt file written by `ftlab fit`"
+    return f"pass --ckpt_path best, last or {CHECKPOINT_FILE}"
