@@ -4,11 +4,14 @@ requests are batched, every bad request gets its 4xx and the next is served, SIG
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
+import http.client
 import json
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -157,21 +160,47 @@ def test_every_bad_request_gets_its_4xx_and_the_next_is_served(
     assert [status for status, _ in outcomes] == [200 if ok else 400 for _, ok in mixed]
 
 
+def awaiting_accept(port: int) -> int:
+    """How many connections to `port` the kernel holds that the server has not accepted yet: the accept queue of its
+    listening sockets (for a socket in LISTEN, /proc/net/tcp's rx_queue is that queue's length)."""
+    waiting = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                waiting += int(queues.split(":")[1], 16)
+    return waiting
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the accept queue from Linux's /proc/net/tcp")
 def test_sigterm_during_a_burst_answers_every_request_and_exits_143(
     model: dict[str, Any], servers: dict[str, ServerProcess]
 ) -> None:
     server = servers["timm"]  # the last test of the module: this server ends here
-    data = base64.b64encode(jpeg_bytes(9)).decode()
-    body = json.dumps({"image": data}).encode()
+    port = int(server.url.rsplit(":", 1)[1])
+    body = json.dumps({"image": base64.b64encode(jpeg_bytes(9)).decode()})
+    sent = threading.Barrier(33)
+
+    def request() -> int:
+        """One request sent whole, then (once every request is out) its answer's status."""
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("POST", "/predict", body, {"Content-Type": "application/json"})
+        sent.wait(30)
+        with contextlib.closing(connection):
+            return connection.getresponse().status
+
     batches = server.log_text().count("batch of")
     with ThreadPoolExecutor(32) as pool:
-        pending = [pool.submit(client.post, f"{server.url}/predict", body, "application/json") for _ in range(32)]
+        pending = [pool.submit(request) for _ in range(32)]
+        sent.wait(30)  # every request is out: its connection is accepted or in the kernel's accept queue
         deadline = time.monotonic() + 30
-        while server.log_text().count("batch of") == batches and time.monotonic() < deadline:
-            time.sleep(0.005)  # the burst is being served
+        while (awaiting_accept(port) or server.log_text().count("batch of") == batches) and time.monotonic() < deadline:
+            time.sleep(0.005)  # SIGTERM once the server holds every request and is answering them: all in flight
+        assert awaiting_accept(port) == 0, "the server did not accept the 32 connections in 30 s"
         server.process.send_signal(signal.SIGTERM)
-        statuses = [future.result()[0] for future in pending]
+        statuses = [future.result() for future in pending]
     assert statuses == [200] * 32
     assert server.process.wait(60) == 143
     assert "finishing the requests in flight" in server.log_text()
